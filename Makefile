@@ -1,0 +1,26 @@
+# Every command a user or CI runs goes through these targets.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check peft tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
+
+demo: $(STAMP)
+	$(PY) -m peft.examples.quickstart
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check peft tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

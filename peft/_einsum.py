@@ -1,0 +1,270 @@
+"""The one einsum parser of the package.
+
+Every weighted layer we adapt or quantize is described by an equation
+`inputs,weights->outputs` (a Dense layer is `...i,io->...o`). From that single
+description this module derives everything the rest of the package needs:
+
+* the LoRA rewrite `inputs,a,b->outputs`, where `a` holds the weight axes
+  shared with the inputs (contracted and batch/expert axes) followed by a new
+  rank axis, and `b` holds the rank axis followed by the remaining weight axes
+  (LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685);
+* the delta equation `a,b->weights`, so `einsum(delta_eq, A, B)` has the
+  kernel's exact shape and axis order (used by fuse/unfuse);
+* the kernel axes a per-channel quantizer reduces over (those contracted with
+  the inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import string
+
+_ELLIPSIS = '...'
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAEinsumPlan:
+  """How a LoRA adapter factorises one weight.
+
+  Attributes:
+    einsum_str: the adapter's forward equation `inputs,a,b->outputs`.
+    delta_str: `a,b->weights`; gives a delta shaped exactly like the kernel.
+    a_shape: shape of A (input-side weight axes, then rank).
+    b_shape: shape of B (rank, then the other weight axes).
+  """
+
+  einsum_str: str
+  delta_str: str
+  a_shape: tuple[int, ...]
+  b_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumEquation:
+  """A validated `inputs,weights->outputs` equation.
+
+  Example:
+    >>> eq = EinsumEquation.parse('BTD,DNH->BTNH')
+    >>> eq.inputs, eq.weights, eq.outputs
+    ('BTD', 'DNH', 'BTNH')
+    >>> plan = eq.lora_plan(weight_shape=(8, 2, 4), rank=3)
+    >>> plan.einsum_str, plan.a_shape, plan.b_shape, plan.delta_str
+    ('BTD,Dr,rNH->BTNH', (8, 3), (3, 2, 4), 'Dr,rNH->DNH')
+    >>> eq.reduction_axes
+    (0,)
+
+  Attributes:
+    inputs: the input term (may contain `...`).
+    weights: the weight term (letters only, each once).
+    outputs: the output term (may contain `...`).
+  """
+
+  inputs: str
+  weights: str
+  outputs: str
+
+  @classmethod
+  def parse(cls, einsum_str: str, *, where: str = '') -> EinsumEquation:
+    """Parses and validates `einsum_str`.
+
+    Args:
+      einsum_str: e.g. `'BTD,DNH->BTNH'`; whitespace is ignored.
+      where: the module path, quoted in error messages.
+
+    Returns:
+      The parsed equation.
+
+    Raises:
+      ValueError: the equation is not `inputs,weights->outputs`, the weights
+        hold an ellipsis or a repeated letter, or an output letter comes from
+        nowhere.
+      TypeError: `einsum_str` is not a string.
+    """
+    at = f' at {where!r}' if where else ''
+    if not isinstance(einsum_str, str):
+      raise TypeError(
+          f'einsum_str must be a str like "BTD,DNH->BTNH"; got '
+          f'{einsum_str!r}{at}.'
+      )
+    eq = ''.join(einsum_str.split())
+    lhs, arrow, outputs = eq.partition('->')
+    terms = lhs.split(',')
+    if not arrow or '->' in outputs or len(terms) != 2:
+      raise ValueError(
+          "einsum_str must be 'inputs,weights->outputs' with exactly two "
+          f'operands and an explicit "->"; got {einsum_str!r}{at}. Pass a '
+          'two-operand einsum such as "BTD,DNH->BTNH".'
+      )
+    inputs, weights = terms
+    if _ELLIPSIS in weights:
+      raise ValueError(
+          f'The weights term {weights!r} of einsum_str {einsum_str!r}{at} '
+          'contains an ellipsis. Name every weight axis with a letter.'
+      )
+    for name, term in (('inputs', inputs), ('weights', weights),
+                       ('outputs', outputs)):
+      letters = term.replace(_ELLIPSIS, '')
+      if not all(c in string.ascii_letters for c in letters):
+        raise ValueError(
+            f'The {name} term {term!r} of einsum_str {einsum_str!r}{at} holds '
+            'characters other than ASCII letters and one "...". Use letters '
+            'for axes.'
+        )
+      if term.count(_ELLIPSIS) > 1:
+        raise ValueError(
+            f'The {name} term {term!r} of einsum_str {einsum_str!r}{at} has '
+            'more than one "...". Use at most one ellipsis per term.'
+        )
+    if not weights:
+      raise ValueError(
+          f'The weights term of einsum_str {einsum_str!r}{at} is empty. '
+          'A weight needs at least one axis.'
+      )
+    if len(set(weights)) != len(weights):
+      raise ValueError(
+          f'The weights term {weights!r} of einsum_str {einsum_str!r}{at} '
+          'repeats a letter. Give every weight axis its own letter.'
+      )
+    out_letters = outputs.replace(_ELLIPSIS, '')
+    if len(set(out_letters)) != len(out_letters):
+      raise ValueError(
+          f'The outputs term {outputs!r} of einsum_str {einsum_str!r}{at} '
+          'repeats a letter. Give every output axis its own letter.'
+      )
+    unknown = set(out_letters) - set(inputs) - set(weights)
+    if unknown:
+      raise ValueError(
+          f'Output axes {"".join(sorted(unknown))!r} of einsum_str '
+          f'{einsum_str!r}{at} appear in neither inputs nor weights. '
+          'Every output letter must come from an operand.'
+      )
+    if _ELLIPSIS in outputs and _ELLIPSIS not in inputs:
+      raise ValueError(
+          f'The outputs term of einsum_str {einsum_str!r}{at} has "..." but '
+          'the inputs do not. Put the ellipsis in the inputs too.'
+      )
+    return cls(inputs=inputs, weights=weights, outputs=outputs)
+
+  @property
+  def einsum_str(self) -> str:
+    """The canonical (whitespace-free) equation."""
+    return f'{self.inputs},{self.weights}->{self.outputs}'
+
+  @property
+  def input_side_axes(self) -> str:
+    """Weight letters shared with the inputs, in weight order (A's axes)."""
+    return ''.join(c for c in self.weights if c in self.inputs)
+
+  @property
+  def output_side_axes(self) -> str:
+    """Weight letters not in the inputs, in weight order (B's axes)."""
+    return ''.join(c for c in self.weights if c not in self.inputs)
+
+  @property
+  def reduction_axes(self) -> tuple[int, ...]:
+    """Kernel axes contracted with the inputs (summed away in the output).
+
+    A per-channel quantizer computes one scale per slice along the other
+    axes, so these are the axes it reduces over.
+    """
+    return tuple(
+        i for i, c in enumerate(self.weights)
+        if c in self.inputs and c not in self.outputs
+    )
+
+  def rank_letter(self) -> str:
+    """A letter used nowhere in the equation ('r' when free)."""
+    used = set(self.inputs + self.weights + self.outputs)
+    if 'r' not in used:
+      return 'r'
+    free = sorted(set(string.ascii_letters) - used)
+    if not free:
+      raise ValueError(
+          f'einsum_str {self.einsum_str!r} uses all 52 letters; none is left '
+          'for the LoRA rank axis. Use fewer axis letters.'
+      )
+    return free[0]
+
+  def check_weight_shape(
+      self, weight_shape: Sequence[int], *, where: str = ''
+  ) -> tuple[int, ...]:
+    """Returns `weight_shape` as a tuple; checks one dim per weight letter."""
+    shape = tuple(int(d) for d in weight_shape)
+    if len(shape) != len(self.weights):
+      at = f' at {where!r}' if where else ''
+      raise ValueError(
+          f'Weight shape {shape} has {len(shape)} axes but the weights term '
+          f'{self.weights!r} of einsum_str {self.einsum_str!r}{at} names '
+          f'{len(self.weights)}. Make the equation match the kernel.'
+      )
+    return shape
+
+  def lora_plan(
+      self, *, weight_shape: Sequence[int], rank: int, where: str = ''
+  ) -> LoRAEinsumPlan:
+    """Factorises the weight into A and B of the given rank.
+
+    Args:
+      weight_shape: the kernel's shape, one entry per weight letter.
+      rank: the LoRA rank (> 0).
+      where: module path for error messages.
+
+    Returns:
+      The adapter equation, the delta equation and the A/B shapes.
+    """
+    check_rank(rank, where=where)
+    shape = self.check_weight_shape(weight_shape, where=where)
+    r = self.rank_letter()
+    dims = dict(zip(self.weights, shape))
+    dims[r] = rank
+    a_axes = self.input_side_axes + r
+    b_axes = r + self.output_side_axes
+    return LoRAEinsumPlan(
+        einsum_str=f'{self.inputs},{a_axes},{b_axes}->{self.outputs}',
+        delta_str=f'{a_axes},{b_axes}->{self.weights}',
+        a_shape=tuple(dims[c] for c in a_axes),
+        b_shape=tuple(dims[c] for c in b_axes),
+    )
+
+
+def check_rank(rank: object, *, where: str = '') -> int:
+  """Returns `rank` if it is a positive int, else raises a clear error."""
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    at = f' at {where!r}' if where else ''
+    raise ValueError(
+        f'rank must be a positive int; got {rank!r}{at}. Pass e.g. rank=8.'
+    )
+  return rank
+
+
+def dense_general_call(
+    *, input_shape: Sequence[int], axis: Sequence[int],
+    batch_dims: Sequence[int], features: Sequence[int],
+) -> tuple[EinsumEquation, tuple[int, ...]]:
+  """The equation and kernel shape of `nn.DenseGeneral` on `input_shape`.
+
+  Output axes follow `lax.dot_general`: batch axes, the free input axes, then
+  the feature axes; the kernel is batch axes, contracted axes (in `axis`
+  order), then features. Negative axes count from the end.
+
+  Example:
+    >>> eq, shape = dense_general_call(input_shape=(2, 5, 6), axis=(-1,),
+    ...                                batch_dims=(), features=(3, 4))
+    >>> eq.einsum_str, shape
+    ('abc,cde->abde', (6, 3, 4))
+  """
+  ndim = len(input_shape)
+  letters = string.ascii_letters
+  axis = tuple(a % ndim for a in axis)
+  batch_dims = tuple(a % ndim for a in batch_dims)
+  inputs = letters[:ndim]
+  feats = letters[ndim:ndim + len(features)]
+  free = ''.join(inputs[i] for i in range(ndim)
+                 if i not in axis and i not in batch_dims)
+  batch = ''.join(inputs[i] for i in batch_dims)
+  contracted = ''.join(inputs[i] for i in axis)
+  eq = EinsumEquation(inputs=inputs, weights=batch + contracted + feats,
+                      outputs=batch + free + feats)
+  shape = tuple(input_shape[i] for i in batch_dims + axis) + tuple(features)
+  return eq, shape

@@ -1,0 +1,275 @@
+"""LoRA wrappers: `wrapped(x) + scale * adapter(x)`.
+
+Each wrapper shares its wrapped layer's scope (see `ScopeSharingWrapper`), so
+the frozen kernel stays at its original path and the adapter sits beside it:
+`{'kernel': W, 'bias': b, 'lora': {'a': A, 'b': B}}`. B starts at zero, so at
+init the wrapper's output equals the wrapped layer's output bit for bit.
+Every call records an `AdapterSpec` (path, shapes, delta equation, scale) for
+fuse/unfuse and adapter checkpoints.
+
+LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from flax import linen as nn
+from flax.typing import Array
+from flax.typing import Dtype
+from flax.typing import Initializer
+import jax.numpy as jnp
+
+from peft import _layers
+from peft import _lora_adapters
+from peft import _spec
+from peft import _wrapper
+
+
+class LoRAWrapper(_wrapper.ScopeSharingWrapper):
+  """Fields shared by all LoRA wrappers (see the subclasses).
+
+  Attributes:
+    rank: LoRA rank.
+    alpha: scale numerator; `None` means `rank` (scale 1, as gemma.peft).
+    use_rslora: scale by `alpha / sqrt(rank)` (rsLoRA) instead of
+      `alpha / rank`.
+    dropout: dropout rate on the adapter's input. It applies only when the
+      model is run with a `'dropout'` rng and `deterministic` is not True,
+      so evaluation (no rng) is deterministic.
+    deterministic: force dropout off (True) or on (False); `None` decides
+      from the presence of a `'dropout'` rng.
+    dtype: dtype of A and B. The update is computed in the wrapped layer's
+      output dtype.
+    a_init: initializer of A.
+    b_init: initializer of B (zeros, so the adapter starts as a no-op).
+  """
+
+  rank: int
+  alpha: float | None = None
+  use_rslora: bool = False
+  dropout: float = 0.0
+  deterministic: bool | None = None
+  dtype: Dtype = jnp.float32
+  a_init: Initializer = nn.initializers.kaiming_uniform()
+  b_init: Initializer = nn.initializers.zeros_init()
+
+  def _adapter_kwargs(self, *, name: str, compute_dtype) -> dict[str, Any]:
+    return dict(
+        name=name, rank=self.rank, alpha=self.alpha,
+        use_rslora=self.use_rslora, dropout=self.dropout,
+        deterministic=self.deterministic, dtype=self.dtype,
+        compute_dtype=compute_dtype, a_init=self.a_init, b_init=self.b_init)
+
+  def _record(self, *, layer_type: str, weight_name: str, adapter_name: str,
+              weight_shape, a_shape, b_shape, delta_str: str,
+              einsum_str: str | None = None) -> None:
+    _spec.record_adapter(_spec.AdapterSpec(
+        path=tuple(self.path), layer_type=layer_type,
+        weight_name=weight_name, adapter_name=adapter_name,
+        weight_shape=tuple(weight_shape), a_shape=tuple(a_shape),
+        b_shape=tuple(b_shape), delta_str=delta_str, einsum_str=einsum_str,
+        rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora))
+
+
+class LoRAEinsumLike(LoRAWrapper):
+  """LoRA for any einsum-like layer known to the layer registry.
+
+  Works for `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum` and any layer added
+  with `peft.register_einsum_layer` (e.g. a model's own `Einsum` called as
+  `layer(eqn, x)`); the call signature is the wrapped layer's.
+
+  Example:
+    >>> import jax
+    >>> dense = nn.Dense(4)
+    >>> lora = LoRAEinsumLike(rank=2, wrapped=dense)
+    >>> x = jnp.ones((1, 3))
+    >>> params = lora.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'bias': (4,), 'kernel': (3, 4), 'lora': {'a': (3, 2), 'b': (2, 4)}}
+  """
+
+  # Subclasses named after one layer type (gemma.peft's) accept only it.
+  _expects: ClassVar[type[nn.Module]] = nn.Module
+
+  def __post_init__(self):
+    if not isinstance(self.wrapped, self._expects):
+      raise TypeError(
+          f'{type(self).__name__}.wrapped must be a {self._expects.__name__};'
+          f' got {type(self.wrapped).__name__}. Use LoRAEinsumLike for other '
+          'registered layers.'
+      )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, *args, **kwargs) -> Array:
+    kind = _layers.einsum_kind_of(self.wrapped)
+    if kind is None:
+      raise TypeError(
+          f'{type(self).__name__} cannot adapt {type(self.wrapped).__name__} '
+          f'at {self.where!r}: it is not a registered einsum-like layer. '
+          'Call peft.register_einsum_layer(YourLayer, weight_name=...) first.'
+      )
+    y = self.wrapped(*args, **kwargs)
+    call = kind.describe(self.wrapped, args, kwargs)
+    adapter = _lora_adapters.LoRAEinsumAdapter(
+        einsum_str=call.equation.einsum_str, shape=call.weight_shape,
+        **self._adapter_kwargs(name=call.adapter_name,
+                               compute_dtype=y.dtype))
+    update = adapter(call.inputs)
+    plan = adapter.plan()
+    self._record(
+        layer_type=type(self.wrapped).__name__, weight_name=call.weight_name,
+        adapter_name=call.adapter_name, weight_shape=call.weight_shape,
+        a_shape=plan.a_shape, b_shape=plan.b_shape,
+        delta_str=plan.delta_str, einsum_str=call.equation.einsum_str)
+    return y + update
+
+
+class LoRADense(LoRAEinsumLike):
+  """Wraps `nn.Dense`: `dense(x) + scale * x @ A @ B`.
+
+  At init the output equals `dense(x)` exactly (B is zero).
+
+  Example:
+    >>> import jax
+    >>> lora = LoRADense(rank=2, wrapped=nn.Dense(4))
+    >>> params = lora.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> jax.tree.map(jnp.shape, params['params']['lora'])
+    {'a': (3, 2), 'b': (2, 4)}
+  """
+
+  _expects = nn.Dense
+
+
+class LoRAEinsum(LoRAEinsumLike):
+  """Wraps `nn.Einsum`: `einsum(x) + scale * einsum('inputs,a,b->outputs')`.
+
+  Example:
+    >>> import jax
+    >>> layer = nn.Einsum(shape=(8, 2, 4), einsum_str='BTD,DNH->BTNH')
+    >>> lora = LoRAEinsum(rank=3, wrapped=layer)
+    >>> params = lora.init(jax.random.key(0), jnp.ones((1, 5, 8)))
+    >>> jax.tree.map(jnp.shape, params['params']['lora'])
+    {'a': (8, 3), 'b': (3, 2, 4)}
+  """
+
+  _expects = nn.Einsum
+
+
+class LoRADenseGeneral(LoRAEinsumLike):
+  """Wraps `nn.DenseGeneral` (several axes, batch_dims).
+
+  Example:
+    >>> import jax
+    >>> layer = nn.DenseGeneral(features=(2, 4), axis=-1)
+    >>> lora = LoRADenseGeneral(rank=3, wrapped=layer)
+    >>> params = lora.init(jax.random.key(0), jnp.ones((1, 5, 8)))
+    >>> jax.tree.map(jnp.shape, params['params']['lora'])
+    {'a': (8, 3), 'b': (3, 2, 4)}
+  """
+
+  _expects = nn.DenseGeneral
+
+
+class LoRAConv(LoRAWrapper):
+  """Wraps `nn.Conv`: `conv(x) + scale * B(A(x))`.
+
+  A is a conv with `rank` output channels and the wrapped kernel's window,
+  strides, padding and dilations; B is a 1x1 projection to the output
+  channels, so the delta is a kernel of the wrapped shape. Grouped
+  convolutions are not supported.
+
+  Example:
+    >>> import jax
+    >>> lora = LoRAConv(rank=2, wrapped=nn.Conv(4, kernel_size=(3, 3)))
+    >>> params = lora.init(jax.random.key(0), jnp.ones((1, 8, 8, 5)))
+    >>> jax.tree.map(jnp.shape, params['params']['lora'])
+    {'a': (3, 3, 5, 2), 'b': (2, 4)}
+  """
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    conv = self.wrapped
+    if conv.feature_group_count != 1:
+      raise ValueError(
+          f'LoRAConv cannot adapt the grouped conv at {self.where!r} '
+          f'(feature_group_count={conv.feature_group_count!r}). Exclude it '
+          'from the LoRA targets.'
+      )
+    y = conv(inputs)
+    adapter = _lora_adapters.LoRAConvAdapter(
+        features=conv.features, kernel_size=conv.kernel_size,
+        strides=conv.strides, padding=conv.padding,
+        input_dilation=conv.input_dilation,
+        kernel_dilation=conv.kernel_dilation,
+        **self._adapter_kwargs(name='lora', compute_dtype=y.dtype))
+    update = adapter(inputs)
+    window = _lora_adapters.as_tuple(conv.kernel_size)
+    letters = 'abcdefgh'[:len(window)]
+    in_features = inputs.shape[-1]
+    self._record(
+        layer_type='Conv', weight_name='kernel', adapter_name='lora',
+        weight_shape=(*window, in_features, conv.features),
+        a_shape=(*window, in_features, self.rank),
+        b_shape=(self.rank, conv.features),
+        delta_str=f'{letters}ir,ro->{letters}io')
+    return y + update
+
+
+class LoRAEmbed(LoRAWrapper):
+  """Wraps `nn.Embed`: lookup of A rows then `@ B`, added to the embedding.
+
+  `attend` is adapted too, so a tied output layer (`embed.attend(x)`) sees
+  the same updated table: `attend(q) = q @ (E + scale * A @ B).T`.
+
+  Example:
+    >>> import jax
+    >>> lora = LoRAEmbed(rank=2, wrapped=nn.Embed(10, 4))
+    >>> params = lora.init(jax.random.key(0), jnp.array([1, 2]))
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'embedding': (10, 4), 'lora': {'a': (10, 2), 'b': (2, 4)}}
+  """
+
+  def setup(self):
+    embed = self.wrapped
+    self.lora = _lora_adapters.LoRAEmbedAdapter(
+        num_embeddings=embed.num_embeddings, features=embed.features,
+        **{k: v for k, v in self._adapter_kwargs(
+            name='lora', compute_dtype=embed.dtype).items() if k != 'name'})
+
+  def _record_embed(self) -> None:
+    embed = self.wrapped
+    self._record(
+        layer_type='Embed', weight_name='embedding', adapter_name='lora',
+        weight_shape=(embed.num_embeddings, embed.features),
+        a_shape=(embed.num_embeddings, self.rank),
+        b_shape=(self.rank, embed.features), delta_str='vr,rf->vf')
+
+  def __call__(self, inputs: Array) -> Array:
+    y = self.wrapped(inputs)
+    self._record_embed()
+    return y + self.lora(inputs).astype(y.dtype)
+
+  def attend(self, query: Array) -> Array:
+    y = self.wrapped.attend(query)
+    self._record_embed()
+    return y + self.lora.attend(query).astype(y.dtype)
+
+
+def wrapper_type_for(module: nn.Module) -> type[LoRAWrapper] | None:
+  """The LoRA wrapper class that adapts `module`, or None."""
+  if isinstance(module, nn.Embed):
+    return LoRAEmbed
+  if isinstance(module, nn.Conv):
+    return LoRAConv
+  if _layers.einsum_kind_of(module) is not None:
+    return LoRAEinsumLike
+  return None
+
+
+def wrapper_fields() -> tuple[str, ...]:
+  """Names of the LoRA options a rule may set (rank, alpha, ...)."""
+  return tuple(f.name for f in dataclasses.fields(LoRAWrapper)
+               if f.init and f.name not in ('wrapped', 'parent', 'name', '_'))

@@ -1,0 +1,252 @@
+"""LoRA adapters: modules that compute only `scale * (x @ A @ B)`.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) learns a low-rank
+update `W + scale * A @ B` of a frozen kernel `W`. The adapters here hold `A`
+and `B` and compute the update's contribution; the wrappers in `_lora.py` add
+it to the frozen layer's output. `B` starts at zero, so an adapter outputs
+exact zeros at init. rsLoRA (Kalajdzievski 2023) scales by
+`alpha / sqrt(rank)` instead of `alpha / rank`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+from typing import Any
+
+from flax import linen as nn
+from flax.typing import Array
+from flax.typing import Dtype
+from flax.typing import Initializer
+import jax.numpy as jnp
+
+from peft import _einsum
+from peft import _spec
+
+# Contract x with A first, then with B: for small ranks this is the cheap
+# order (the rank-sized intermediate), whatever jnp.einsum would pick.
+_X_THEN_A_THEN_B = [(0, 1), (0, 1)]
+_DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
+
+
+class _AdapterBase(nn.Module):
+  """Fields and helpers shared by every adapter."""
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  alpha: float | None = None
+  use_rslora: bool = False
+  dropout: float = 0.0
+  deterministic: bool | None = None
+  dtype: Dtype = jnp.float32
+  compute_dtype: Dtype | None = None
+  a_init: Initializer = nn.initializers.kaiming_uniform()
+  b_init: Initializer = nn.initializers.zeros_init()
+
+  def __post_init__(self):
+    _einsum.check_rank(self.rank, where=type(self).__name__)
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(
+          f'dropout must be in [0, 1); got {self.dropout!r} in '
+          f'{type(self).__name__}. Pass e.g. dropout=0.05.'
+      )
+    super().__post_init__()
+
+  @property
+  def scale(self) -> float:
+    return _spec.lora_scale(rank=self.rank, alpha=self.alpha,
+                            use_rslora=self.use_rslora)
+
+  def _ab(self, a_shape: Sequence[int], b_shape: Sequence[int]):
+    a = self.param('a', self.a_init, tuple(a_shape), self.dtype)
+    b = self.param('b', self.b_init, tuple(b_shape), self.dtype)
+    return a, b
+
+  def _drop(self, x: Array) -> Array:
+    """Dropout on the adapter's input; off without a 'dropout' rng."""
+    if self.dropout == 0.0:
+      return x
+    deterministic = self.deterministic
+    if deterministic is None:
+      deterministic = not self.has_rng('dropout')
+    return nn.Dropout(rate=self.dropout, deterministic=deterministic)(x)
+
+  def _einsum_update(self, plan: _einsum.LoRAEinsumPlan,
+                     inputs: Array) -> Array:
+    """`scale * einsum(plan.einsum_str, x, A, B)`, x contracted with A first."""
+    a, b = self._ab(plan.a_shape, plan.b_shape)
+    x, a, b = self._cast(self._drop(inputs), a, b)
+    return jnp.einsum(plan.einsum_str, x, a, b, optimize=_X_THEN_A_THEN_B)
+
+  def _cast(self, x: Array, a: Array, b: Array):
+    """Casts to the compute dtype and folds the scale into B (cheapest)."""
+    if self.compute_dtype is None:
+      x, a, b = nn.dtypes.promote_dtype(x, a, b)
+    else:
+      x, a, b = (t.astype(self.compute_dtype) for t in (x, a, b))
+    if self.scale != 1.0:
+      b = b * jnp.asarray(self.scale, b.dtype)
+    return x, a, b
+
+
+class LoRAEinsumAdapter(_AdapterBase):
+  """Computes `scale * einsum('inputs,a,b->outputs', x, A, B)`.
+
+  The layer's `einsum_str` (`inputs,weights->outputs`) is rewritten so that A
+  holds the weight axes shared with the inputs then the rank, and B the rank
+  then the other weight axes (see `EinsumEquation.lora_plan`).
+
+  Example:
+    >>> import jax
+    >>> adapter = LoRAEinsumAdapter(rank=2, einsum_str='BTD,DNH->BTNH',
+    ...                             shape=(8, 4, 3))
+    >>> x = jnp.ones((1, 5, 8))
+    >>> params = adapter.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'a': (8, 2), 'b': (2, 4, 3)}
+    >>> float(jnp.abs(adapter.apply(params, x)).max())  # B starts at zero
+    0.0
+
+  Attributes:
+    einsum_str: the adapted layer's `inputs,weights->outputs` equation.
+    shape: the adapted kernel's shape.
+  """
+
+  einsum_str: str = ''
+  shape: Sequence[int] = ()
+
+  def plan(self) -> _einsum.LoRAEinsumPlan:
+    eq = _einsum.EinsumEquation.parse(self.einsum_str, where=self._where())
+    return eq.lora_plan(weight_shape=self.shape, rank=self.rank,
+                        where=self._where())
+
+  def _where(self) -> str:
+    return '/'.join(self.path) if self.scope is not None else ''
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    return self._einsum_update(self.plan(), inputs)
+
+
+class LoRADenseAdapter(_AdapterBase):
+  """Computes `scale * (x @ A @ B)` for a dense layer of `features` outputs.
+
+  Example:
+    >>> import jax
+    >>> adapter = LoRADenseAdapter(rank=2, features=4)
+    >>> params = adapter.init(jax.random.key(0), jnp.ones((3, 5)))
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'a': (5, 2), 'b': (2, 4)}
+  """
+
+  features: int = 0
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    plan = _DENSE.lora_plan(weight_shape=(inputs.shape[-1], self.features),
+                            rank=self.rank)
+    return self._einsum_update(plan, inputs)
+
+
+class LoRADenseGeneralAdapter(_AdapterBase):
+  """The LoRA update of `nn.DenseGeneral(features, axis, batch_dims)`.
+
+  A holds the batch and contracted input axes then the rank; B the rank then
+  the feature axes.
+
+  Example:
+    >>> import jax
+    >>> adapter = LoRADenseGeneralAdapter(rank=2, features=(3, 4),
+    ...                                   axis=(-2, -1), batch_dims=())
+    >>> params = adapter.init(jax.random.key(0), jnp.ones((1, 5, 6)))
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'a': (5, 6, 2), 'b': (2, 3, 4)}
+  """
+
+  features: int | Sequence[int] = ()
+  axis: int | Sequence[int] = -1
+  batch_dims: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    eq, shape = _einsum.dense_general_call(
+        input_shape=inputs.shape, axis=as_tuple(self.axis),
+        batch_dims=as_tuple(self.batch_dims),
+        features=as_tuple(self.features))
+    plan = eq.lora_plan(weight_shape=shape, rank=self.rank)
+    return self._einsum_update(plan, inputs)
+
+
+class LoRAConvAdapter(_AdapterBase):
+  """The LoRA update of an `nn.Conv`: a rank-channel conv A, then 1x1 B.
+
+  A has the wrapped kernel's window, strides, padding and dilations and
+  `rank` output channels; B projects the rank channels to `features`. The
+  delta `einsum('...ir,ro->...io', A, B)` is a kernel of the wrapped shape.
+
+  Example:
+    >>> import jax
+    >>> adapter = LoRAConvAdapter(rank=2, features=4, kernel_size=(3, 3))
+    >>> params = adapter.init(jax.random.key(0), jnp.ones((1, 8, 8, 5)))
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'a': (3, 3, 5, 2), 'b': (2, 4)}
+  """
+
+  features: int = 0
+  kernel_size: int | Sequence[int] = ()
+  strides: Any = 1
+  padding: Any = 'SAME'
+  input_dilation: Any = 1
+  kernel_dilation: Any = 1
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    window = as_tuple(self.kernel_size)
+    a, b = self._ab((*window, inputs.shape[-1], self.rank),
+                    (self.rank, self.features))
+    x, a, b = self._cast(self._drop(inputs), a, b)
+    # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
+    conv_a = nn.Conv(
+        features=self.rank, kernel_size=window, strides=self.strides,
+        padding=self.padding, input_dilation=self.input_dilation,
+        kernel_dilation=self.kernel_dilation, use_bias=False,
+        dtype=x.dtype, parent=None)
+    low_rank = conv_a.apply({'params': {'kernel': a}}, x)
+    return jnp.einsum('...r,ro->...o', low_rank, b)
+
+
+class LoRAEmbedAdapter(_AdapterBase):
+  """The LoRA update of an `nn.Embed`: rows of A, then `@ B`.
+
+  `attend(query)` gives the matching update of `Embed.attend` (tied output
+  layers): `query @ (A @ B).T`. Dropout applies to the looked-up rows of A
+  (token ids cannot be dropped out).
+
+  Example:
+    >>> import jax
+    >>> adapter = LoRAEmbedAdapter(rank=2, num_embeddings=10, features=4)
+    >>> params = adapter.init(jax.random.key(0), jnp.array([1, 2]))
+    >>> jax.tree.map(jnp.shape, params['params'])
+    {'a': (10, 2), 'b': (2, 4)}
+  """
+
+  num_embeddings: int = 0
+  features: int = 0
+
+  def setup(self):
+    self.a, self.b = self._ab((self.num_embeddings, self.rank),
+                              (self.rank, self.features))
+
+  def __call__(self, inputs: Array) -> Array:
+    rows = jnp.take(self.a, inputs, axis=0)
+    rows, _, b = self._cast(self._drop(rows), self.a, self.b)
+    return rows @ b
+
+  def attend(self, query: Array) -> Array:
+    query, a, b = self._cast(query, self.a, self.b)
+    return (query @ b.T) @ a.T
+
+
+def as_tuple(x) -> tuple[int, ...]:
+  return tuple(x) if isinstance(x, Sequence) else (x,)
+

@@ -1,0 +1,192 @@
+"""Which layer gets which adapter: the one place that validates rules.
+
+A `LoRARule` selects layers by type, by module-path regex or by predicate,
+minus exclusions, and carries the LoRA options (rank, alpha, ...) for the
+layers it selects. Several rules may be given; the first that selects a
+layer wins, so specific rules go before general ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import re
+from typing import Any
+
+from flax import linen as nn
+from flax.typing import Dtype
+from flax.typing import Initializer
+import jax.numpy as jnp
+
+from peft import _einsum
+from peft import _layers
+
+# A target: a layer type (isinstance), a regex full-matched against the
+# module path 'a/b/c', or a predicate `module -> bool`.
+Target = type | str | Callable[[nn.Module], bool]
+
+
+def adaptable_types() -> tuple[type[nn.Module], ...]:
+  """Layer types LoRA can wrap: the einsum registry plus Conv and Embed."""
+  return (*_layers.registered_einsum_types(), nn.Conv, nn.Embed)
+
+
+def is_adaptable(module: object) -> bool:
+  """Whether LoRA can wrap `module` (a registered or built-in layer)."""
+  return isinstance(module, (nn.Conv, nn.Embed)) or (
+      _layers.einsum_kind_of(module) is not None)
+
+
+def module_path(module: nn.Module) -> str:
+  """`'a/b/c'` for a bound module ('' for the root or an unbound one)."""
+  return '/'.join(module.path) if module.scope is not None else ''
+
+
+def describe_target(target: Target) -> str:
+  if isinstance(target, type):
+    return target.__name__
+  if isinstance(target, re.Pattern):
+    return repr(target.pattern)
+  return getattr(target, '__name__', repr(target))
+
+
+def _normalize_targets(value: Any, *, field: str) -> tuple[Any, ...]:
+  """Targets as a tuple, regexes compiled; bad entries raise."""
+  if value is None:
+    return ()
+  items = (tuple(value) if isinstance(value, (list, tuple, set, frozenset))
+           else (value,))
+  out = []
+  for t in items:
+    if isinstance(t, type):
+      if not issubclass(t, adaptable_types()):
+        names = ', '.join(c.__name__ for c in adaptable_types())
+        raise TypeError(
+            f'{field} names {t.__name__}, which peft cannot adapt (known: '
+            f'{names}). Register it with peft.register_einsum_layer first, '
+            'or target its path with a regex.'
+        )
+      out.append(t)
+    elif isinstance(t, str):
+      try:
+        out.append(re.compile(t))
+      except re.error as e:
+        raise ValueError(
+            f'{field} holds {t!r}, which is not a valid regex ({e}). Pass a '
+            "module-path regex such as '.*attn.*'."
+        ) from None
+    elif isinstance(t, re.Pattern) or callable(t):
+      out.append(t)
+    else:
+      raise TypeError(
+          f'{field} entries must be a layer type, a path regex or a '
+          f'predicate; got {t!r}. E.g. targets=(nn.Dense, ".*mlp.*").'
+      )
+  return tuple(out)
+
+
+def target_matches(target: Any, module: nn.Module, path: str) -> bool:
+  if isinstance(target, type):
+    return isinstance(module, target)
+  if isinstance(target, re.Pattern):
+    return target.fullmatch(path) is not None
+  return bool(target(module))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRARule:
+  """Selects layers and says how to adapt them.
+
+  Example:
+    >>> rule = LoRARule(rank=4, targets='.*attn.*', exclude=nn.Embed)
+    >>> rule.rank, [t.pattern for t in rule.targets]
+    (4, ['.*attn.*'])
+
+  Attributes:
+    rank: LoRA rank (> 0).
+    targets: layer types, path regexes (full match on `'a/b/c'`) or
+      predicates; a layer matching any is selected. `None` selects every
+      einsum-like layer (Dense, DenseGeneral, Einsum, registered layers);
+      Conv and Embed are adapted only when a target names them.
+    exclude: same forms; a layer matching any is never selected.
+    alpha: scale numerator (`None`: `rank`, i.e. scale 1).
+    use_rslora: scale by `alpha / sqrt(rank)`.
+    dropout: adapter-input dropout rate (needs a 'dropout' rng to apply).
+    deterministic: force dropout off/on (`None`: decided by the rng).
+    dtype: dtype of A and B.
+    a_init: initializer of A.
+    b_init: initializer of B.
+  """
+
+  rank: int
+  targets: Any = None
+  exclude: Any = ()
+  alpha: float | None = None
+  use_rslora: bool = False
+  dropout: float = 0.0
+  deterministic: bool | None = None
+  dtype: Dtype = jnp.float32
+  a_init: Initializer = nn.initializers.kaiming_uniform()
+  b_init: Initializer = nn.initializers.zeros_init()
+
+  def __post_init__(self):
+    _einsum.check_rank(self.rank, where='LoRARule')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(
+          f'LoRARule dropout must be in [0, 1); got {self.dropout!r}. '
+          'Pass e.g. dropout=0.05.'
+      )
+    if self.alpha is not None and not self.alpha > 0:
+      raise ValueError(
+          f'LoRARule alpha must be positive or None; got {self.alpha!r}. '
+          'Pass e.g. alpha=16.'
+      )
+    object.__setattr__(self, 'targets', _normalize_targets(
+        self.targets, field='targets'))
+    object.__setattr__(self, 'exclude', _normalize_targets(
+        self.exclude, field='exclude'))
+
+  def matching_targets(self, module: nn.Module, path: str) -> tuple[int, ...]:
+    """Indices of the targets that select `module` (empty: not selected).
+
+    With no explicit targets, index -1 stands for "every einsum-like layer".
+    """
+    if not is_adaptable(module):
+      return ()
+    if any(target_matches(t, module, path) for t in self.exclude):
+      return ()
+    if not self.targets:
+      return (-1,) if _layers.einsum_kind_of(module) is not None else ()
+    return tuple(i for i, t in enumerate(self.targets)
+                 if target_matches(t, module, path))
+
+  def wrapper_options(self) -> dict[str, Any]:
+    """The LoRA wrapper fields this rule sets."""
+    return dict(rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora,
+                dropout=self.dropout, deterministic=self.deterministic,
+                dtype=self.dtype, a_init=self.a_init, b_init=self.b_init)
+
+
+def make_rules(rules: Sequence[LoRARule] | None, **options) -> tuple[LoRARule,
+                                                                    ...]:
+  """Rules from either explicit `rules` or the options of a single rule."""
+  given = {k: v for k, v in options.items() if v is not None}
+  if rules:
+    if given:
+      raise ValueError(
+          f'Pass either rules=[...] or single-rule options, not both; got '
+          f'rules and {sorted(given)}. Move the options into a LoRARule.'
+      )
+    for r in rules:
+      if not isinstance(r, LoRARule):
+        raise TypeError(
+            f'rules must hold peft.LoRARule objects; got {r!r}. Build one '
+            'with peft.LoRARule(rank=..., targets=...).'
+        )
+    return tuple(rules)
+  if 'rank' not in given:
+    raise ValueError(
+        'LoRA needs a rank; got none. Pass rank=8 (or rules=[LoRARule(...)])'
+        '.'
+    )
+  return (LoRARule(**given),)

@@ -1,0 +1,227 @@
+"""LoRA surgery on a whole model: a context manager and a wrapper module.
+
+`with peft.lora(rank=8, targets=...) as report:` replaces every selected
+layer by its LoRA wrapper while the model runs inside the block, without any
+edit to the model's code; `report` lists what was adapted. `peft.LoRA(model=
+..., rank=...)` does the same as a module that shares the model's scope, so
+params keep their paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+from typing import Any
+
+from flax import linen as nn
+
+from peft import _interceptors
+from peft import _lora
+from peft import _report
+from peft import _rules
+from peft import _spec
+
+
+@dataclasses.dataclass
+class _SurgeryState(_interceptors.ReplaceState):
+  report: _report.LoRAReport = dataclasses.field(
+      default_factory=_report.LoRAReport)
+  # (rule index, target index) pairs that selected at least one layer.
+  used_targets: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+  recorder: Any = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoRASurgery(_interceptors.ModuleInterceptor):
+  """Wraps the layers selected by `rules` with LoRA while inside the block.
+
+  Entering yields a fresh `LoRAReport`, filled as the model runs. On a clean
+  exit, a target that selected no layer is an error listing the adaptable
+  layers that did run. Layers already wrapped are left alone.
+
+  Attributes:
+    rules: the rules; the first rule that selects a layer decides its
+      options.
+  """
+
+  rules: tuple[_rules.LoRARule, ...] = ()
+
+  def _new_state(self) -> _SurgeryState:
+    state = _SurgeryState()
+    state.recorder = _spec.recording_adapters()
+    state.report.adapters = state.recorder.__enter__()
+    return state
+
+  def _entered(self, state: _SurgeryState) -> _report.LoRAReport:
+    return state.report
+
+  def _exited(self, state: _SurgeryState, *, failed: bool) -> None:
+    state.recorder.__exit__(None, None, None)
+    if not failed and state.report.seen:
+      self._check_all_targets_used(state)
+
+  def replace_module(self, module: nn.Module) -> nn.Module:
+    # The root module has no parent scope to share; adapt layers inside it
+    # (or wrap the whole model with `peft.LoRA`).
+    if isinstance(module, _lora.LoRAWrapper) or not module.path:
+      return module
+    if not _rules.is_adaptable(module):
+      return module
+    state = self._state()
+    path = _rules.module_path(module)
+    state.report.seen[path] = type(module).__name__
+    for rule_index, rule in enumerate(self.rules):
+      hits = rule.matching_targets(module, path)
+      if hits:
+        state.used_targets.update((rule_index, t) for t in hits)
+        wrapper = _lora.wrapper_type_for(module)
+        # Bind the wrapper directly to the layer's scope: this shares it
+        # (params stay at the layer's path) and works even when the caller
+        # is a setup-style module, where new submodules may not be created.
+        return wrapper(wrapped=module, parent=module.scope,
+                       **rule.wrapper_options())
+    return module
+
+  def _check_all_targets_used(self, state: _SurgeryState) -> None:
+    for rule_index, rule in enumerate(self.rules):
+      for target_index, target in enumerate(rule.targets):
+        if (rule_index, target_index) not in state.used_targets:
+          seen = '\n'.join(f'  {p or "<root>"} ({t})'
+                           for p, t in sorted(state.report.seen.items()))
+          raise ValueError(
+              f'LoRA target {_rules.describe_target(target)} (rule '
+              f'{rule_index}) matched no layer. Adaptable layers that ran:\n'
+              f'{seen}\nFix the target (regexes must match the whole path).'
+          )
+
+
+def lora(
+    rank: int | None = None,
+    *,
+    targets: Any = None,
+    exclude: Any = None,
+    alpha: float | None = None,
+    use_rslora: bool | None = None,
+    dropout: float | None = None,
+    deterministic: bool | None = None,
+    dtype: Any = None,
+    a_init: Any = None,
+    b_init: Any = None,
+    rules: Sequence[_rules.LoRARule] | None = None,
+) -> LoRASurgery:
+  """A context manager that adds LoRA to the selected layers of any model.
+
+  Guarantee: at init (B = 0) the adapted model's output equals the
+  unmodified model's on the same base params. Base params keep their paths;
+  each adapter sits beside its kernel under `'lora'`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import peft
+    >>> class Mlp(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.Dense(2, name='out')(nn.relu(nn.Dense(8, name='up')(x)))
+    >>> x = jnp.ones((1, 4))
+    >>> with peft.lora(rank=2, targets='up') as report:
+    ...   params = Mlp().init(jax.random.key(0), x)['params']
+    >>> jax.tree.map(jnp.shape, params['up']['lora'])
+    {'a': (4, 2), 'b': (2, 8)}
+    >>> [s.key for s in report.specs]
+    ['up/lora']
+
+  Args:
+    rank: LoRA rank (for a single rule).
+    targets: layer types, path regexes (full match on `'a/b/c'`) or
+      predicates; `None` selects every einsum-like layer.
+    exclude: layers never to adapt (same forms).
+    alpha: scale numerator; `None` means `rank` (scale 1).
+    use_rslora: scale by `alpha / sqrt(rank)`.
+    dropout: adapter-input dropout rate; applies when a 'dropout' rng is
+      passed to `apply`.
+    deterministic: force dropout off (True) or on (False).
+    dtype: dtype of the adapter params (default float32).
+    a_init: initializer of A.
+    b_init: initializer of B.
+    rules: several `LoRARule`s instead of the single-rule options.
+
+  Returns:
+    The surgery; `with` it yields a `LoRAReport`.
+
+  Raises:
+    ValueError: no rank, both `rules` and options, bad option values.
+    TypeError: a target that is not a type, regex or predicate.
+  """
+  return LoRASurgery(rules=_rules.make_rules(
+      rules, rank=rank, targets=targets, exclude=exclude, alpha=alpha,
+      use_rslora=use_rslora, dropout=dropout, deterministic=deterministic,
+      dtype=dtype, a_init=a_init, b_init=b_init))
+
+
+class LoRA(nn.Module):
+  """Wraps a whole model with LoRA surgery (like gemma's `gm.nn.LoRA`).
+
+  Shares the model's scope, so params keep their paths; attribute access and
+  kauldron's `__kontext_keys__` are forwarded to the model.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> model = LoRA(model=nn.Dense(3), rank=2)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> sorted(params)
+    ['bias', 'kernel', 'lora']
+    >>> model.features  # forwarded to the wrapped model
+    3
+
+  Attributes:
+    model: the model to adapt.
+    rank: LoRA rank (single-rule form).
+    targets: see `peft.lora`.
+    exclude: see `peft.lora`.
+    alpha: see `peft.lora`.
+    use_rslora: see `peft.lora`.
+    dropout: see `peft.lora`.
+    dtype: see `peft.lora`.
+    rules: several `LoRARule`s instead of the single-rule fields.
+  """
+
+  _: dataclasses.KW_ONLY
+  model: nn.Module
+  rank: int | None = None
+  targets: Any = None
+  exclude: Any = None
+  alpha: float | None = None
+  use_rslora: bool | None = None
+  dropout: float | None = None
+  dtype: Any = None
+  rules: Sequence[_rules.LoRARule] | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.scope is not None:
+      nn.share_scope(self, self.model)
+
+  def surgery(self) -> LoRASurgery:
+    return lora(self.rank, targets=self.targets, exclude=self.exclude,
+                alpha=self.alpha, use_rslora=self.use_rslora,
+                dropout=self.dropout, dtype=self.dtype, rules=self.rules)
+
+  def __call__(self, *args, **kwargs):
+    with self.surgery():
+      return self.model(*args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith('__') or name in ('model', 'scope', 'parent'):
+      raise AttributeError(name)
+    try:
+      return super().__getattr__(name)
+    except AttributeError:
+      return getattr(self.model, name)
+
+  def __kontext_keys__(self) -> dict[str, str]:
+    own = getattr(self.model, '__kontext_keys__', None)
+    if own is not None:
+      return own()
+    from kauldron import kontext  # pylint: disable=g-import-not-at-top
+
+    return kontext.get_keypaths(self.model)
