@@ -12,6 +12,7 @@ LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any, ClassVar
 
@@ -25,6 +26,15 @@ from peft import _layers
 from peft import _lora_adapters
 from peft import _spec
 from peft import _wrapper
+
+# ids of the layers a LoRA wrapper is calling right now (this thread/task).
+_WRAPPED_BY_LORA: contextvars.ContextVar[frozenset[int]] = (
+    contextvars.ContextVar('peft_wrapped_by_lora', default=frozenset()))
+
+
+def is_being_adapted(module: nn.Module) -> bool:
+  """Whether a LoRA wrapper is calling `module` (so it has an adapter)."""
+  return id(module) in _WRAPPED_BY_LORA.get()
 
 
 class LoRAWrapper(_wrapper.ScopeSharingWrapper):
@@ -55,6 +65,16 @@ class LoRAWrapper(_wrapper.ScopeSharingWrapper):
   a_init: Initializer = nn.initializers.kaiming_uniform()
   b_init: Initializer = nn.initializers.zeros_init()
 
+  @nn.nowrap
+  def _call_wrapped(self, method: str, *args, **kwargs):
+    """Calls the wrapped layer; surgery inside must not adapt it again."""
+    token = _WRAPPED_BY_LORA.set(_WRAPPED_BY_LORA.get() | {id(self.wrapped)})
+    try:
+      return getattr(self.wrapped, method)(*args, **kwargs)
+    finally:
+      _WRAPPED_BY_LORA.reset(token)
+
+  @nn.nowrap
   def _adapter_kwargs(self, *, name: str, compute_dtype) -> dict[str, Any]:
     return dict(
         name=name, rank=self.rank, alpha=self.alpha,
@@ -62,6 +82,7 @@ class LoRAWrapper(_wrapper.ScopeSharingWrapper):
         deterministic=self.deterministic, dtype=self.dtype,
         compute_dtype=compute_dtype, a_init=self.a_init, b_init=self.b_init)
 
+  @nn.nowrap
   def _record(self, *, layer_type: str, weight_name: str, adapter_name: str,
               weight_shape, a_shape, b_shape, delta_str: str,
               einsum_str: str | None = None) -> None:
@@ -111,7 +132,7 @@ class LoRAEinsumLike(LoRAWrapper):
           f'at {self.where!r}: it is not a registered einsum-like layer. '
           'Call peft.register_einsum_layer(YourLayer, weight_name=...) first.'
       )
-    y = self.wrapped(*args, **kwargs)
+    y = self._call_wrapped('__call__', *args, **kwargs)
     call = kind.describe(self.wrapped, args, kwargs)
     adapter = _lora_adapters.LoRAEinsumAdapter(
         einsum_str=call.equation.einsum_str, shape=call.weight_shape,
@@ -198,7 +219,7 @@ class LoRAConv(LoRAWrapper):
           f'(feature_group_count={conv.feature_group_count!r}). Exclude it '
           'from the LoRA targets.'
       )
-    y = conv(inputs)
+    y = self._call_wrapped('__call__', inputs)
     adapter = _lora_adapters.LoRAConvAdapter(
         features=conv.features, kernel_size=conv.kernel_size,
         strides=conv.strides, padding=conv.padding,
@@ -239,6 +260,7 @@ class LoRAEmbed(LoRAWrapper):
         **{k: v for k, v in self._adapter_kwargs(
             name='lora', compute_dtype=embed.dtype).items() if k != 'name'})
 
+  @nn.nowrap
   def _record_embed(self) -> None:
     embed = self.wrapped
     self._record(
@@ -248,12 +270,12 @@ class LoRAEmbed(LoRAWrapper):
         b_shape=(self.rank, embed.features), delta_str='vr,rf->vf')
 
   def __call__(self, inputs: Array) -> Array:
-    y = self.wrapped(inputs)
+    y = self._call_wrapped('__call__', inputs)
     self._record_embed()
     return y + self.lora(inputs).astype(y.dtype)
 
   def attend(self, query: Array) -> Array:
-    y = self.wrapped.attend(query)
+    y = self._call_wrapped('attend', query)
     self._record_embed()
     return y + self.lora.attend(query).astype(y.dtype)
 

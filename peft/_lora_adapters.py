@@ -57,11 +57,13 @@ class _AdapterBase(nn.Module):
     return _spec.lora_scale(rank=self.rank, alpha=self.alpha,
                             use_rslora=self.use_rslora)
 
+  @nn.nowrap
   def _ab(self, a_shape: Sequence[int], b_shape: Sequence[int]):
     a = self.param('a', self.a_init, tuple(a_shape), self.dtype)
     b = self.param('b', self.b_init, tuple(b_shape), self.dtype)
     return a, b
 
+  @nn.nowrap
   def _drop(self, x: Array) -> Array:
     """Dropout on the adapter's input; off without a 'dropout' rng."""
     if self.dropout == 0.0:
@@ -71,6 +73,7 @@ class _AdapterBase(nn.Module):
       deterministic = not self.has_rng('dropout')
     return nn.Dropout(rate=self.dropout, deterministic=deterministic)(x)
 
+  @nn.nowrap
   def _einsum_update(self, plan: _einsum.LoRAEinsumPlan,
                      inputs: Array) -> Array:
     """`scale * einsum(plan.einsum_str, x, A, B)`, x contracted with A first."""
@@ -78,6 +81,7 @@ class _AdapterBase(nn.Module):
     x, a, b = self._cast(self._drop(inputs), a, b)
     return jnp.einsum(plan.einsum_str, x, a, b, optimize=_X_THEN_A_THEN_B)
 
+  @nn.nowrap
   def _cast(self, x: Array, a: Array, b: Array):
     """Casts to the compute dtype and folds the scale into B (cheapest)."""
     if self.compute_dtype is None:
@@ -115,11 +119,13 @@ class LoRAEinsumAdapter(_AdapterBase):
   einsum_str: str = ''
   shape: Sequence[int] = ()
 
+  @nn.nowrap
   def plan(self) -> _einsum.LoRAEinsumPlan:
     eq = _einsum.EinsumEquation.parse(self.einsum_str, where=self._where())
     return eq.lora_plan(weight_shape=self.shape, rank=self.rank,
                         where=self._where())
 
+  @nn.nowrap
   def _where(self) -> str:
     return '/'.join(self.path) if self.scope is not None else ''
 

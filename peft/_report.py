@@ -90,12 +90,25 @@ class LoRAReport:
     return '\n'.join(lines)
 
 
-def render_params(params: Any) -> Any:
-  """A treescope rendering of a param tree (adapters show as `lora`).
+def render_params(params: Any, *, as_html: bool = False) -> str:
+  """A treescope rendering of a param tree; adapters show under `lora`.
 
-  In a notebook, display the returned object; elsewhere use
-  `treescope.render_to_text(params)`.
+  Example:
+    >>> import numpy as np
+    >>> text = render_params({'lora': {'a': np.zeros((2, 1), np.float32)}})
+    >>> 'np.ndarray float32(2, 1)' in text
+    True
+
+  Args:
+    params: any pytree of arrays.
+    as_html: return treescope's interactive HTML (for notebooks) instead of
+      text.
+
+  Returns:
+    The rendering.
   """
   import treescope  # pylint: disable=g-import-not-at-top
 
-  return treescope.render_to_html(params, roundtrip_mode=False)
+  if as_html:
+    return treescope.render_to_html(params, roundtrip_mode=False)
+  return treescope.render_to_text(params)

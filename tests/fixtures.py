@@ -81,15 +81,15 @@ class SharedScopeFeedForward(nn.Module):
   """Two custom einsums whose params land in this one scope."""
 
   def setup(self):
-    self.gating = MyEinsum((2, D, FFN), weight_name='gating_einsum')
-    self.linear = MyEinsum((FFN, D), weight_name='linear')
-    nn.share_scope(self, self.gating)
-    nn.share_scope(self, self.linear)
+    self.gating_layer = MyEinsum((2, D, FFN), weight_name='gating_einsum')
+    self.linear_layer = MyEinsum((FFN, D), weight_name='linear')
+    nn.share_scope(self, self.gating_layer)
+    nn.share_scope(self, self.linear_layer)
 
   def __call__(self, x):
-    gate_up = self.gating('...D,CDF->C...F', x)
+    gate_up = self.gating_layer('...D,CDF->C...F', x)
     gate, up = gate_up[0], gate_up[1]
-    return self.linear('...F,FD->...D', jax.nn.gelu(gate) * up)
+    return self.linear_layer('...F,FD->...D', jax.nn.gelu(gate) * up)
 
 
 class CustomModel(nn.Module):
