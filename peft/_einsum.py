@@ -228,6 +228,31 @@ class EinsumEquation:
     )
 
 
+def delta_partition_names(
+    delta_str: str, kernel_names: Sequence[str | None]
+) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+  """Sharding axis names of A and B from the kernel's, via `a,b->weights`.
+
+  Each A/B axis takes the name of the kernel axis with the same letter; the
+  rank axis (absent from the kernel) is replicated (`None`).
+
+  Example:
+    >>> delta_partition_names('Dr,rNH->DNH', ('embed', 'heads', 'kv'))
+    (('embed', None), (None, 'heads', 'kv'))
+  """
+  lhs, weights = delta_str.split('->')
+  a_axes, b_axes = lhs.split(',')
+  if len(kernel_names) != len(weights):
+    raise ValueError(
+        f'The kernel has {len(kernel_names)} partition names '
+        f'{tuple(kernel_names)!r} but the delta equation {delta_str!r} gives '
+        f'it {len(weights)} axes. Give one name (or None) per kernel axis.'
+    )
+  name = dict(zip(weights, kernel_names))
+  return (tuple(name.get(c) for c in a_axes),
+          tuple(name.get(c) for c in b_axes))
+
+
 def check_rank(rank: object, *, where: str = '') -> int:
   """Returns `rank` if it is a positive int, else raises a clear error."""
   if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:

@@ -75,12 +75,24 @@ class LoRAWrapper(_wrapper.ScopeSharingWrapper):
       _WRAPPED_BY_LORA.reset(token)
 
   @nn.nowrap
-  def _adapter_kwargs(self, *, name: str, compute_dtype) -> dict[str, Any]:
+  def _adapter_kwargs(self, *, name: str, compute_dtype,
+                      weight_name: str) -> dict[str, Any]:
     return dict(
         name=name, rank=self.rank, alpha=self.alpha,
         use_rslora=self.use_rslora, dropout=self.dropout,
         deterministic=self.deterministic, dtype=self.dtype,
-        compute_dtype=compute_dtype, a_init=self.a_init, b_init=self.b_init)
+        compute_dtype=compute_dtype, a_init=self.a_init, b_init=self.b_init,
+        kernel_partitioning=self._kernel_partitioning(weight_name))
+
+  @nn.nowrap
+  def _kernel_partitioning(self, weight_name: str) -> nn.Partitioned | None:
+    """The kernel's sharding metadata, so A and B can inherit it."""
+    if not self.has_variable('params', weight_name):
+      return None
+    kernel = self.get_variable('params', weight_name)
+    if isinstance(kernel, nn.Partitioned):
+      return kernel.replace(value=None)
+    return None
 
   @nn.nowrap
   def _record(self, *, layer_type: str, weight_name: str, adapter_name: str,
@@ -136,8 +148,8 @@ class LoRAEinsumLike(LoRAWrapper):
     call = kind.describe(self.wrapped, args, kwargs)
     adapter = _lora_adapters.LoRAEinsumAdapter(
         einsum_str=call.equation.einsum_str, shape=call.weight_shape,
-        **self._adapter_kwargs(name=call.adapter_name,
-                               compute_dtype=y.dtype))
+        **self._adapter_kwargs(name=call.adapter_name, compute_dtype=y.dtype,
+                               weight_name=call.weight_name))
     update = adapter(call.inputs)
     plan = adapter.plan()
     self._record(
@@ -225,17 +237,17 @@ class LoRAConv(LoRAWrapper):
         strides=conv.strides, padding=conv.padding,
         input_dilation=conv.input_dilation,
         kernel_dilation=conv.kernel_dilation,
-        **self._adapter_kwargs(name='lora', compute_dtype=y.dtype))
+        **self._adapter_kwargs(name='lora', compute_dtype=y.dtype,
+                               weight_name='kernel'))
     update = adapter(inputs)
     window = _lora_adapters.as_tuple(conv.kernel_size)
-    letters = 'abcdefgh'[:len(window)]
     in_features = inputs.shape[-1]
     self._record(
         layer_type='Conv', weight_name='kernel', adapter_name='lora',
         weight_shape=(*window, in_features, conv.features),
         a_shape=(*window, in_features, self.rank),
         b_shape=(self.rank, conv.features),
-        delta_str=f'{letters}ir,ro->{letters}io')
+        delta_str=_lora_adapters.conv_delta_str(len(window)))
     return y + update
 
 
@@ -255,10 +267,12 @@ class LoRAEmbed(LoRAWrapper):
 
   def setup(self):
     embed = self.wrapped
+    _ = embed.embedding  # runs the Embed's setup, so its param exists
     self.lora = _lora_adapters.LoRAEmbedAdapter(
         num_embeddings=embed.num_embeddings, features=embed.features,
         **{k: v for k, v in self._adapter_kwargs(
-            name='lora', compute_dtype=embed.dtype).items() if k != 'name'})
+            name='lora', compute_dtype=embed.dtype,
+            weight_name='embedding').items() if k != 'name'})
 
   @nn.nowrap
   def _record_embed(self) -> None:
@@ -267,7 +281,8 @@ class LoRAEmbed(LoRAWrapper):
         layer_type='Embed', weight_name='embedding', adapter_name='lora',
         weight_shape=(embed.num_embeddings, embed.features),
         a_shape=(embed.num_embeddings, self.rank),
-        b_shape=(self.rank, embed.features), delta_str='vr,rf->vf')
+        b_shape=(self.rank, embed.features),
+        delta_str=_lora_adapters.EMBED_DELTA)
 
   def __call__(self, inputs: Array) -> Array:
     y = self._call_wrapped('__call__', inputs)

@@ -42,6 +42,9 @@ class _AdapterBase(nn.Module):
   compute_dtype: Dtype | None = None
   a_init: Initializer = nn.initializers.kaiming_uniform()
   b_init: Initializer = nn.initializers.zeros_init()
+  # The adapted kernel's partitioning box (`nn.Partitioned`, value dropped):
+  # A and B inherit its axis names (see `delta_partition_names`).
+  kernel_partitioning: nn.Partitioned | None = None
 
   def __post_init__(self):
     _einsum.check_rank(self.rank, where=type(self).__name__)
@@ -58,9 +61,16 @@ class _AdapterBase(nn.Module):
                             use_rslora=self.use_rslora)
 
   @nn.nowrap
-  def _ab(self, a_shape: Sequence[int], b_shape: Sequence[int]):
-    a = self.param('a', self.a_init, tuple(a_shape), self.dtype)
-    b = self.param('b', self.b_init, tuple(b_shape), self.dtype)
+  def _ab(self, a_shape: Sequence[int], b_shape: Sequence[int],
+          delta_str: str):
+    a_init, b_init = self.a_init, self.b_init
+    box = self.kernel_partitioning
+    if box is not None:
+      a_names, b_names = _einsum.delta_partition_names(delta_str, box.names)
+      a_init = _boxed(a_init, box, a_names)
+      b_init = _boxed(b_init, box, b_names)
+    a = self.param('a', a_init, tuple(a_shape), self.dtype)
+    b = self.param('b', b_init, tuple(b_shape), self.dtype)
     return a, b
 
   @nn.nowrap
@@ -77,7 +87,7 @@ class _AdapterBase(nn.Module):
   def _einsum_update(self, plan: _einsum.LoRAEinsumPlan,
                      inputs: Array) -> Array:
     """`scale * einsum(plan.einsum_str, x, A, B)`, x contracted with A first."""
-    a, b = self._ab(plan.a_shape, plan.b_shape)
+    a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     x, a, b = self._cast(self._drop(inputs), a, b)
     return jnp.einsum(plan.einsum_str, x, a, b, optimize=_X_THEN_A_THEN_B)
 
@@ -209,7 +219,7 @@ class LoRAConvAdapter(_AdapterBase):
   def __call__(self, inputs: Array) -> Array:
     window = as_tuple(self.kernel_size)
     a, b = self._ab((*window, inputs.shape[-1], self.rank),
-                    (self.rank, self.features))
+                    (self.rank, self.features), conv_delta_str(len(window)))
     x, a, b = self._cast(self._drop(inputs), a, b)
     # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
     conv_a = nn.Conv(
@@ -241,7 +251,7 @@ class LoRAEmbedAdapter(_AdapterBase):
 
   def setup(self):
     self.a, self.b = self._ab((self.num_embeddings, self.rank),
-                              (self.rank, self.features))
+                              (self.rank, self.features), EMBED_DELTA)
 
   def __call__(self, inputs: Array) -> Array:
     rows = jnp.take(self.a, inputs, axis=0)
@@ -251,6 +261,22 @@ class LoRAEmbedAdapter(_AdapterBase):
   def attend(self, query: Array) -> Array:
     query, a, b = self._cast(query, self.a, self.b)
     return (query @ b.T) @ a.T
+
+
+def _boxed(init: Initializer, box: nn.Partitioned, names) -> Initializer:
+  """`init`, returning its value in a copy of `box` with `names`."""
+  def boxed_init(key, shape, dtype=jnp.float32):
+    return box.replace(value=init(key, shape, dtype), names=names)
+  return boxed_init
+
+
+def conv_delta_str(n_window: int) -> str:
+  """`a,b->kernel` of a conv adapter with `n_window` spatial axes."""
+  window = 'abcdefgh'[:n_window]
+  return f'{window}ir,ro->{window}io'
+
+
+EMBED_DELTA = 'vr,rf->vf'
 
 
 def as_tuple(x) -> tuple[int, ...]:

@@ -61,9 +61,7 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
       self._check_all_targets_used(state)
 
   def replace_module(self, module: nn.Module) -> nn.Module:
-    # The root module has no parent scope to share; adapt layers inside it
-    # (or wrap the whole model with `peft.LoRA`).
-    if (isinstance(module, _lora.LoRAWrapper) or not module.path
+    if (isinstance(module, _lora.LoRAWrapper) or module.scope is None
         or _lora.is_being_adapted(module)):
       return module
     if not _rules.is_adaptable(module):

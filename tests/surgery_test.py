@@ -203,3 +203,29 @@ def test_summary_lists_layers_and_counts():
   text = peft.render_params(params)
   assert "'lora': {'a':" in text and "'embed':" in text
   assert 'treescope' in peft.render_params(params, as_html=True)
+
+
+def test_adapters_inherit_kernel_partitioning():
+  part = nn.with_partitioning
+  init = nn.initializers.lecun_normal()
+
+  class Sharded(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      x = nn.Embed(10, 4, embedding_init=part(init, ('vocab', 'embed')),
+                   name='emb')(tokens)
+      x = nn.Dense(6, kernel_init=part(init, ('embed', 'mlp')), name='d')(x)
+      return nn.Einsum((6, 2, 3), 'btd,dnh->btnh', name='q',
+                       kernel_init=part(init, ('mlp', 'heads', None)))(x)
+
+  with peft.lora(rank=2, targets=(nn.Embed, '.*')):
+    boxes = jax.eval_shape(Sharded().init, jax.random.key(0),
+                           jnp.ones((1, 3), jnp.int32))['params']
+  names = jax.tree.map(
+      lambda b: b.names if isinstance(b, nn.Partitioned) else None, boxes,
+      is_leaf=lambda b: isinstance(b, nn.Partitioned))
+  assert names['d']['lora'] == {'a': ('embed', None), 'b': (None, 'mlp')}
+  assert names['emb']['lora'] == {'a': ('vocab', None),
+                                  'b': (None, 'embed')}
+  assert names['q']['lora'] == {'a': ('mlp', None),
+                                'b': (None, 'heads', None)}
