@@ -17,7 +17,7 @@ test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
 
 demo: $(STAMP)
-	$(PY) -m peft.examples.quickstart
+	$(PY) -m peft quickstart
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peft tests benchmarks

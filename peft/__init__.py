@@ -4,6 +4,22 @@ A drop-in superset of `gemma.peft`'s public API.
 """
 
 # Module surgery.
+from peft._checkpoint import LoadedAdapters
+
+# Param trees, training and adapter files.
+from peft._checkpoint import check_adapters_match
+from peft._checkpoint import load_adapters
+from peft._checkpoint import save_adapters
+
+# The functional API on plain arrays.
+from peft._functional import init_lora_adapter
+from peft._functional import lora_delta
+from peft._functional import lora_linear
+from peft._functional import merge_lora_weight
+from peft._functional import tree_lora_delta
+from peft._functional import unmerge_lora_weight
+from peft._fuse import fuse_params
+from peft._fuse import unfuse_params
 from peft._interceptors import Interceptor
 from peft._interceptors import ModuleInterceptor
 from peft._layers import register_einsum_layer
@@ -20,6 +36,12 @@ from peft._lora_adapters import LoRADenseAdapter
 from peft._lora_adapters import LoRADenseGeneralAdapter
 from peft._lora_adapters import LoRAEinsumAdapter
 from peft._lora_adapters import LoRAEmbedAdapter
+from peft._optim import adapter_labels
+from peft._optim import adapter_mask
+from peft._optim import train_only_adapters
+from peft._params import SplittedParams
+from peft._params import merge_params
+from peft._params import split_params
 from peft._report import LoRAReport
 from peft._report import count_params
 from peft._report import render_params
@@ -48,10 +70,28 @@ __all__ = [
     'LoRAReport',
     'LoRARule',
     'LoRASurgery',
+    'LoadedAdapters',
     'ModuleInterceptor',
+    'SplittedParams',
+    'adapter_labels',
+    'adapter_mask',
+    'check_adapters_match',
     'count_params',
+    'fuse_params',
+    'init_lora_adapter',
+    'load_adapters',
     'lora',
+    'lora_delta',
+    'lora_linear',
+    'merge_lora_weight',
+    'merge_params',
     'recording_adapters',
     'register_einsum_layer',
     'render_params',
+    'save_adapters',
+    'split_params',
+    'train_only_adapters',
+    'tree_lora_delta',
+    'unfuse_params',
+    'unmerge_lora_weight',
 ]

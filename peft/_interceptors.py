@@ -102,6 +102,20 @@ _ACTIVE: contextvars.ContextVar[tuple[tuple[Interceptor, Any], ...]] = (
     contextvars.ContextVar('peft_active_interceptors', default=()))
 
 
+@contextlib.contextmanager
+def suspended():
+  """Runs the block with no peft interceptor active (this thread/task).
+
+  For modules a wrapper builds for its own computation (e.g. the conv that
+  applies a LoRA adapter's A), which surgery must never adapt.
+  """
+  token = _ACTIVE.set(())
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
 def _dispatch(next_fun, args, kwargs, context):
   """The single flax interceptor: runs this task's own interceptors.
 

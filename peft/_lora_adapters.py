@@ -21,6 +21,7 @@ from flax.typing import Initializer
 import jax.numpy as jnp
 
 from peft import _einsum
+from peft import _interceptors
 from peft import _spec
 
 # Contract x with A first, then with B: for small ranks this is the cheap
@@ -227,7 +228,8 @@ class LoRAConvAdapter(_AdapterBase):
         padding=self.padding, input_dilation=self.input_dilation,
         kernel_dilation=self.kernel_dilation, use_bias=False,
         dtype=x.dtype, parent=None)
-    low_rank = conv_a.apply({'params': {'kernel': a}}, x)
+    with _interceptors.suspended():  # conv_a is ours, not the model's
+      low_rank = conv_a.apply({'params': {'kernel': a}}, x)
     return jnp.einsum('...r,ro->...o', low_rank, b)
 
 

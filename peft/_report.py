@@ -8,12 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from peft import _params
 from peft import _spec
-
-
-def _is_adapter_key(key: Any) -> bool:
-  name = getattr(key, 'key', key)
-  return isinstance(name, str) and (name == 'lora' or name.startswith('lora_'))
 
 
 def count_params(params: Any) -> tuple[int, int]:
@@ -31,7 +27,7 @@ def count_params(params: Any) -> tuple[int, int]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(np.shape(leaf)))
     total += size
-    if any(_is_adapter_key(k) for k in path):
+    if any(_params.is_adapter_key(getattr(k, 'key', k)) for k in path):
       trainable += size
   return trainable, total
 

@@ -124,3 +124,13 @@ def randomize_adapters(params, seed: int = 3, scale: float = 0.3):
     return leaf
 
   return jax.tree_util.tree_map_with_path(randomize, params)
+
+
+def random_params(init, *args, seed=0, scale=0.3):
+  """Random `init(*args)['params']` (adapters too) without compiling init."""
+  shapes = jax.eval_shape(init, *args)['params']
+  leaves, treedef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(scale * rng.standard_normal(x.shape, np.float32), x.dtype)
+      for x in leaves])

@@ -1,0 +1,265 @@
+"""LoRA as pure functions on plain arrays and pytrees.
+
+For code that manages its own weights (no linen surgery): an adapter of a
+2-D weight `W` of shape `(in, out)` is a dict `{'A': (in, rank), 'B': (rank,
+out)}` and the adapted weight is `W + (alpha / rank) * A @ B` (LoRA: Hu et
+al. 2021, https://arxiv.org/abs/2106.09685). `A` starts Gaussian and `B` at
+zero, so a fresh adapter changes nothing.
+
+The lower-case keys `{'a', 'b'}` that linen adapters use are accepted too,
+so these functions also apply to the 2-D adapters of a param tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft import _einsum
+
+Adapter = Mapping[str, Any]
+
+
+def _check_2d(weight: Any, name: str, where: str) -> tuple[int, int]:
+  shape = np.shape(weight)
+  if len(shape) != 2:
+    raise ValueError(
+        f'{where}: {name} must be 2-D (in, out); got shape {shape}. Reshape '
+        'it to a matrix, or use surgery (peft.lora) for einsum/conv kernels.'
+    )
+  return shape
+
+
+def _factors(adapter: Any, where: str) -> tuple[jax.Array, jax.Array]:
+  """`(A, B)` of an adapter dict, validated."""
+  if not is_adapter(adapter):
+    raise ValueError(
+        f"{where}: adapter must be a dict {{'A': (in, rank), 'B': (rank, "
+        f"out)}}; got {adapter!r:.80}. Create one with init_lora_adapter."
+    )
+  a, b = ((adapter['A'], adapter['B']) if 'A' in adapter
+          else (adapter['a'], adapter['b']))
+  _, rank = _check_2d(a, 'A', where)
+  rank_b, _ = _check_2d(b, 'B', where)
+  if rank != rank_b or rank == 0:
+    raise ValueError(
+        f'{where}: A has shape {np.shape(a)} and B {np.shape(b)}; they need '
+        'the same rank > 0 (A: (in, rank), B: (rank, out)).'
+    )
+  return jnp.asarray(a), jnp.asarray(b)
+
+
+def init_lora_adapter(weight: Any, rank: int, init_std: float = 0.01,
+                      dtype: Any = None, *,
+                      key: jax.Array | None = None) -> dict[str, Any]:
+  """A fresh adapter for a 2-D `weight`: A Gaussian, B zeros.
+
+  The RNG `key` is a required keyword argument (its `None` default only
+  serves a clear error), so the positional order is the contract's
+  `(weight, rank, init_std, dtype)`. At init the adapter's delta is exactly
+  zero, so `merge_lora_weight(w, init_lora_adapter(w, r, key=k))` is `w`.
+
+  Example:
+    >>> adapter = init_lora_adapter(jnp.ones((5, 3)), 2,
+    ...                             key=jax.random.key(0))
+    >>> jax.tree.map(jnp.shape, adapter)
+    {'A': (5, 2), 'B': (2, 3)}
+    >>> float(jnp.abs(adapter['B']).max())
+    0.0
+
+  Args:
+    weight: the frozen weight `(in, out)` (an array or anything with
+      `.shape`/`.dtype`, e.g. `jax.ShapeDtypeStruct`).
+    rank: the adapter rank (> 0).
+    init_std: standard deviation of A (>= 0).
+    dtype: dtype of A and B; default the weight's dtype.
+    key: a `jax.random` key (required).
+
+  Returns:
+    `{'A': (in, rank) ~ N(0, init_std^2), 'B': zeros (rank, out)}`.
+
+  Raises:
+    TypeError: no `key`, or `weight` is an RNG key (pass `key=` by
+      keyword).
+    ValueError: `weight` is not 2-D, `rank` is not a positive int, or
+      `init_std` is negative.
+  """
+  where = 'init_lora_adapter'
+  w_dtype = getattr(weight, 'dtype', None)
+  if w_dtype is not None and jnp.issubdtype(w_dtype, jax.dtypes.prng_key):
+    raise TypeError(
+        f'{where}: weight is an RNG key (dtype {w_dtype}). The signature is '
+        'init_lora_adapter(weight, rank, init_std, dtype, *, key); pass the '
+        'key by keyword: key=jax.random.key(0).'
+    )
+  if key is None:
+    raise TypeError(
+        f'{where}: key is required; got key=None. Pass an RNG key by '
+        'keyword: init_lora_adapter(weight, rank, key=jax.random.key(0)).'
+    )
+  n_in, n_out = _check_2d(weight, 'weight', where)
+  _einsum.check_rank(rank, where=where)
+  if not init_std >= 0:
+    raise ValueError(
+        f'{where}: init_std must be >= 0; got {init_std!r}. Pass e.g. 0.01.'
+    )
+  if dtype is None:
+    dtype = jnp.float32 if w_dtype is None else w_dtype
+  a = init_std * jax.random.normal(key, (n_in, rank), jnp.float32)
+  return {'A': a.astype(dtype), 'B': jnp.zeros((rank, n_out), dtype)}
+
+
+def lora_delta(adapter: Adapter, alpha: float = 1.0) -> jax.Array:
+  """`(alpha / rank) * A @ B`, shaped like the adapted weight.
+
+  Example:
+    >>> lora_delta({'A': jnp.ones((2, 1)), 'B': jnp.array([[1., 2.]])},
+    ...            alpha=2.0).tolist()
+    [[2.0, 4.0], [2.0, 4.0]]
+
+  Args:
+    adapter: `{'A': (in, rank), 'B': (rank, out)}`.
+    alpha: LoRA alpha; the scale is `alpha / rank`.
+
+  Returns:
+    The `(in, out)` update.
+
+  Raises:
+    ValueError: the adapter is malformed or its shapes disagree.
+  """
+  a, b = _factors(adapter, 'lora_delta')
+  return (alpha / a.shape[1]) * (a @ b)
+
+
+def lora_linear(x: jax.Array, frozen_weight: jax.Array, adapter: Adapter,
+                alpha: float = 1.0) -> jax.Array:
+  """`x @ W + (alpha / rank) * (x @ A) @ B`, without forming `A @ B`.
+
+  `frozen_weight` is wrapped in `jax.lax.stop_gradient`: gradients reach
+  only the adapter (and `x`).
+
+  Example:
+    >>> w = jnp.eye(2)
+    >>> adapter = {'A': jnp.ones((2, 1)), 'B': jnp.array([[1., 0.]])}
+    >>> lora_linear(jnp.array([[1., 2.]]), w, adapter).tolist()
+    [[4.0, 2.0]]
+
+  Args:
+    x: inputs `(..., in)`.
+    frozen_weight: `(in, out)`.
+    adapter: `{'A': (in, rank), 'B': (rank, out)}`.
+    alpha: LoRA alpha; the scale is `alpha / rank`.
+
+  Returns:
+    `(..., out)`.
+
+  Raises:
+    ValueError: a shape does not fit (`x`'s last axis, `W`, `A`, `B`).
+  """
+  where = 'lora_linear'
+  a, b = _factors(adapter, where)
+  n_in, n_out = _check_2d(frozen_weight, 'frozen_weight', where)
+  if (np.shape(x)[-1:] != (n_in,) or a.shape[0] != n_in
+      or b.shape[1] != n_out):
+    raise ValueError(
+        f'{where}: shapes do not fit: x {np.shape(x)}, weight '
+        f'{(n_in, n_out)}, A {a.shape}, B {b.shape}. Expected x (..., in), '
+        'weight (in, out), A (in, rank), B (rank, out).'
+    )
+  w = jax.lax.stop_gradient(frozen_weight)
+  return x @ w + (alpha / a.shape[1]) * ((x @ a) @ b)
+
+
+def _add_delta(weight, adapter, alpha, sign, where):
+  n_in, n_out = _check_2d(weight, 'weight', where)
+  a, b = _factors(adapter, where)
+  if (a.shape[0], b.shape[1]) != (n_in, n_out):
+    raise ValueError(
+        f'{where}: weight {(n_in, n_out)} does not fit A {a.shape} and B '
+        f'{b.shape}. Expected A (in, rank), B (rank, out).'
+    )
+  weight = jnp.asarray(weight)
+  dtype = jnp.result_type(weight, a, b, jnp.float32)
+  delta = (alpha / a.shape[1]) * jnp.matmul(
+      a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+  return (weight.astype(dtype) + sign * delta).astype(weight.dtype)
+
+
+def merge_lora_weight(weight: jax.Array, adapter: Adapter,
+                      alpha: float = 1.0) -> jax.Array:
+  """`W + (alpha / rank) * A @ B` in >= float32, cast to `W`'s dtype.
+
+  Example:
+    >>> merge_lora_weight(jnp.zeros((1, 2)), {'A': jnp.ones((1, 1)),
+    ...                   'B': jnp.array([[1., 2.]])}).tolist()
+    [[1.0, 2.0]]
+
+  Raises:
+    ValueError: `weight` is not 2-D or does not fit the adapter.
+  """
+  return _add_delta(weight, adapter, alpha, 1.0, 'merge_lora_weight')
+
+
+def unmerge_lora_weight(weight: jax.Array, adapter: Adapter,
+                        alpha: float = 1.0) -> jax.Array:
+  """Inverse of `merge_lora_weight`: `W - (alpha / rank) * A @ B`.
+
+  Example:
+    >>> unmerge_lora_weight(jnp.ones((1, 2)), {'A': jnp.ones((1, 1)),
+    ...                     'B': jnp.array([[1., 2.]])}).tolist()
+    [[0.0, -1.0]]
+
+  Raises:
+    ValueError: `weight` is not 2-D or does not fit the adapter.
+  """
+  return _add_delta(weight, adapter, alpha, -1.0, 'unmerge_lora_weight')
+
+
+def is_adapter(node: Any) -> bool:
+  """Whether `node` is an adapter dict (`{'A', 'B'}` or `{'a', 'b'}`).
+
+  Example:
+    >>> is_adapter({'A': 1, 'B': 2}), is_adapter({'kernel': 1})
+    (True, False)
+  """
+  return isinstance(node, Mapping) and set(node) in ({'A', 'B'}, {'a', 'b'})
+
+
+def tree_lora_delta(adapters: Any, alpha: float = 1.0, *,
+                    is_leaf: Callable[[Any], bool] | None = None) -> Any:
+  """Replaces every adapter in a pytree by its `lora_delta`.
+
+  Example:
+    >>> tree = {'q': {'A': jnp.ones((3, 1)), 'B': jnp.ones((1, 2))},
+    ...         'v': {'A': jnp.ones((3, 2)), 'B': jnp.ones((2, 4))}}
+    >>> jax.tree.map(jnp.shape, tree_lora_delta(tree))
+    {'q': (3, 2), 'v': (3, 4)}
+
+  Args:
+    adapters: a pytree whose adapter nodes are `{'A', 'B'}` dicts.
+    alpha: LoRA alpha for every adapter.
+    is_leaf: which nodes are adapters; default `is_adapter`.
+
+  Returns:
+    The same structure with each adapter replaced by its delta.
+
+  Raises:
+    ValueError: a leaf of the tree is not inside an adapter (the tree holds
+      something else), or an adapter is malformed.
+  """
+  is_leaf = is_leaf or is_adapter
+
+  def delta(path, node):
+    if not is_leaf(node):
+      raise ValueError(
+          f'tree_lora_delta: the leaf at '
+          f'{jax.tree_util.keystr(path)!r} is not inside an adapter dict '
+          "{'A', 'B'}. Pass only adapters, or an is_leaf that marks them."
+      )
+    return lora_delta(node, alpha)
+
+  return jax.tree_util.tree_map_with_path(delta, adapters, is_leaf=is_leaf)

@@ -1,0 +1,311 @@
+"""Fuse LoRA adapters into their kernels, and undo it.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) computes a layer with
+`W + scale * einsum(delta_str, A, B)`. `fuse_params` folds that update into
+each kernel, as described by the `AdapterSpec`s surgery recorded (or a
+checkpoint stored), so the unmodified model serves the adapted one at zero
+overhead; `unfuse_params` subtracts it again and puts the adapters back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft import _einsum
+from peft import _params
+from peft import _spec
+
+Params = _params.Params
+_path = _params.fmt_path
+
+
+def check_specs(adapters: Any, name: str) -> tuple[_spec.AdapterSpec, ...]:
+  """Validates specs (a sequence, or a dict `spec.key -> spec`)."""
+  if isinstance(adapters, Mapping):
+    for key, spec in adapters.items():
+      if getattr(spec, 'key', None) != key:
+        raise ValueError(
+            f'{name}: adapters maps {key!r} to {spec!r:.80}, whose key is '
+            'not that. Pass report.specs or a dict spec.key -> spec.'
+        )
+    adapters = tuple(adapters.values())
+  if isinstance(adapters, (_spec.AdapterSpec, str)) or not (
+      isinstance(adapters, Sequence)):
+    raise TypeError(
+        f'{name}: adapters must be a sequence of AdapterSpec; got '
+        f'{adapters!r:.80}. Pass report.specs (from `with peft.lora(...) as '
+        'report`) or the specs returned by load_adapters.'
+    )
+  seen = set()
+  for spec in adapters:
+    if not isinstance(spec, _spec.AdapterSpec):
+      raise TypeError(
+          f'{name}: adapters must hold AdapterSpec; got {spec!r:.80}. '
+          'Build specs with AdapterSpec.from_json for JSON dicts.'
+      )
+    if spec.key in seen:
+      raise ValueError(
+          f'{name}: two specs for the adapter {spec.key!r}. Pass each '
+          'adapted kernel once.'
+      )
+    seen.add(spec.key)
+    check_spec(spec)
+  return tuple(adapters)
+
+
+def check_spec(spec: _spec.AdapterSpec) -> None:
+  """Checks that `einsum(spec.delta_str, A, B)` has the kernel's shape.
+
+  Raises:
+    ValueError: the delta equation does not give `spec.weight_shape` from
+      `spec.a_shape` and `spec.b_shape`, or the rank axis is not `spec.rank`.
+  """
+  eq = _einsum.EinsumEquation.parse(spec.delta_str, where=spec.key)
+  where = f'{spec.key!r} (delta_str {spec.delta_str!r})'
+  a = jax.ShapeDtypeStruct(tuple(spec.a_shape), jnp.float32)
+  b = jax.ShapeDtypeStruct(tuple(spec.b_shape), jnp.float32)
+  try:
+    delta = jax.eval_shape(lambda a, b: jnp.einsum(eq.einsum_str, a, b), a, b)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f'Adapter spec {where}: A {a.shape} and B {b.shape} do not fit the '
+        f'delta equation ({e}). The spec is corrupt; rebuild it with surgery.'
+    ) from e
+  rank_dims = [d for c, d in zip(eq.weights, b.shape)
+               if c in eq.inputs and c not in eq.outputs]
+  if delta.shape != tuple(spec.weight_shape) or rank_dims != [spec.rank]:
+    raise ValueError(
+        f'Adapter spec {where}: A {a.shape} and B {b.shape} give a delta of '
+        f'shape {delta.shape} and rank axes {rank_dims}, but the kernel is '
+        f'{tuple(spec.weight_shape)} and rank={spec.rank}. The spec is '
+        'corrupt; rebuild it with surgery.'
+    )
+
+
+def _branch(tree: Params, spec: _spec.AdapterSpec, name: str) -> Params:
+  """The module dict at `spec.path`, or a clear error."""
+  node = tree
+  for i, key in enumerate(spec.path):
+    if not isinstance(node, Mapping) or key not in node:
+      raise ValueError(
+          f'{name}: adapter {spec.key!r} expects a module at '
+          f'{_path(spec.path)!r}, but {_path(spec.path[:i + 1])!r} is missing '
+          'from the base params. The specs belong to another model; pass the '
+          'specs recorded for these params.'
+      )
+    node = node[key]
+  return node
+
+
+def get_adapter(lora: Params, spec: _spec.AdapterSpec, name: str):
+  """Validated `(A, B)` of `spec` from a lora tree."""
+  node = lora
+  for key in (*spec.path, spec.adapter_name):
+    if not isinstance(node, Mapping) or key not in node:
+      raise ValueError(
+          f'{name}: no adapter branch {spec.key!r} for its spec. Pass only '
+          'the specs of the adapters in these params.'
+      )
+    node = node[key]
+  adapter = node
+  if not isinstance(adapter, Mapping) or set(adapter) != {'a', 'b'}:
+    raise ValueError(
+        f'{name}: adapter {spec.key!r} must be a dict with keys a and b; got '
+        f'{adapter!r:.80}. Pass the params the adapters were trained in.'
+    )
+  for key, shape in (('a', spec.a_shape), ('b', spec.b_shape)):
+    got = tuple(np.shape(adapter[key]))
+    if got != tuple(shape):
+      raise ValueError(
+          f'{name}: {spec.key + "/" + key!r} has shape {got} but its spec says '
+          f'{tuple(shape)}. The adapter and spec come from different models.'
+      )
+  return adapter['a'], adapter['b']
+
+
+def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
+  module = _branch(original, spec, name)
+  if spec.weight_name not in module:
+    raise ValueError(
+        f'{name}: adapter {spec.key!r} adapts {spec.weight_name!r}, which is '
+        f'not in the params at {_path(spec.path)!r} (they have '
+        f'{sorted(module)!r}). Pass the specs recorded for these params.'
+    )
+  kernel = module[spec.weight_name]
+  if tuple(np.shape(kernel)) != tuple(spec.weight_shape):
+    raise ValueError(
+        f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} has shape '
+        f'{tuple(np.shape(kernel))} but adapter {spec.key!r} expects '
+        f'{tuple(spec.weight_shape)}. The params and specs do not match.'
+    )
+  if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
+    raise TypeError(
+        f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} has dtype '
+        f'{jnp.result_type(kernel)}; only float kernels can take a LoRA '
+        'delta. Dequantize it first.'
+    )
+  return kernel
+
+
+def check_covered(lora: Params, specs, name: str) -> None:
+  """Every adapter branch in `lora` has a spec."""
+  keys = {s.key for s in specs}
+
+  def walk(tree: Params, path: tuple[str, ...]):
+    for key, value in tree.items():
+      if _params.is_adapter_key(key):
+        if _path((*path, key)) not in keys:
+          fix = ('Pass the specs of every adapter (report.specs), or drop '
+                 'the branch with split_params.')
+          if _path((*path[1:], key)) in keys:
+            fix = (f'The specs start below {path[0]!r}: pass '
+                   f'variables[{path[0]!r}], not the whole variables dict.')
+          raise ValueError(
+              f'{name}: the params hold adapter {_path((*path, key))!r} but '
+              f'no AdapterSpec describes it. {fix}'
+          )
+      elif isinstance(value, Mapping):
+        walk(value, (*path, key))
+
+  walk(lora, ())
+
+
+def _apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
+  """`kernel + sign * scale * delta` in >= float32, cast to kernel's dtype."""
+  dtype = jnp.result_type(kernel, a, b, jnp.float32)
+  delta = jnp.einsum(spec.delta_str, jnp.asarray(a, dtype),
+                     jnp.asarray(b, dtype),
+                     precision=jax.lax.Precision.HIGHEST)
+  exact = jnp.asarray(kernel, dtype) + (sign * spec.scale) * delta
+  out = exact.astype(jnp.result_type(kernel))
+  return out, jnp.max(jnp.abs(out.astype(dtype) - exact), initial=0.0)
+
+
+def _update_kernels(base, lora, specs, sign: float, name: str):
+  """Copies `base` and adds `sign * delta` to each spec's kernel."""
+  out = _to_dict(base)
+  error = jnp.zeros((), jnp.float32)
+  for spec in specs:
+    # Read from `out`: several adapters of one kernel add up.
+    kernel = _get_kernel(out, spec, name)
+    a, b = get_adapter(lora, spec, name)
+    new, err = _apply_delta(kernel, a, b, spec, sign)
+    _branch(out, spec, name)[spec.weight_name] = new
+    error = jnp.maximum(error, err.astype(jnp.float32))
+  return out, error
+
+
+def _to_dict(tree: Params) -> dict[str, Any]:
+  return {k: _to_dict(v) if isinstance(v, Mapping) else v
+          for k, v in tree.items()}
+
+
+def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
+                return_error: bool = False):
+  """Folds every adapter into its kernel; returns plain params.
+
+  Each kernel becomes `W + scale * einsum(spec.delta_str, A, B)`, computed in
+  float32 (or the kernel's/adapter's dtype if wider) and cast back to the
+  kernel's dtype. The result has no adapter branches, so the unmodified
+  model loads it and computes what the adapted model computed. Works under
+  `jax.jit` with `adapters` static, e.g.
+  `jax.jit(functools.partial(fuse_params, adapters=specs))`, or
+  `jax.jit(fuse_params, static_argnames='adapters')` given a tuple.
+
+  Example:
+    >>> from peft import _spec
+    >>> spec = _spec.AdapterSpec(
+    ...     path=('dense',), layer_type='Dense', weight_name='kernel',
+    ...     adapter_name='lora', weight_shape=(2, 2), a_shape=(2, 1),
+    ...     b_shape=(1, 2), delta_str='ir,ro->io', rank=1)
+    >>> params = {'dense': {'kernel': jnp.zeros((2, 2)), 'lora': {
+    ...     'a': jnp.array([[1.], [2.]]), 'b': jnp.array([[3., 4.]])}}}
+    >>> fused = fuse_params(params, [spec])
+    >>> fused['dense']['kernel'].tolist()
+    [[3.0, 4.0], [6.0, 8.0]]
+
+  Args:
+    params: base params with adapter branches (what the adapted model was
+      trained with).
+    adapters: the `AdapterSpec` of every adapter in `params`: `report.specs`
+      (from `with peft.lora(...) as report`), `report.adapters`, or the
+      specs returned by `load_adapters`.
+    return_error: also return the largest absolute round-off of the cast
+      back to the kernels' dtypes (a float32 scalar; 0 in float32 kernels
+      up to float32 rounding).
+
+  Returns:
+    The fused params, or `(fused, max_abs_error)` with `return_error=True`.
+
+  Raises:
+    TypeError: `adapters` is not a sequence of AdapterSpec, or a kernel is
+      not floating point.
+    ValueError: a spec's module, kernel or adapter is missing, a shape
+      disagrees with its spec, a spec is inconsistent, or an adapter branch
+      has no spec.
+  """
+  specs = check_specs(adapters, 'fuse_params')
+  original, lora = _params.split_params(params)
+  check_covered(lora, specs, 'fuse_params')
+  fused, error = _update_kernels(original, lora, specs, 1.0, 'fuse_params')
+  fused = _params.like(params, fused)
+  return (fused, error) if return_error else fused
+
+
+def unfuse_params(fused: Params, lora: Params,
+                  adapters: Sequence[_spec.AdapterSpec], *,
+                  return_error: bool = False):
+  """Inverse of `fuse_params`: subtracts the deltas, puts the adapters back.
+
+  `unfuse_params(fuse_params(p, specs), split_params(p).lora, specs)` equals
+  `p` up to the rounding of the kernels' dtype (exact in the adapters).
+
+  Example:
+    >>> from peft import _spec
+    >>> spec = _spec.AdapterSpec(
+    ...     path=('dense',), layer_type='Dense', weight_name='kernel',
+    ...     adapter_name='lora', weight_shape=(1, 2), a_shape=(1, 1),
+    ...     b_shape=(1, 2), delta_str='ir,ro->io', rank=1)
+    >>> lora = {'dense': {'lora': {'a': jnp.ones((1, 1)),
+    ...                            'b': jnp.array([[1., 2.]])}}}
+    >>> params = unfuse_params({'dense': {'kernel': jnp.ones((1, 2))}},
+    ...                        lora, [spec])
+    >>> params['dense']['kernel'].tolist()
+    [[0.0, -1.0]]
+
+  Args:
+    fused: params returned by `fuse_params` (no adapter branches).
+    lora: the adapter branches that were fused (`split_params(p).lora`).
+    adapters: their specs.
+    return_error: also return the largest absolute round-off of the cast
+      back to the kernels' dtypes.
+
+  Returns:
+    Base params with the adapter branches merged in, or `(params, error)`.
+
+  Raises:
+    TypeError, ValueError: as `fuse_params`; also when `fused` still holds
+      adapter branches or `lora` holds anything else.
+  """
+  specs = check_specs(adapters, 'unfuse_params')
+  base, stray = _params.split_params(fused)
+  if stray:
+    raise ValueError(
+        f'unfuse_params: the fused params hold adapter branches '
+        f'{_leaf_paths(stray)[:3]!r}. Pass the tree fuse_params returned.'
+    )
+  _params.check_mapping(lora, 'lora')
+  check_covered(lora, specs, 'unfuse_params')
+  base, error = _update_kernels(base, lora, specs, -1.0, 'unfuse_params')
+  params = _params.merge_params(_params.like(fused, base), lora)
+  return (params, error) if return_error else params
+
+
+def _leaf_paths(tree: Params) -> list[str]:
+  return [jax.tree_util.keystr(p, simple=True, separator='/')
+          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
