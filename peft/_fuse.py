@@ -175,7 +175,7 @@ def check_covered(lora: Params, specs, name: str) -> None:
   walk(lora, ())
 
 
-def _apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
+def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
   """`kernel + sign * scale * delta` in >= float32, cast to kernel's dtype."""
   dtype = jnp.result_type(kernel, a, b, jnp.float32)
   delta = jnp.einsum(spec.delta_str, jnp.asarray(a, dtype),
@@ -194,7 +194,7 @@ def _update_kernels(base, lora, specs, sign: float, name: str):
     # Read from `out`: several adapters of one kernel add up.
     kernel = _get_kernel(out, spec, name)
     a, b = get_adapter(lora, spec, name)
-    new, err = _apply_delta(kernel, a, b, spec, sign)
+    new, err = apply_delta(kernel, a, b, spec, sign)
     _branch(out, spec, name)[spec.weight_name] = new
     error = jnp.maximum(error, err.astype(jnp.float32))
   return out, error

@@ -96,6 +96,17 @@ def registered_einsum_types() -> tuple[type[nn.Module], ...]:
   return tuple(_REGISTRY)
 
 
+def register_einsum_kind(kind: EinsumLayerKind) -> EinsumLayerKind:
+  """Registers a ready-made `EinsumLayerKind` (e.g. for a wrapper type)."""
+  if not isinstance(kind, EinsumLayerKind):
+    raise TypeError(
+        f'register_einsum_kind expects an EinsumLayerKind; got {kind!r}. '
+        'For a plain layer class use register_einsum_layer.'
+    )
+  _REGISTRY[kind.module_type] = kind
+  return kind
+
+
 def _bound_arguments(module, args, kwargs) -> dict[str, Any]:
   sig = inspect.signature(type(module).__call__)
   bound = sig.bind(module, *args, **kwargs)
@@ -178,10 +189,9 @@ def register_einsum_layer(
     del equation, inputs
     return getattr(module, shape_attr)
 
-  kind = EinsumLayerKind(module_type=module_type, weight_name=weight_name,
-                         read_call=read_call, weight_shape=weight_shape)
-  _REGISTRY[module_type] = kind
-  return kind
+  return register_einsum_kind(EinsumLayerKind(
+      module_type=module_type, weight_name=weight_name, read_call=read_call,
+      weight_shape=weight_shape))
 
 
 def _first_arg(module, args, kwargs):

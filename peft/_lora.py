@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from peft import _layers
 from peft import _lora_adapters
+from peft import _rules
 from peft import _spec
 from peft import _wrapper
 
@@ -33,8 +34,12 @@ _WRAPPED_BY_LORA: contextvars.ContextVar[frozenset[int]] = (
 
 
 def is_being_adapted(module: nn.Module) -> bool:
-  """Whether a LoRA wrapper is calling `module` (so it has an adapter)."""
-  return id(module) in _WRAPPED_BY_LORA.get()
+  """Whether a LoRA wrapper is calling `module` or a wrapper of it.
+
+  Then the layer already has an adapter; nested surgery must not add one.
+  """
+  marked = _WRAPPED_BY_LORA.get()
+  return any(id(m) in marked for m in _rules.wrapped_chain(module))
 
 
 class LoRAWrapper(_wrapper.ScopeSharingWrapper):
@@ -68,7 +73,9 @@ class LoRAWrapper(_wrapper.ScopeSharingWrapper):
   @nn.nowrap
   def _call_wrapped(self, method: str, *args, **kwargs):
     """Calls the wrapped layer; surgery inside must not adapt it again."""
-    token = _WRAPPED_BY_LORA.set(_WRAPPED_BY_LORA.get() | {id(self.wrapped)})
+    chain = _rules.wrapped_chain(self.wrapped)
+    token = _WRAPPED_BY_LORA.set(
+        _WRAPPED_BY_LORA.get() | {id(m) for m in chain})
     try:
       return getattr(self.wrapped, method)(*args, **kwargs)
     finally:

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from flax import linen as nn
+from flax import nnx
 from flax.typing import Dtype
 from flax.typing import Initializer
 import jax.numpy as jnp
@@ -26,9 +27,11 @@ from peft import _layers
 Target = type | str | Callable[[nn.Module], bool]
 
 
-def adaptable_types() -> tuple[type[nn.Module], ...]:
-  """Layer types LoRA can wrap: the einsum registry plus Conv and Embed."""
-  return (*_layers.registered_einsum_types(), nn.Conv, nn.Embed)
+def adaptable_types() -> tuple[type[Any], ...]:
+  """Layer types LoRA can wrap: linen's (the einsum registry, Conv, Embed)
+  and flax.nnx's (for `peft.nnx`)."""
+  return (*_layers.registered_einsum_types(), nn.Conv, nn.Embed,
+          nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
 
 def is_adaptable(module: object) -> bool:
@@ -50,7 +53,7 @@ def describe_target(target: Target) -> str:
   return getattr(target, '__name__', repr(target))
 
 
-def _normalize_targets(value: Any, *, field: str) -> tuple[Any, ...]:
+def normalize_targets(value: Any, *, field: str) -> tuple[Any, ...]:
   """Targets as a tuple, regexes compiled; bad entries raise."""
   if value is None:
     return ()
@@ -85,9 +88,23 @@ def _normalize_targets(value: Any, *, field: str) -> tuple[Any, ...]:
   return tuple(out)
 
 
+def wrapped_chain(module: Any) -> list[Any]:
+  """`module`, then what it wraps, and so on (wrappers expose `.wrapped`)."""
+  chain = []
+  while module is not None and module not in chain:
+    chain.append(module)
+    module = getattr(module, 'wrapped', None)
+  return chain
+
+
 def target_matches(target: Any, module: nn.Module, path: str) -> bool:
+  """Whether `target` selects `module` at `path`.
+
+  A type target also matches a wrapper of that type (e.g. `nn.Dense` selects
+  the int8 wrapper of a Dense), so rules read the same on a quantized model.
+  """
   if isinstance(target, type):
-    return isinstance(module, target)
+    return any(isinstance(m, target) for m in wrapped_chain(module))
   if isinstance(target, re.Pattern):
     return target.fullmatch(path) is not None
   return bool(target(module))
@@ -141,9 +158,9 @@ class LoRARule:
           f'LoRARule alpha must be positive or None; got {self.alpha!r}. '
           'Pass e.g. alpha=16.'
       )
-    object.__setattr__(self, 'targets', _normalize_targets(
+    object.__setattr__(self, 'targets', normalize_targets(
         self.targets, field='targets'))
-    object.__setattr__(self, 'exclude', _normalize_targets(
+    object.__setattr__(self, 'exclude', normalize_targets(
         self.exclude, field='exclude'))
 
   def matching_targets(self, module: nn.Module, path: str) -> tuple[int, ...]:

@@ -1,0 +1,381 @@
+"""Layers that compute with a quantized kernel.
+
+`SimulateQuantized*` keep a float kernel and compute with
+`simulate_quantize(kernel)` (quantization-aware training: the gradient
+passes straight through to the float kernel). `Int*` read the kernel that
+`peft.quantize` stored at the same path as a `QuantizedArray` and compute
+with its dequantized value, so the base stays quantized in memory. Both
+read the layer's call through the einsum-layer registry, so they serve
+`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum` and any registered layer, and
+take per-channel scales over the kernel axes the equation contracts.
+
+Both families join the registry themselves, so LoRA can wrap them (QLoRA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, ClassVar
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft import _layers
+from peft import _quantization as q
+from peft import _wrapper
+
+_BUILTIN = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
+  """Base of the quantized wrappers: runs `einsum(eq, x, f(kernel)) + bias`.
+
+  The kernel and bias stay at the wrapped layer's path. At init they are
+  created as the wrapped layer creates them (same initializers, same rngs).
+  """
+
+  _expects: ClassVar[type[nn.Module]] = nn.Module
+
+  def __post_init__(self):
+    if not isinstance(self.wrapped, self._expects):
+      raise TypeError(
+          f'{type(self).__name__}.wrapped must be a {self._expects.__name__};'
+          f' got {type(self.wrapped).__name__}. Use the *EinsumLike wrapper '
+          'for other registered layers.'
+      )
+    self._method()  # Validates early.
+    super().__post_init__()
+
+  @nn.nowrap
+  def _method(self) -> q.QuantizationMethod | None:
+    raise NotImplementedError
+
+  @nn.nowrap
+  def _kernel(self, stored: Any, call: _layers.LayerCall) -> jax.Array:
+    """The float kernel to compute with, from the stored param."""
+    raise NotImplementedError
+
+  @nn.nowrap
+  def _at(self, name: str) -> str:
+    return f'{self.where}/{name}'
+
+  @nn.nowrap
+  def _axes(self, call: _layers.LayerCall) -> tuple[int, ...] | None:
+    return call.equation.reduction_axes or None
+
+  @nn.compact
+  def __call__(self, *args, **kwargs) -> jax.Array:
+    kind = _layers.einsum_kind_of(self.wrapped)
+    if kind is None:
+      raise TypeError(
+          f'{type(self).__name__} cannot quantize '
+          f'{type(self.wrapped).__name__} at {self.where!r}: it is not a '
+          'registered einsum-like layer. Call peft.register_einsum_layer '
+          'first.'
+      )
+    call = kind.describe(self.wrapped, args, kwargs)
+    for seen in _RECORDERS.get():
+      seen[self._at(call.weight_name)] = self._axes(call)
+    self._ensure_params(call, args, kwargs)
+    kernel = self._kernel(self.get_variable('params', call.weight_name), call)
+    return self._einsum(call, kernel)
+
+  @nn.nowrap
+  def _ensure_params(self, call, args, kwargs) -> None:
+    """At init, creates the float params exactly as the wrapped layer does."""
+    if self.has_variable('params', call.weight_name):
+      return
+    if not self.is_initializing():
+      raise ValueError(
+          f'No param {call.weight_name!r} at {self.where!r} for '
+          f'{type(self).__name__}. Pass the params the model was initialized'
+          ' with (quantized with peft.quantize for Int layers).'
+      )
+    layer = self.wrapped
+    if not isinstance(layer, _BUILTIN):
+      layer(*args, **kwargs)  # A custom layer creates its own params.
+      return
+    init, bias_init = layer.kernel_init, layer.bias_init
+    if isinstance(layer, nn.DenseGeneral):  # flax inits these flattened.
+      init = _as_matrix_init(init, len(np.atleast_1d(layer.features)))
+      bias_init = _flat_init(bias_init)
+    self.param(call.weight_name, init, call.weight_shape, layer.param_dtype)
+    if layer.use_bias:
+      bias_shape, _ = _bias_layout(call, 0)
+      self.param('bias', bias_init, bias_shape, layer.param_dtype)
+
+  @nn.nowrap
+  def _einsum(self, call: _layers.LayerCall, kernel: jax.Array) -> jax.Array:
+    layer = self.wrapped
+    x = call.inputs
+    if isinstance(layer, _BUILTIN):
+      bias = self.get_variable('params', 'bias') if layer.use_bias else None
+      x, kernel, bias = layer.promote_dtype(x, kernel, bias,
+                                            dtype=layer.dtype)
+      precision = layer.precision
+    else:
+      bias, precision = None, None
+      x, kernel = nn.dtypes.promote_dtype(x, kernel)
+    y = jnp.einsum(call.equation.einsum_str, x, kernel, precision=precision)
+    if bias is not None:
+      _, broadcast = _bias_layout(call, y.ndim)
+      y = y + jnp.reshape(bias, broadcast)
+    return y
+
+
+def _bias_layout(call: _layers.LayerCall, out_ndim: int):
+  """The bias shape (output axes that come from the kernel, in output order)
+  and its broadcast shape against an output of rank `out_ndim`."""
+  eq = call.equation
+  dims = dict(zip(eq.weights, call.weight_shape))
+  head, dots, tail = eq.outputs.partition('...')
+  n_dots = max(out_ndim - len(head) - len(tail), 0) if dots else 0
+  letters = list(head) + [''] * n_dots + list(tail)
+  return (tuple(dims[c] for c in letters if c in dims),
+          tuple(dims.get(c, 1) for c in letters))
+
+
+def _as_matrix_init(init, n_out: int):
+  def matrix_init(rng, shape, dtype):
+    flat = (int(np.prod(shape[:-n_out])), int(np.prod(shape[-n_out:])))
+    return jnp.reshape(init(rng, flat, dtype), shape)
+  return matrix_init
+
+
+def _flat_init(init):
+  return lambda rng, shape, dtype: jnp.reshape(
+      init(rng, (int(np.prod(shape)),), dtype), shape)
+
+
+class SimulateQuantizedEinsumLike(QuantizedEinsumLike):
+  """Quantization-aware training for any registered einsum-like layer.
+
+  Computes with `simulate_quantize(kernel, method, axes)`, `axes` being the
+  kernel axes the layer's equation contracts (one scale per output
+  channel); the float kernel stays at its path and gets straight-through
+  gradients. With method NONE the output equals the wrapped layer's.
+
+  Example:
+    >>> layer = SimulateQuantizedEinsumLike(
+    ...     wrapped=nn.Einsum((4, 2, 3), 'btd,dnh->btnh'), method='int8')
+    >>> x = jnp.ones((1, 5, 4))
+    >>> params = layer.init(jax.random.key(0), x)['params']
+    >>> jax.tree.map(jnp.shape, params)
+    {'bias': (2, 3), 'kernel': (4, 2, 3)}
+    >>> layer.apply({'params': params}, x).shape
+    (1, 5, 2, 3)
+
+  Attributes:
+    method: a `QuantizationMethod` or its name.
+  """
+
+  method: q.QuantizationMethod | str = q.QuantizationMethod.NONE
+
+  @nn.nowrap
+  def _method(self) -> q.QuantizationMethod:
+    return q.parse_method(self.method, where=type(self).__name__)
+
+  @nn.nowrap
+  def _kernel(self, stored, call):
+    name = self._at(call.weight_name)
+    if q.is_quantized(stored):
+      raise TypeError(
+          f'{type(self).__name__} at {self.where!r} found a QuantizedArray at'
+          f' {name!r}; simulated quantization trains a float kernel. Use '
+          'peft.quantized (Int layers) for quantized params, or dequantize.'
+      )
+    return q.simulate_quantize(stored, self._method(), self._axes(call),
+                               where=name)
+
+
+class SimulateQuantizedDense(SimulateQuantizedEinsumLike):
+  """Quantization-aware `nn.Dense` (see `SimulateQuantizedEinsumLike`).
+
+  Example:
+    >>> dense = SimulateQuantizedDense(wrapped=nn.Dense(3), method='int4')
+    >>> params = dense.init(jax.random.key(0), jnp.ones((1, 2)))['params']
+    >>> jax.tree.map(jnp.shape, params)
+    {'bias': (3,), 'kernel': (2, 3)}
+  """
+
+  _expects = nn.Dense
+
+
+class SimulateQuantizedEinsum(SimulateQuantizedEinsumLike):
+  """Quantization-aware `nn.Einsum` (see `SimulateQuantizedEinsumLike`)."""
+
+  _expects = nn.Einsum
+
+
+class SimulateQuantizedDenseGeneral(SimulateQuantizedEinsumLike):
+  """Quantization-aware `nn.DenseGeneral`."""
+
+  _expects = nn.DenseGeneral
+
+
+_INT_DTYPES = {np.dtype(jnp.int4): q.QuantizationMethod.INT4,
+               np.dtype(jnp.int8): q.QuantizationMethod.INT8}
+
+
+class IntEinsumLike(QuantizedEinsumLike):
+  """Computes with the `QuantizedArray` stored at the kernel's path.
+
+  Params come from `peft.quantize(float_params, method=...)`; the kernel is
+  dequantized inside the forward only, so it stays quantized in memory. At
+  init the layer stores a freshly quantized kernel.
+
+  Example:
+    >>> dense = nn.Dense(64)
+    >>> x = jnp.ones((1, 16))
+    >>> params = dense.init(jax.random.key(0), x)['params']
+    >>> qkernel = q.quantize_array(params['kernel'], 'nf4')
+    >>> qparams = {**params, 'kernel': qkernel}
+    >>> qparams['kernel']
+    QuantizedArray(method=NF4, shape=(16, 64), dtype=float32, \
+values=uint8[16, 32], scales=float32[16, 1])
+    >>> y = IntDense(wrapped=dense).apply({'params': qparams}, x)
+    >>> want = x @ q.dequantize(qparams['kernel']) + params['bias'][None]
+    >>> bool(jnp.allclose(y, want, rtol=1e-6))
+    True
+
+  Attributes:
+    method: the expected method; `None` accepts the stored one (and uses
+      `dtype`'s, else INT4, at init).
+    dtype: `jnp.int4` or `jnp.int8`, as in gemma.peft: the method when
+      `method` is None.
+  """
+
+  method: q.QuantizationMethod | str | None = None
+  dtype: Any = None
+
+  @nn.nowrap
+  def _method(self) -> q.QuantizationMethod | None:
+    where = type(self).__name__
+    if self.method is not None:
+      return q.parse_method(self.method, where=where)
+    if self.dtype is None:
+      return None
+    try:
+      return _INT_DTYPES[np.dtype(self.dtype)]
+    except (KeyError, TypeError):
+      raise ValueError(
+          f'{where} dtype must be jnp.int4 or jnp.int8; got {self.dtype!r}. '
+          'Pass method=... for other quantization methods.'
+      ) from None
+
+  @nn.nowrap
+  def _ensure_params(self, call, args, kwargs) -> None:
+    super()._ensure_params(call, args, kwargs)
+    stored = self.get_variable('params', call.weight_name)
+    if self.is_initializing() and not q.is_quantized(stored):
+      method = self._method() or q.QuantizationMethod.INT4
+      self.put_variable('params', call.weight_name, q.quantize_array(
+          stored, method, self._axes(call), where=self._at(call.weight_name)))
+
+  @nn.nowrap
+  def _kernel(self, stored, call):
+    name = self._at(call.weight_name)
+    if not q.is_quantized(stored):
+      raise TypeError(
+          f'{type(self).__name__} expects a QuantizedArray at {name!r}; got '
+          f'{getattr(stored, "dtype", type(stored).__name__)}'
+          f'{list(np.shape(stored))}. Quantize the params first: '
+          'peft.quantize(params, method=...).'
+      )
+    method = self._method()
+    if method is not None and stored.method is not method:
+      raise ValueError(
+          f'{type(self).__name__} at {self.where!r} expects {method.name} '
+          f'but {name!r} was quantized with {stored.method.name}. Pass '
+          f'method={stored.method.name!r}, or re-quantize the params.'
+      )
+    if stored.shape != call.weight_shape:
+      raise ValueError(
+          f'The QuantizedArray at {name!r} has shape {stored.shape} but the '
+          f'layer needs {call.weight_shape}. The params belong to another '
+          'model.'
+      )
+    return stored.dequantize()
+
+
+class IntDense(IntEinsumLike):
+  """`nn.Dense` over a quantized kernel (see `IntEinsumLike`)."""
+
+  _expects = nn.Dense
+
+
+class IntEinsum(IntEinsumLike):
+  """`nn.Einsum` over a quantized kernel (see `IntEinsumLike`)."""
+
+  _expects = nn.Einsum
+
+
+class IntDenseGeneral(IntEinsumLike):
+  """`nn.DenseGeneral` over a quantized kernel (see `IntEinsumLike`)."""
+
+  _expects = nn.DenseGeneral
+
+
+_SIMULATED = {nn.Dense: SimulateQuantizedDense,
+              nn.Einsum: SimulateQuantizedEinsum,
+              nn.DenseGeneral: SimulateQuantizedDenseGeneral}
+_INT = {nn.Dense: IntDense, nn.Einsum: IntEinsum,
+        nn.DenseGeneral: IntDenseGeneral}
+
+
+def wrapper_for(module: nn.Module, *, simulate: bool, method,
+                **kwargs) -> QuantizedEinsumLike:
+  """The quantized wrapper of `module` (the typed one for built-ins)."""
+  table = _SIMULATED if simulate else _INT
+  generic = SimulateQuantizedEinsumLike if simulate else IntEinsumLike
+  return table.get(type(module), generic)(wrapped=module, method=method,
+                                          **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _WrapperKind(_layers.EinsumLayerKind):
+  """Describes a quantized wrapper's call as its wrapped layer's call."""
+
+  def describe(self, module, args, kwargs) -> _layers.LayerCall:
+    inner = _layers.einsum_kind_of(module.wrapped)
+    if inner is None:
+      raise TypeError(
+          f'{type(module.wrapped).__name__} is not a registered einsum-like '
+          'layer. Call peft.register_einsum_layer first.'
+      )
+    return inner.describe(module.wrapped, args, kwargs)
+
+
+def _register_wrapper_kind() -> None:
+  """Registers the wrappers as einsum-like, so LoRA can wrap them."""
+  def unused(*args):
+    raise NotImplementedError('describe() delegates to the wrapped layer.')
+  kind = _WrapperKind(module_type=QuantizedEinsumLike,
+                      weight_name=lambda m: unused(), read_call=unused,
+                      weight_shape=unused)
+  _layers.register_einsum_kind(kind)
+
+
+_register_wrapper_kind()
+
+
+# Open recorders in this thread/task: kernel path -> reduced axes.
+_RECORDERS: contextvars.ContextVar[tuple[dict[str, Any], ...]] = (
+    contextvars.ContextVar('peft_quantized_kernels', default=()))
+
+
+@contextlib.contextmanager
+def recording_kernels() -> Iterator[dict[str, tuple[int, ...] | None]]:
+  """Collects `{kernel path: reduced axes}` of the wrappers run inside."""
+  seen: dict[str, tuple[int, ...] | None] = {}
+  token = _RECORDERS.set(_RECORDERS.get() + (seen,))
+  try:
+    yield seen
+  finally:
+    _RECORDERS.reset(token)
+

