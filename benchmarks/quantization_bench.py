@@ -19,6 +19,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+import peft
 from peft import _qlora as qlora
 from peft import _quantization as q
 
@@ -79,7 +80,7 @@ def main() -> None:
   model = Model(dim=args.dim, layers=args.layers)
   x = jax.random.normal(jax.random.key(1), (args.batch, args.seq, args.dim))
   params = jax.jit(model.init)(jax.random.key(0), x)['params']
-  axes = qlora.quantization_axes(model, x)
+  axes = peft.quantization_axes(model, x)
   float_fwd = _forward(model, None)
   float_bytes = qlora.param_bytes(params)
   reference = float_fwd(params, x)
@@ -97,8 +98,8 @@ def main() -> None:
     except ValueError as e:  # A kernel this method cannot split in blocks.
       print(f'{method.name:>15}  n/a: {str(e).split(". ")[0]}')
       continue
-    int_fwd = _forward(model, lambda m=method: qlora.quantized(m))
-    sim_fwd = _forward(model, lambda m=method: qlora.simulate_quantization(m))
+    int_fwd = _forward(model, lambda m=method: peft.quantized(m))
+    sim_fwd = _forward(model, lambda m=method: peft.simulate_quantization(m))
     runs = {'float': (float_fwd, params), 'int': (int_fwd, qparams),
             'sim': (sim_fwd, params)}
     for fn, p in runs.values():  # Compile outside the timed loop.

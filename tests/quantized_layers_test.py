@@ -189,22 +189,22 @@ def test_simulated_gradient_is_straight_through():
 def test_single_int8_layer_is_well_under_one_percent():
   params = filled(shapes_of(OneDense(), X))
   want = OneDense().apply({'params': params}, X)
-  got = run(qlora.quantized('int8'), OneDense(),
+  got = run(peft.quantized('int8'), OneDense(),
             qlora.quantize(params, method='int8'))
   assert rel_err(got, want) < 0.008
 
 
 def test_quantization_axes_come_from_the_equations():
-  assert qlora.quantization_axes(Net(), X) == NET_AXES
+  assert peft.quantization_axes(Net(), X) == NET_AXES
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _net_outputs(params, method):
   """Real, simulated and float outputs of Net, in one compile per method."""
   qparams = qlora.quantize(params, method=method, axes=NET_AXES)
-  with qlora.quantized(method):
+  with peft.quantized(method):
     real = Net().apply({'params': qparams}, X)
-  with qlora.simulate_quantization(method):
+  with peft.simulate_quantization(method):
     sim = Net().apply({'params': params}, X)
   return real, sim, Net().apply({'params': params}, X)
 
@@ -219,7 +219,7 @@ def test_model_real_equals_simulated_within_bound_of_float(method):
 def test_int_init_stores_the_quantized_float_init():
   @jax.jit
   def inits():
-    with qlora.quantized('nf4') as kernels:
+    with peft.quantized('nf4') as kernels:
       init = Mlp().init(jax.random.key(0), X)['params']
     assert kernels == {'up/kernel': (0,), 'down/kernel': (0,)}
     return init, Mlp().init(jax.random.key(0), X)['params']
@@ -234,7 +234,7 @@ def test_custom_layers_in_a_shared_scope():
   x = fixtures.features()
   model = fixtures.CustomModel()
   params = filled(shapes_of(model, x))
-  with qlora.simulate_quantization('int8') as kernels:
+  with peft.simulate_quantization('int8') as kernels:
     jax.eval_shape(model.apply, {'params': params}, x)
   assert kernels == {'proj/w': (0,), 'mlp/gating_einsum': (1,),
                      'mlp/linear': (0,)}
@@ -242,9 +242,9 @@ def test_custom_layers_in_a_shared_scope():
   @jax.jit
   def outputs(params):
     qparams = qlora.quantize(params, method='int8', axes=kernels)
-    with qlora.simulate_quantization('int8'):
+    with peft.simulate_quantization('int8'):
       sim = model.apply({'params': params}, x)
-    with qlora.quantized():
+    with peft.quantized():
       real = model.apply({'params': qparams}, x)
     return qparams, sim, real, model.apply({'params': params}, x)
 
@@ -261,7 +261,7 @@ def test_custom_layers_in_a_shared_scope():
     (None, (nn.Dense, 'proj'), {'heads/kernel', 'merge/kernel'}),
 ])
 def test_targets_and_exclude_select_layers(targets, exclude, quantized):
-  surgery = qlora.simulate_quantization('int4', targets=targets,
+  surgery = peft.simulate_quantization('int4', targets=targets,
                                         exclude=exclude)
   with surgery as kernels:
     jax.eval_shape(lambda: Net().init(jax.random.key(0), X))
@@ -271,14 +271,14 @@ def test_targets_and_exclude_select_layers(targets, exclude, quantized):
 def test_surgery_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"(?s)target 'atn' matched no "
                      r'layer.*up \(Dense\)'):
-    with qlora.quantized(targets='atn'):
+    with peft.quantized(targets='atn'):
       jax.eval_shape(lambda: Net().init(jax.random.key(0), X))
   with pytest.raises(TypeError, match='names Conv, which is not an '
                      'einsum-like layer'):
-    qlora.quantized(targets=nn.Conv)
+    peft.quantized(targets=nn.Conv)
   with pytest.raises(ValueError, match="method 'int3' at "
                      "'QuantizationSurgery'. Pass one of"):
-    qlora.simulate_quantization('int3')
+    peft.simulate_quantization('int3')
 
 
 def test_int_layer_errors():
@@ -286,19 +286,19 @@ def test_int_layer_errors():
   params = filled(shapes_of(OneDense(), X))['dense']
   with pytest.raises(TypeError, match=r"expects a QuantizedArray at "
                      r"'dense/kernel'; got float32\[32, 64\]\. Quantize"):
-    run(qlora.quantized(), OneDense(), {'dense': params})
+    run(peft.quantized(), OneDense(), {'dense': params})
   qparams = {'dense': qlora.quantize(params, method='int8')}
   with pytest.raises(ValueError, match="expects INT4 but 'dense/kernel' was "
                      "quantized with INT8. Pass method='INT8'"):
-    run(qlora.quantized('int4'), OneDense(), qparams)
+    run(peft.quantized('int4'), OneDense(), qparams)
   with pytest.raises(ValueError, match=r"'dense/kernel' has shape \(32, 64\)"
                      r' but the layer needs \(16, 64\)'):
-    run(qlora.quantized(), OneDense(), qparams, X[:, :16])
+    run(peft.quantized(), OneDense(), qparams, X[:, :16])
   with pytest.raises(ValueError, match="No param 'kernel' at 'dense'"):
-    run(qlora.quantized(), OneDense(), {'dense': {'bias': params['bias']}})
+    run(peft.quantized(), OneDense(), {'dense': {'bias': params['bias']}})
   with pytest.raises(TypeError, match="found a QuantizedArray at "
                      "'dense/kernel'; simulated quantization trains a float"):
-    run(qlora.simulate_quantization('int8'), OneDense(), qparams)
+    run(peft.simulate_quantization('int8'), OneDense(), qparams)
   with pytest.raises(ValueError, match=r'IntDense dtype must be jnp.int4 or '
                      r'jnp.int8; got .*float32'):
     ql.IntDense(wrapped=layer, dtype=jnp.float32)
@@ -387,7 +387,7 @@ class Mlp(nn.Module):
 def _qlora_setup(method):
   """QLoRA on Mlp: the quantized base and float adapters at init."""
   model = Mlp()
-  shapes, report = shapes_and_report(model, X, outer=qlora.quantized(method))
+  shapes, report = shapes_and_report(model, X, outer=peft.quantized(method))
   assert all(q.is_quantized(shapes[k]['kernel']) for k in ('up', 'down'))
   _, lora = _params.split_params(filled(shapes, seed=2))
   base = qlora.quantize(filled(shapes_of(model, X)), method=method)
@@ -397,7 +397,7 @@ def _qlora_setup(method):
 def _qlora_apply(model, method, rank=4):
   @jax.jit
   def apply(base, lora, x):
-    with qlora.quantized(method), peft.lora(rank=rank):
+    with peft.quantized(method), peft.lora(rank=rank):
       return model.apply({'params': _params.merge_params(base, lora)}, x)
   return apply
 
@@ -410,7 +410,7 @@ def test_qlora_starts_at_the_quantized_base_and_adds_x_a_b():
                                                               'down')}
   apply = _qlora_apply(model, 'nf4')
   helpers.assert_trees_close(apply(base, lora, X),
-                             run(qlora.quantized('nf4'), model, base))
+                             run(peft.quantized('nf4'), model, base))
   # Non-zero adapters: each layer is base(x) + x @ A @ B, checked by hand.
   lora = filled(lora, seed=3, adapter_scale=0.3)
   h = X
@@ -448,14 +448,14 @@ def test_qlora_fine_tunes_only_the_adapters(method):
 
 def test_qat_plus_lora_quantizes_only_the_base():
   dense = OneDense()
-  with qlora.simulate_quantization('int4'), peft.lora(rank=2) as report:
+  with peft.simulate_quantization('int4'), peft.lora(rank=2) as report:
     init = jax.eval_shape(dense.init, jax.random.key(0), X)['params']
   assert [s.key for s in report.specs] == ['dense/lora']
   params = filled(init, adapter_scale=0.3)
 
   @jax.jit
   def apply(params):
-    with qlora.simulate_quantization('int4'), peft.lora(rank=2):
+    with peft.simulate_quantization('int4'), peft.lora(rank=2):
       return dense.apply({'params': params}, X)
 
   p = params['dense']
@@ -465,7 +465,7 @@ def test_qat_plus_lora_quantizes_only_the_base():
   # The QAT base fuses with the plain fuse_params (kernels are float).
   fused = _fuse.fuse_params(params, report.specs)
   helpers.assert_trees_close(
-      run(qlora.simulate_quantization('int4'), dense, fused),
+      run(peft.simulate_quantization('int4'), dense, fused),
       X @ q.simulate_quantize(p['kernel'] + p['lora']['a'] @ p['lora']['b'],
                               'int4') + p['bias'][None], rtol=1e-5,
       atol=1e-5)
@@ -489,7 +489,7 @@ def test_fuse_into_quantized_base(method, bound):
       jnp.linalg.norm(kernel.dequantize() - exact) / jnp.linalg.norm(exact),
       rtol=1e-5)
   assert max(float(e) for e in errors.values()) < bound
-  served = run(qlora.quantized(method), model, fused)
+  served = run(peft.quantized(method), model, fused)
   assert rel_err(served, adapted) < 3 * bound
 
 
@@ -539,10 +539,10 @@ def test_lora_and_quantization_compose_in_either_order():
   """Either nesting gives LoRA over the quantized base, custom layers too."""
   net = Net(custom=True)
   orders = {
-      'quant_outside': lambda: (qlora.simulate_quantization('int8'),
+      'quant_outside': lambda: (peft.simulate_quantization('int8'),
                                 peft.lora(rank=2)),
       'lora_outside': lambda: (peft.lora(rank=2),
-                               qlora.simulate_quantization('int8')),
+                               peft.simulate_quantization('int8')),
   }
   outputs, shapes = {}, {}
   for name, contexts in orders.items():
