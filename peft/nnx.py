@@ -30,6 +30,11 @@ Example:
   'Linear'
 """
 
+from peft._nnx_fuse import FusedAdapters
+from peft._nnx_fuse import fuse
+from peft._nnx_fuse import load_adapters
+from peft._nnx_fuse import save_adapters
+from peft._nnx_fuse import unfuse
 from peft._nnx_layers import LoRA
 from peft._nnx_layers import LoRAAdapter
 from peft._nnx_layers import LoRAConv
@@ -40,14 +45,9 @@ from peft._nnx_layers import LoRALinearGeneral
 from peft._nnx_layers import LoRAParam
 from peft._nnx_layers import is_lora_layer
 from peft._nnx_layers import lora_class_for
-from peft._nnx_surgery import FusedAdapters
 from peft._nnx_surgery import LoRARule
 from peft._nnx_surgery import adapter_specs
 from peft._nnx_surgery import apply_lora
-from peft._nnx_surgery import fuse
-from peft._nnx_surgery import load_adapters
-from peft._nnx_surgery import save_adapters
-from peft._nnx_surgery import unfuse
 
 __all__ = [
     'FusedAdapters',

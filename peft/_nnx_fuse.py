@@ -1,0 +1,285 @@
+"""Fuse, unfuse, save and load the LoRA adapters of a flax.nnx model.
+
+`fuse` folds each adapter into its kernel (float32 math, cast back) and puts
+the plain layer back; `unfuse` undoes it. Adapter files use the linen format
+(`_checkpoint`), so the same validation applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import functools
+import os
+from typing import Any, NamedTuple
+
+from flax import nnx
+import jax
+
+from peft import _checkpoint
+from peft import _fuse
+from peft import _nnx_layers
+from peft import _nnx_surgery as surgery
+from peft import _spec
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _jit_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
+  return _fuse.apply_delta(kernel, a, b, spec, sign)[0]
+
+
+def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
+  """`kernel + sign * scale * delta` (float32 math, kernel's dtype)."""
+  # The path does not enter the math; dropping it shares compilations.
+  return _jit_delta(kernel, a, b, dataclasses.replace(spec, path=()), sign)
+
+
+# ------------------------------------------------------------ fuse/unfuse
+
+
+class FusedAdapters(NamedTuple):
+  """What `fuse` took out of the model, for `unfuse`.
+
+  Attributes:
+    specs: the `AdapterSpec` of every fused adapter.
+    adapters: `{path...: {'lora': {'a': A, 'b': B}}}`, the layout of linen
+      adapter trees and of `load_adapters(...).lora`.
+  """
+
+  specs: tuple[_spec.AdapterSpec, ...]
+  adapters: dict[str, Any]
+
+
+def _put(tree: dict[str, Any], spec: _spec.AdapterSpec, a, b) -> None:
+  node = tree
+  for key in (*spec.path, spec.adapter_name):
+    node = node.setdefault(key, {})
+  node.update(a=a, b=b)
+
+
+def _adapter_tree(layers) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, layer in layers:
+    _put(tree, layer.adapter_spec(path), layer.lora.a[...], layer.lora.b[...])
+  return tree
+
+
+def fuse(model: nnx.Module) -> FusedAdapters:
+  """Folds every LoRA layer into a plain layer, in place.
+
+  Each LoRA layer is replaced by its plain nnx layer whose kernel is
+  `W + scale * einsum(delta_str, A, B)`, computed in float32 (or wider) and
+  cast back to the kernel's dtype; the model then computes what the
+  adapted model computed, with no LoRA overhead, and its graph is that of
+  the unmodified model.
+
+  Example:
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> fused = fuse(model)
+    >>> type(model.layers[0]).__name__, [s.key for s in fused.specs]
+    ('Linear', ['layers/0/lora'])
+
+  Returns:
+    The specs and adapter arrays taken out (for `unfuse`).
+
+  Raises:
+    ValueError: the model has no LoRA layer.
+  """
+  surgery.check_model(model, 'fuse')
+  layers = surgery.lora_layers(model)
+  if not layers:
+    raise ValueError(
+        f'fuse found no LoRA layer in {type(model).__name__}. Call '
+        'apply_lora (or load_adapters) first.'
+    )
+  fused = FusedAdapters(tuple(m.adapter_spec(p) for p, m in layers),
+                        _adapter_tree(layers))
+  refs = surgery.references(model)
+  for (_, layer), spec in zip(layers, fused.specs):
+    kernel = layer._kernel()
+    value = _with_delta(kernel[...], layer.lora.a[...], layer.lora.b[...],
+                        spec, 1.0)
+    plain = _nnx_layers.retype(layer, layer.base_type)
+    del plain.lora
+    setattr(plain, layer.weight_name, kernel.replace(value))
+    surgery.replace_references(refs, layer, plain)
+  return fused
+
+
+def _attach(model, specs, adapters, *, subtract: bool, name: str,
+            **options) -> None:
+  """Builds LoRA layers from `specs` and adapter arrays, in place."""
+  specs = _fuse.check_specs(specs, name)
+  surgery.check_model(model, name)
+  by_path = dict(surgery.all_modules(model))
+  refs = surgery.references(model)
+  new_layers = []
+  for spec in specs:
+    module = by_path.get(spec.path)
+    cls = _nnx_layers.lora_class_for(module)
+    if cls is None or cls.base_type.__name__ != spec.layer_type:
+      raise ValueError(
+          f'{name}: adapter {spec.key!r} is for an nnx.{spec.layer_type} at '
+          f'{surgery.path_str(spec.path)!r}, but the model holds '
+          f'{"no module" if module is None else type(module).__name__} '
+          'there. Use the model the adapters were made for (fused, or '
+          'without LoRA).'
+      )
+    a, b = _fuse.get_adapter(adapters, spec, name)
+    surgery.check_replaceable(refs, module, surgery.path_str(spec.path))
+    layer = cls._adapt(
+        module, where=surgery.path_str(spec.path), rank=spec.rank,
+        alpha=spec.alpha,
+        use_rslora=spec.use_rslora, dtype=None, param_dtype=a.dtype,
+        a_init=lambda *_, v=a: v, b_init=lambda *_, v=b: v,
+        einsum_str=spec.einsum_str if cls is _nnx_layers.LoRAEinsum else None,
+        **options)
+    got = layer.adapter_spec(spec.path)
+    if got != spec:
+      raise ValueError(
+          f'{name}: adapter {spec.key!r} does not fit the layer at '
+          f'{surgery.path_str(spec.path)!r}: the layer needs {got} but the '
+          f'adapter is {spec}. Use the model the adapters were made for.'
+      )
+    if subtract:
+      kernel = layer._kernel()
+      value = _with_delta(kernel[...], a, b, spec, -1.0)
+      setattr(layer, layer.weight_name, kernel.replace(value))
+    new_layers.append((module, layer))
+  for module, layer in new_layers:
+    surgery.replace_references(refs, module, layer)
+
+
+def unfuse(model: nnx.Module, specs: Sequence[_spec.AdapterSpec],
+           adapters: Mapping[str, Any], *, dropout: float = 0.0,
+           deterministic: bool = False,
+           rngs: nnx.Rngs | None = None) -> None:
+  """Inverse of `fuse`: subtracts the deltas and puts the LoRA layers back.
+
+  Example:
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> fused = fuse(model)
+    >>> unfuse(model, *fused)
+    >>> type(model.layers[0]).__name__
+    'LoRALinear'
+
+  Args:
+    model: the fused model (plain layers at the specs' paths).
+    specs: `fuse(model).specs`.
+    adapters: `fuse(model).adapters`.
+    dropout: adapter dropout rate of the restored layers.
+    deterministic: their initial dropout mode.
+    rngs: rng streams for dropout (needed only when `dropout > 0`).
+
+  Raises:
+    TypeError: `specs` is not a sequence of AdapterSpec.
+    ValueError: a spec does not fit the layer at its path, or an adapter is
+      missing or misshaped.
+  """
+  _attach(model, specs, adapters, subtract=True, name='unfuse',
+          dropout=dropout, deterministic=deterministic, rngs=rngs)
+
+
+# --------------------------------------------------------------- checkpoints
+
+
+def save_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
+                  metadata: Mapping[str, Any] | None = None
+                  ) -> tuple[_spec.AdapterSpec, ...]:
+  """Saves only the adapters of `model`, in peft's adapter file format.
+
+  The file is the one linen models write (`peft._checkpoint`): A and B as
+  safetensors keyed `'<path>/lora/a'`, the specs and `metadata` in the
+  header. Written atomically.
+
+  Example:
+    >>> import os, tempfile
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> file = os.path.join(tempfile.mkdtemp(), 'a.safetensors')
+    >>> [s.key for s in save_adapters(file, model)]
+    ['layers/0/lora']
+
+  Returns:
+    The specs written.
+
+  Raises:
+    ValueError: the model has no LoRA layer; see also
+      `peft._checkpoint.save_adapters`.
+  """
+  surgery.check_model(model, 'save_adapters')
+  layers = surgery.lora_layers(model)
+  if not layers:
+    raise ValueError(
+        f'save_adapters found no LoRA layer in {type(model).__name__}. Call '
+        'apply_lora first.'
+    )
+  specs = tuple(m.adapter_spec(p) for p, m in layers)
+  _checkpoint.save_adapters(path, _adapter_tree(layers), specs,
+                            metadata=metadata)
+  return specs
+
+
+def load_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
+                  dropout: float = 0.0, deterministic: bool = False,
+                  rngs: nnx.Rngs | None = None
+                  ) -> _checkpoint.LoadedAdapters:
+  """Loads adapters saved by `save_adapters` (linen or nnx) into `model`.
+
+  If `model` has LoRA layers, the file must hold exactly their adapters
+  (same paths, ranks, shapes, dtypes) and their A and B are overwritten. If
+  it has none, LoRA layers are built from the file's specs (an unmodified
+  base model becomes the adapted one). Nothing changes on error.
+
+  Example:
+    >>> import os, tempfile
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> file = os.path.join(tempfile.mkdtemp(), 'a.safetensors')
+    >>> _ = save_adapters(file, model)
+    >>> base = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = load_adapters(file, base)
+    >>> type(base.layers[0]).__name__
+    'LoRALinear'
+
+  Args:
+    path: the adapter file.
+    model: the model to load into.
+    dropout: dropout rate of layers built from the file.
+    deterministic: their initial dropout mode.
+    rngs: rng streams for dropout (needed only when `dropout > 0`).
+
+  Returns:
+    The `LoadedAdapters(lora, specs, metadata)` read from the file.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: the file is corrupt, or its adapters do not fit the model.
+  """
+  surgery.check_model(model, 'load_adapters')
+  layers = surgery.lora_layers(model)
+  expected = tuple(m.adapter_spec(p) for p, m in layers)
+  loaded = _checkpoint.load_adapters(path, expected=expected or None)
+  if not layers:
+    _attach(model, loaded.specs, loaded.lora, subtract=False,
+            name='load_adapters', dropout=dropout,
+            deterministic=deterministic, rngs=rngs)
+    return loaded
+  values = []
+  for (p, layer), spec in zip(layers, expected):
+    a, b = _fuse.get_adapter(loaded.lora, spec, 'load_adapters')
+    for var, new in ((layer.lora.a, a), (layer.lora.b, b)):
+      if new.dtype != var.dtype:
+        raise ValueError(
+            f'load_adapters: {spec.key!r} in {os.fspath(path)!r} is '
+            f'{new.dtype} but the model holds {var.dtype} at '
+            f'{surgery.path_str(p)!r}. Apply LoRA with '
+            f'param_dtype={new.dtype} (or '
+            'save the adapters in the model\'s dtype).'
+        )
+      values.append((var, new))
+  for var, new in values:
+    var[...] = new
+  return loaded
