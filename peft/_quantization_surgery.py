@@ -111,7 +111,7 @@ class QuantizationSurgery(_interceptors.ModuleInterceptor):
     # Bound straight to the layer's scope (shared; works in setup-style
     # parents, where new submodules may not be created).
     return _ql.wrapper_for(module, simulate=self.simulate, method=self.method,
-                           parent=module.scope)
+                           parent=module.scope, name=module.name)
 
 
 def simulate_quantization(method: q.QuantizationMethod | str, *,

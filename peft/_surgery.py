@@ -77,7 +77,7 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
         # Bind the wrapper directly to the layer's scope: this shares it
         # (params stay at the layer's path) and works even when the caller
         # is a setup-style module, where new submodules may not be created.
-        return wrapper(wrapped=module, parent=module.scope,
+        return wrapper(wrapped=module, parent=module.scope, name=module.name,
                        **rule.wrapper_options())
     return module
 

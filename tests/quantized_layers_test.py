@@ -558,3 +558,17 @@ def test_lora_and_quantization_compose_in_either_order():
   assert 'lora_w' in shapes['lora_outside']['proj']
   helpers.assert_trees_close(outputs['quant_outside'],
                              outputs['lora_outside'], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('simulate', [True, False])
+def test_qlora_on_custom_layers_sharing_one_scope(simulate):
+  """Two wrapped custom einsums in one scope keep distinct names."""
+  surgery = (peft.simulate_quantization('int8') if simulate
+             else peft.quantized())
+  with surgery, peft.lora(rank=2, targets='.*mlp') as report:
+    shapes = jax.eval_shape(fixtures.CustomModel().init, jax.random.key(0),
+                            fixtures.features())['params']
+  assert sorted(shapes['mlp']) == ['gating_einsum', 'linear',
+                                   'lora_gating_einsum', 'lora_linear']
+  assert sorted(s.key for s in report.specs) == [
+      'mlp/lora_gating_einsum', 'mlp/lora_linear']
