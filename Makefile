@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,14 +16,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check peft tests
+	$(VENV)/bin/ruff check peft tests examples
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
 
+# Fine-tune SmolLM2-135M-Instruct on Shakespeare (LoRA), compare held-out
+# perplexity and samples before/after, merge, check; outputs in out/demo.
 demo: $(STAMP)
-	$(PY) -m peft quickstart
+	$(PY) -m peft demo --workdir out/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check peft tests benchmarks
+	$(VENV)/bin/ruff check peft tests benchmarks examples
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info docs/_build

