@@ -1,0 +1,213 @@
+"""The functions the benchmarks time: forwards and training steps.
+
+`run.py` (speed, compile time) and `memory.py` (peak memory) build their
+steps here, so both measure the same code. Every builder returns a fresh
+Python function on each call, so tracing and compiling it again is never a
+cache hit.
+
+Two LoRA training steps are built:
+
+* `lora_step`: gradients of the adapters only (the base params are a
+  separate, non-differentiated argument), Adam via
+  `peft.train_only_adapters` on the adapter tree; the base is never copied.
+* `lora_tree_step`: the README's pattern, gradients of the whole merged
+  tree and `peft.train_only_adapters` zeroing the frozen part; simpler to
+  write, but each step still writes a new copy of the base params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import model as model_lib
+import peft
+
+# The projections every LoRA variant adapts (all of the model's einsums).
+TARGETS = r'.*/(q|kv|o|gating|linear)'
+LEARNING_RATE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASetup:
+  """Adapters for one rank: the surgery, its specs and random A/B values.
+
+  Attributes:
+    surgery: the `peft.lora(...)` context manager.
+    specs: the `AdapterSpec`s it recorded (for fuse).
+    adapters: the adapter branches only (`split_params(...).lora`), with
+      random non-zero B so no variant runs on zeros.
+  """
+
+  surgery: Any
+  specs: tuple[peft.AdapterSpec, ...]
+  adapters: Any
+
+
+def init_base(decoder: model_lib.Decoder, tokens: jax.Array) -> Any:
+  """Random base params from numpy's RNG (no XLA compile).
+
+  They stand in for a pretrained checkpoint; speed does not depend on the
+  values.
+  """
+  shapes = jax.eval_shape(decoder.init, jax.random.key(0), tokens)['params']
+  return model_lib.random_like(shapes, seed=0, scale=1.0)
+
+
+def init_lora(decoder: model_lib.Decoder, tokens: jax.Array, *, rank: int,
+              context: Callable[[], Any] | None = None,
+              seed: int = 1) -> LoRASetup:
+  """Records the adapters of `rank` and fills them from numpy's RNG.
+
+  Args:
+    decoder: the model.
+    tokens: a batch (only its shape is used).
+    rank: LoRA rank.
+    context: an extra context manager factory entered outside the LoRA
+      surgery (e.g. `peft.quantized` for QLoRA).
+    seed: numpy seed of the adapter values.
+
+  Returns:
+    The setup.
+  """
+  surgery = peft.lora(rank, targets=TARGETS)
+  init = lambda: decoder.init(jax.random.key(seed), tokens)['params']
+  if context is None:
+    with surgery as report:
+      shapes = jax.eval_shape(init)
+  else:
+    with context(), surgery as report:
+      shapes = jax.eval_shape(init)
+  adapters = model_lib.random_like(peft.split_params(shapes).lora,
+                                   seed=seed, scale=0.1)
+  return LoRASetup(surgery=surgery, specs=report.specs, adapters=adapters)
+
+
+def adapter_optimizer() -> optax.GradientTransformation:
+  return peft.train_only_adapters(optax.adam(LEARNING_RATE))
+
+
+def make_forward(decoder: model_lib.Decoder) -> Callable[..., jax.Array]:
+  """`forward(params, tokens) -> logits` of the plain model."""
+  def forward(params, tokens):
+    return decoder.apply({'params': params}, tokens)
+  return forward
+
+
+def make_lora_forward(decoder, surgery,
+                      context: Callable[[], Any] | None = None):
+  """`forward(base, adapters, tokens) -> logits` under LoRA surgery."""
+  def forward(base, adapters, tokens):
+    params = peft.merge_params(base, adapters)
+    if context is None:
+      with surgery:
+        return decoder.apply({'params': params}, tokens)
+    with context(), surgery:
+      return decoder.apply({'params': params}, tokens)
+  return forward
+
+
+def make_lora_step(decoder, surgery, tx,
+                   context: Callable[[], Any] | None = None):
+  """`step(adapters, opt_state, base, tokens)`: grads of adapters only.
+
+  Donate `adapters` and `opt_state` (argnums 0 and 1).
+  """
+  forward = make_lora_forward(decoder, surgery, context)
+
+  def step(adapters, opt_state, base, tokens):
+    def loss_fn(adapters):
+      return model_lib.next_token_loss(forward(base, adapters, tokens), tokens)
+    loss, grads = jax.value_and_grad(loss_fn)(adapters)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+  return step
+
+
+def make_lora_tree_step(decoder, surgery, tx):
+  """`step(params, opt_state, tokens)`: grads of the whole merged tree."""
+  def step(params, opt_state, tokens):
+    def loss_fn(params):
+      with surgery:
+        logits = decoder.apply({'params': params}, tokens)
+      return model_lib.next_token_loss(logits, tokens)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def make_full_step(decoder, tx):
+  """`step(params, opt_state, tokens)`: full fine-tuning."""
+  def step(params, opt_state, tokens):
+    def loss_fn(params):
+      logits = decoder.apply({'params': params}, tokens)
+      return model_lib.next_token_loss(logits, tokens)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def quantization_api() -> str | None:
+  """None if peft exports its quantization API, else what is missing."""
+  missing = [n for n in ('quantize', 'quantized', 'quantization_axes')
+             if not hasattr(peft, n)]
+  if missing:
+    return f'peft does not export {", ".join(missing)} yet'
+  return None
+
+
+def quantize_base(decoder, base, tokens, method: str):
+  """The base params with the adapted kernels quantized by `method`."""
+  axes = peft.quantization_axes(decoder, tokens, targets=TARGETS)
+  return peft.quantize(base, method=method, axes=axes)
+
+
+def broadcast_delta(delta_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum(delta_str, a, b)` as a sum over the rank of broadcast products.
+
+  The proposed fuse kernel: unlike a dot (which writes the delta, then an
+  add reads it back), XLA fuses this sum, the add to the kernel and the
+  cast into one pass over the kernel.
+
+  Example:
+    >>> a, b = jnp.arange(6.).reshape(3, 2), jnp.arange(8.).reshape(2, 4)
+    >>> bool((broadcast_delta('ir,ro->io', a, b) == a @ b).all())
+    True
+  """
+  lhs, weights = delta_str.split('->')
+  a_axes, b_axes = lhs.split(',')
+  (rank,) = set(a_axes) & set(b_axes)
+  full = weights + rank
+
+  def expand(x, axes):
+    order = ''.join(sorted(axes, key=full.index))
+    x = jnp.einsum(f'{axes}->{order}', x)
+    return x.reshape([x.shape[order.index(c)] if c in order else 1
+                      for c in full])
+
+  return jnp.sum(expand(a, a_axes) * expand(b, b_axes), axis=-1)
+
+
+def make_broadcast_fuse(specs):
+  """`fuse(params)` like `peft.fuse_params`, with `broadcast_delta`."""
+  def fuse(params):
+    base, lora = peft.split_params(params)
+    base = jax.tree.map(lambda x: x, base)  # a mutable copy of the dicts
+    for spec in specs:
+      module, adapter = base, lora
+      for key in spec.path:
+        module, adapter = module[key], adapter[key]
+      ab = adapter[spec.adapter_name]
+      kernel = module[spec.weight_name]
+      delta = broadcast_delta(spec.delta_str, ab['a'], ab['b'])
+      module[spec.weight_name] = (kernel + spec.scale * delta).astype(
+          kernel.dtype)
+    return base
+  return fuse
