@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 from flax import linen as nn
 from flax.typing import Array
@@ -130,17 +130,7 @@ class LoRAEinsumLike(LoRAWrapper):
     {'bias': (4,), 'kernel': (3, 4), 'lora': {'a': (3, 2), 'b': (2, 4)}}
   """
 
-  # Subclasses named after one layer type (gemma.peft's) accept only it.
-  _expects: ClassVar[type[nn.Module]] = nn.Module
-
-  def __post_init__(self):
-    if not isinstance(self.wrapped, self._expects):
-      raise TypeError(
-          f'{type(self).__name__}.wrapped must be a {self._expects.__name__};'
-          f' got {type(self.wrapped).__name__}. Use LoRAEinsumLike for other '
-          'registered layers.'
-      )
-    super().__post_init__()
+  _generic_wrapper = 'LoRAEinsumLike'
 
   @nn.compact
   def __call__(self, *args, **kwargs) -> Array:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 from flax import linen as nn
 import jax
@@ -39,15 +39,9 @@ class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
   created as the wrapped layer creates them (same initializers, same rngs).
   """
 
-  _expects: ClassVar[type[nn.Module]] = nn.Module
+  _generic_wrapper = 'the *EinsumLike wrapper'
 
   def __post_init__(self):
-    if not isinstance(self.wrapped, self._expects):
-      raise TypeError(
-          f'{type(self).__name__}.wrapped must be a {self._expects.__name__};'
-          f' got {type(self.wrapped).__name__}. Use the *EinsumLike wrapper '
-          'for other registered layers.'
-      )
     self._method()  # Validates early.
     super().__post_init__()
 

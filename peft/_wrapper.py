@@ -8,6 +8,7 @@ quantization scale) sits beside them, so a base checkpoint loads unchanged.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from flax import linen as nn
 
@@ -35,7 +36,18 @@ class ScopeSharingWrapper(nn.Module):
   _: dataclasses.KW_ONLY
   wrapped: nn.Module
 
+  # Subclasses named after one layer type (gemma.peft's `LoRADense`, ...)
+  # accept only that type; the error points to the generic wrapper.
+  _expects: ClassVar[type[nn.Module]] = nn.Module
+  _generic_wrapper: ClassVar[str] = 'the generic wrapper'
+
   def __post_init__(self):
+    if not isinstance(self.wrapped, self._expects):
+      raise TypeError(
+          f'{type(self).__name__}.wrapped must be a {self._expects.__name__};'
+          f' got {type(self.wrapped).__name__}. Use {self._generic_wrapper} '
+          'for other registered layers.'
+      )
     super().__post_init__()
     if self.scope is not None:
       nn.share_scope(self, self.wrapped)
