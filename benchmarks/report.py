@@ -68,10 +68,6 @@ def targets(results: dict[str, Any], *, rank: int) -> list[dict[str, Any]]:
   copy = 'copy of fused kernels (jit)'
   out.append(_timed('fuse (jit) bandwidth / copy bandwidth', rows, copy,
                     'fuse (jit)', 0.25, at_most=False))
-  out.append(_timed(
-      'proposed fuse bandwidth / copy bandwidth', rows, copy,
-      'fuse, proposed broadcast delta (jit)', 0.25, at_most=False,
-      note='benchmarks/steps.py: broadcast_delta; not in the library yet'))
   mem = results['memory']
   if mem.get('lora') and mem.get('full'):
     lora = statistics.median(r['train_bytes'] for r in mem['lora'])

@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from benchmarks import model as model_lib
@@ -167,47 +166,3 @@ def quantize_base(decoder, base, tokens, method: str):
   """The base params with the adapted kernels quantized by `method`."""
   axes = peft.quantization_axes(decoder, tokens, targets=TARGETS)
   return peft.quantize(base, method=method, axes=axes)
-
-
-def broadcast_delta(delta_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`einsum(delta_str, a, b)` as a sum over the rank of broadcast products.
-
-  The proposed fuse kernel: unlike a dot (which writes the delta, then an
-  add reads it back), XLA fuses this sum, the add to the kernel and the
-  cast into one pass over the kernel.
-
-  Example:
-    >>> a, b = jnp.arange(6.).reshape(3, 2), jnp.arange(8.).reshape(2, 4)
-    >>> bool((broadcast_delta('ir,ro->io', a, b) == a @ b).all())
-    True
-  """
-  lhs, weights = delta_str.split('->')
-  a_axes, b_axes = lhs.split(',')
-  (rank,) = set(a_axes) & set(b_axes)
-  full = weights + rank
-
-  def expand(x, axes):
-    order = ''.join(sorted(axes, key=full.index))
-    x = jnp.einsum(f'{axes}->{order}', x)
-    return x.reshape([x.shape[order.index(c)] if c in order else 1
-                      for c in full])
-
-  return jnp.sum(expand(a, a_axes) * expand(b, b_axes), axis=-1)
-
-
-def make_broadcast_fuse(specs):
-  """`fuse(params)` like `peft.fuse_params`, with `broadcast_delta`."""
-  def fuse(params):
-    base, lora = peft.split_params(params)
-    base = jax.tree.map(lambda x: x, base)  # a mutable copy of the dicts
-    for spec in specs:
-      module, adapter = base, lora
-      for key in spec.path:
-        module, adapter = module[key], adapter[key]
-      ab = adapter[spec.adapter_name]
-      kernel = module[spec.weight_name]
-      delta = broadcast_delta(spec.delta_str, ab['a'], ab['b'])
-      module[spec.weight_name] = (kernel + spec.scale * delta).astype(
-          kernel.dtype)
-    return base
-  return fuse

@@ -132,7 +132,7 @@ def lora_delta(adapter: Adapter, alpha: float = 1.0) -> jax.Array:
     ValueError: the adapter is malformed or its shapes disagree.
   """
   a, b = _factors(adapter, 'lora_delta')
-  return (alpha / a.shape[1]) * (a @ b)
+  return (alpha / a.shape[1]) * _einsum.delta('ir,ro->io', a, b)
 
 
 def lora_linear(x: jax.Array, frozen_weight: jax.Array, adapter: Adapter,
@@ -182,11 +182,8 @@ def _add_delta(weight, adapter, alpha, sign, where):
         f'{where}: weight {(n_in, n_out)} does not fit A {a.shape} and B '
         f'{b.shape}. Expected A (in, rank), B (rank, out).'
     )
-  weight = jnp.asarray(weight)
-  dtype = jnp.result_type(weight, a, b, jnp.float32)
-  delta = (alpha / a.shape[1]) * jnp.matmul(
-      a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
-  return (weight.astype(dtype) + sign * delta).astype(weight.dtype)
+  return _einsum.add_delta(jnp.asarray(weight), a, b,
+                           sign * alpha / a.shape[1], delta_str='ir,ro->io')
 
 
 def merge_lora_weight(weight: jax.Array, adapter: Adapter,

@@ -175,28 +175,32 @@ def check_covered(lora: Params, specs, name: str) -> None:
   walk(lora, ())
 
 
-def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
-  """`kernel + sign * scale * delta` in >= float32, cast to kernel's dtype."""
-  dtype = jnp.result_type(kernel, a, b, jnp.float32)
-  delta = jnp.einsum(spec.delta_str, jnp.asarray(a, dtype),
-                     jnp.asarray(b, dtype),
-                     precision=jax.lax.Precision.HIGHEST)
-  exact = jnp.asarray(kernel, dtype) + (sign * spec.scale) * delta
-  out = exact.astype(jnp.result_type(kernel))
-  return out, jnp.max(jnp.abs(out.astype(dtype) - exact), initial=0.0)
+def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
+                with_error: bool = False):
+  """`kernel + sign * scale * delta`: `_einsum.add_delta` for one spec."""
+  return _einsum.add_delta(jnp.asarray(kernel), jnp.asarray(a),
+                           jnp.asarray(b), sign * spec.scale,
+                           delta_str=spec.delta_str, with_error=with_error)
 
 
-def _update_kernels(base, lora, specs, sign: float, name: str):
-  """Copies `base` and adds `sign * delta` to each spec's kernel."""
+def _update_kernels(base, lora, specs, sign: float, name: str, *,
+                    with_error: bool):
+  """Copies `base` and adds `sign * delta` to each spec's kernel.
+
+  Returns the new tree and the largest round-off (None without
+  `with_error`: measuring it costs a second pass over every kernel).
+  """
   out = _to_dict(base)
-  error = jnp.zeros((), jnp.float32)
+  error = jnp.zeros((), jnp.float32) if with_error else None
   for spec in specs:
     # Read from `out`: several adapters of one kernel add up.
     kernel = _get_kernel(out, spec, name)
     a, b = get_adapter(lora, spec, name)
-    new, err = apply_delta(kernel, a, b, spec, sign)
+    new = apply_delta(kernel, a, b, spec, sign, with_error=with_error)
+    if with_error:
+      new, err = new
+      error = jnp.maximum(error, err.astype(jnp.float32))
     _branch(out, spec, name)[spec.weight_name] = new
-    error = jnp.maximum(error, err.astype(jnp.float32))
   return out, error
 
 
@@ -252,7 +256,8 @@ def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
   specs = check_specs(adapters, 'fuse_params')
   original, lora = _params.split_params(params)
   check_covered(lora, specs, 'fuse_params')
-  fused, error = _update_kernels(original, lora, specs, 1.0, 'fuse_params')
+  fused, error = _update_kernels(original, lora, specs, 1.0, 'fuse_params',
+                                 with_error=return_error)
   fused = _params.like(params, fused)
   return (fused, error) if return_error else fused
 
@@ -301,7 +306,8 @@ def unfuse_params(fused: Params, lora: Params,
     )
   _params.check_mapping(lora, 'lora')
   check_covered(lora, specs, 'unfuse_params')
-  base, error = _update_kernels(base, lora, specs, -1.0, 'unfuse_params')
+  base, error = _update_kernels(base, lora, specs, -1.0, 'unfuse_params',
+                                with_error=return_error)
   params = _params.merge_params(_params.like(fused, base), lora)
   return (params, error) if return_error else params
 

@@ -24,9 +24,6 @@ from peft import _einsum
 from peft import _interceptors
 from peft import _spec
 
-# Contract x with A first, then with B: for small ranks this is the cheap
-# order (the rank-sized intermediate), whatever jnp.einsum would pick.
-_X_THEN_A_THEN_B = [(0, 1), (0, 1)]
 _DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
 
 
@@ -70,9 +67,28 @@ class _AdapterBase(nn.Module):
       a_names, b_names = _einsum.delta_partition_names(delta_str, box.names)
       a_init = _boxed(a_init, box, a_names)
       b_init = _boxed(b_init, box, b_names)
-    a = self.param('a', a_init, tuple(a_shape), self.dtype)
-    b = self.param('b', b_init, tuple(b_shape), self.dtype)
-    return a, b
+    return (self._param('a', a_init, tuple(a_shape)),
+            self._param('b', b_init, tuple(b_shape)))
+
+  @nn.nowrap
+  def _param(self, name: str, init: Initializer, shape: tuple[int, ...]):
+    """`self.param(name, init, shape)`, without re-running `init` in apply.
+
+    When the value exists, flax's `param` traces `init` (`jax.eval_shape`)
+    only to compare shapes; for the adapters of a model that was most of
+    the extra tracing time. We compare the shapes directly instead.
+    """
+    if not self.has_variable('params', name):
+      return self.param(name, init, shape, self.dtype)
+    value = nn.meta.unbox(self.get_variable('params', name))
+    if tuple(value.shape) != shape:
+      where = '/'.join(self.path)
+      raise ValueError(
+          f'LoRA param {name!r} at {where!r} has shape {tuple(value.shape)} '
+          f'but this layer with rank {self.rank} needs {shape}. Pass the '
+          'adapters made for this model and rank (or init new ones).'
+      )
+    return value
 
   @nn.nowrap
   def _drop(self, x: Array) -> Array:
@@ -87,10 +103,9 @@ class _AdapterBase(nn.Module):
   @nn.nowrap
   def _einsum_update(self, plan: _einsum.LoRAEinsumPlan,
                      inputs: Array) -> Array:
-    """`scale * einsum(plan.einsum_str, x, A, B)`, x contracted with A first."""
+    """`scale * einsum(plan.einsum_str, x, A, B)`, as `(x @ A) @ B`."""
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
-    x, a, b = self._cast(self._drop(inputs), a, b)
-    return jnp.einsum(plan.einsum_str, x, a, b, optimize=_X_THEN_A_THEN_B)
+    return plan.apply(*self._cast(self._drop(inputs), a, b))
 
   @nn.nowrap
   def _cast(self, x: Array, a: Array, b: Array):

@@ -25,7 +25,7 @@ from peft import _spec
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _jit_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
-  return _fuse.apply_delta(kernel, a, b, spec, sign)[0]
+  return _fuse.apply_delta(kernel, a, b, spec, sign)
 
 
 def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):

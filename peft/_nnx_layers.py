@@ -35,8 +35,6 @@ import jax.numpy as jnp
 from peft import _einsum
 from peft import _spec
 
-# Contract x with A first, then with B (the rank-sized intermediate).
-_X_THEN_A_THEN_B = [(0, 1), (0, 1)]
 _LINEAR = _einsum.EinsumEquation.parse('...i,io->...o')
 # A table lookup is a one-hot matmul: rows of A, then B.
 _EMBED = _einsum.EinsumEquation.parse('...v,vf->...f')
@@ -68,15 +66,16 @@ def retype(module: nnx.Module, cls: type[nnx.Module]) -> nnx.Module:
 class LoRAAdapter(nnx.Module):
   """A and B of one adapted kernel, and the update they compute.
 
-  The update is `scale * einsum(einsum_str, dropout(x), A, B)`; B starts at
-  zero, so the update is exactly zero at init.
+  The update is `scale * (dropout(x) @ A) @ B` for the adapted layer's
+  equation `inputs,weights->outputs`; B starts at zero, so the update is
+  exactly zero at init.
 
   Example:
     >>> adapter = LoRAAdapter((2, 1), (1, 3), 'ir,ro->io', alpha=2.0,
     ...                       rngs=nnx.Rngs(0))
     >>> adapter.a.shape, adapter.b.shape, adapter.rank, adapter.scale
     ((2, 1), (1, 3), 1, 2.0)
-    >>> adapter.update(jnp.ones((5, 2)), '...i,ir,ro->...o').tolist()[0]
+    >>> adapter.update(jnp.ones((5, 2)), '...i,io->...o').tolist()[0]
     [0.0, 0.0, 0.0]
 
   Args:
@@ -171,9 +170,23 @@ class LoRAAdapter(nnx.Module):
 
   def update(self, x: jax.Array, einsum_str: str, *,
              precision: Any = None) -> jax.Array:
-    """`scale * einsum(einsum_str, dropout(x), A, B)`, x meeting A first."""
-    return jnp.einsum(einsum_str, *self.operands(x), precision=precision,
-                      optimize=_X_THEN_A_THEN_B)
+    """`scale * (dropout(x) @ A) @ B` for the layer equation `einsum_str`.
+
+    Args:
+      x: the adapted layer's input.
+      einsum_str: the layer's `inputs,weights->outputs` equation (e.g.
+        `'...i,io->...o'` for a linear layer).
+      precision: passed to both products.
+    """
+    return self.plan(einsum_str).apply(*self.operands(x), precision=precision)
+
+  def plan(self, einsum_str: str) -> _einsum.LoRAEinsumPlan:
+    """The LoRA plan of `einsum_str` for this adapter's kernel and rank."""
+    lhs, weights = self.delta_str.split('->')
+    dims = dict(zip(lhs.replace(',', ''), (*self.a.shape, *self.b.shape)))
+    eq = _einsum.EinsumEquation.parse(einsum_str, where='LoRAAdapter.plan')
+    return eq.lora_plan(weight_shape=tuple(dims[c] for c in weights),
+                        rank=self.rank, where='LoRAAdapter.plan')
 
 
 class LoRA(LoRAAdapter):
@@ -214,10 +227,7 @@ class LoRA(LoRAAdapter):
     self.base_module = base_module
 
   def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
-    plan = _LINEAR.lora_plan(weight_shape=(self.in_features,
-                                           self.out_features),
-                             rank=self.rank)
-    update = self.update(x, plan.einsum_str)
+    update = self.update(x, _LINEAR.einsum_str)
     if self.base_module is None:
       return update
     y = self.base_module(x, *args, **kwargs)
@@ -377,7 +387,7 @@ class _LoRALayer:
           'differently. Call it with one equation, or adapt it with '
           'from_module(..., einsum_str=<the equation you call>).'
       )
-    update = self.lora.update(inputs, plan.einsum_str,
+    update = self.lora.update(inputs, eq.einsum_str,
                               precision=getattr(self, 'precision', None))
     return y + update.astype(y.dtype)
 

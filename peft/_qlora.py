@@ -201,10 +201,10 @@ def fuse_quantized_kernel(kernel: q.QuantizedArray, a: jax.Array,
 
 
 def _requantize(kernel, delta_str, a, b, scale, *, where):
-  delta = jnp.einsum(delta_str, jnp.asarray(a, jnp.float32),
-                     jnp.asarray(b, jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
-  exact = kernel.dequantize(jnp.float32) + scale * delta
+  exact = _einsum.add_delta(kernel.dequantize(jnp.float32),
+                            jnp.asarray(a, jnp.float32),
+                            jnp.asarray(b, jnp.float32), scale,
+                            delta_str=delta_str)
   axes = kernel.axes if isinstance(kernel.axes, tuple) else None
   new = q.quantize_array(exact.astype(kernel.dtype), kernel.method, axes,
                          where=where)

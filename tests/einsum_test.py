@@ -5,10 +5,14 @@ import string
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from peft._einsum import EinsumEquation
+from peft._einsum import add_delta
+from peft._einsum import delta
 from peft._einsum import dense_general_call
 
 
@@ -125,9 +129,18 @@ def equations(draw):
   return eq, x_shape, w_shape, draw(st.integers(1, 3))
 
 
+def _two_products(plan, x, a, b, einsum=np.einsum):
+  """`plan.apply`'s evaluation, spelled out with `einsum` (numpy's here)."""
+  low = einsum(plan.down_str, x, a)
+  if plan.b_layout_str:
+    b = einsum(plan.b_layout_str, b)
+    low = np.broadcast_to(low, b.shape[:plan.lead_ndim] + low.shape)
+  return einsum(plan.up_str, low, b)
+
+
 @settings(max_examples=60, deadline=None)
 @given(equations())
-def test_rewrite_equals_einsum_with_fused_delta(case):
+def test_rewrite_and_two_products_equal_einsum_with_fused_delta(case):
   eq_str, x_shape, w_shape, rank = case
   plan = EinsumEquation.parse(eq_str).lora_plan(weight_shape=w_shape,
                                                 rank=rank)
@@ -137,6 +150,76 @@ def test_rewrite_equals_einsum_with_fused_delta(case):
   b = rng.standard_normal(plan.b_shape)
   delta = np.einsum(plan.delta_str, a, b)
   assert delta.shape == w_shape
-  np.testing.assert_allclose(np.einsum(plan.einsum_str, x, a, b),
-                             np.einsum(eq_str, x, delta), rtol=1e-10,
-                             atol=1e-10)
+  adapted = np.einsum(plan.einsum_str, x, a, b)
+  np.testing.assert_allclose(adapted, np.einsum(eq_str, x, delta),
+                             rtol=1e-10, atol=1e-10)
+  # `plan.apply`'s two products compute the same.
+  np.testing.assert_allclose(_two_products(plan, x, a, b), adapted,
+                             rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('eq, down, layout, up', [
+    # Gemma's projections: the second product writes the output in order.
+    ('BTD,NDH->BTNH', 'BTD,Dr->BTr', '', 'BTr,rNH->BTNH'),
+    ('BSD,CKDH->CBSKH', 'BSD,Dr->BSr', 'rCKH->CrKH', 'CBSr,CrKH->CBSKH'),
+    ('BTNH,NHD->BTD', 'BTNH,NHr->BTr', '', 'BTr,rD->BTD'),
+    ('BTD,CDF->CBTF', 'BTD,Dr->BTr', 'rCF->CrF', 'CBTr,CrF->CBTF'),
+    ('...i,io->...o', '...i,ir->...r', '', '...r,ro->...o'),
+    # A repeated input letter is kept once in the rank-sized intermediate.
+    ('bbd,do->bo', 'bbd,dr->br', '', 'br,ro->bo'),
+])
+def test_two_product_equations(eq, down, layout, up):
+  shape = (2,) * len(EinsumEquation.parse(eq).weights)
+  plan = EinsumEquation.parse(eq).lora_plan(weight_shape=shape, rank=3)
+  assert (plan.down_str, plan.b_layout_str, plan.up_str) == (down, layout, up)
+
+
+_APPLY_CASES = [('BSD,CKDH->CBSKH', (2, 5, 8), (2, 3, 8, 4)),
+                ('BTD,CDF->CBTF', (2, 5, 8), (2, 8, 6)),
+                ('BTNH,NHD->BTD', (2, 5, 3, 4), (3, 4, 8))]
+
+
+@pytest.mark.parametrize('eq, x_shape, w_shape', _APPLY_CASES)
+def test_apply_equals_the_delta_einsum_under_jit(eq, x_shape, w_shape):
+  plan = EinsumEquation.parse(eq).lora_plan(weight_shape=w_shape, rank=3)
+  rng = np.random.default_rng(2)
+  x, a, b = (rng.standard_normal(s).astype(np.float32)
+             for s in (x_shape, plan.a_shape, plan.b_shape))
+  expected = np.einsum(eq, x, np.einsum(plan.delta_str, a, b))
+  got = jax.jit(plan.apply)(x, a, b)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda a, b: plan.apply(x, a, b).sum(), (0, 1))(a, b)
+  expected_grads = jax.grad(
+      lambda a, b: jnp.einsum(plan.einsum_str, x, a, b).sum(), (0, 1))(a, b)
+  for g, e in zip(grads, expected_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('delta_str, a_shape, b_shape', [
+    ('ir,ro->io', (4, 3), (3, 5)),
+    ('Dr,rNH->NDH', (4, 3), (3, 2, 5)),   # kernel axes out of A/B order
+    ('NHr,rD->NHD', (2, 3, 3), (3, 4)),
+    ('EDr,rF->EDF', (2, 4, 3), (3, 5)),   # an expert axis only in A
+])
+def test_delta_equals_einsum(delta_str, a_shape, b_shape):
+  rng = np.random.default_rng(3)
+  a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+  np.testing.assert_allclose(delta(delta_str, a, b),
+                             np.einsum(delta_str, a, b), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_add_delta_casts_back_and_reports_round_off():
+  rng = np.random.default_rng(4)
+  w = rng.standard_normal((4, 5)).astype(jnp.bfloat16)
+  a, b = rng.standard_normal((4, 2)), rng.standard_normal((2, 5))
+  exact = np.asarray(w, np.float32) - 0.5 * (a @ b)
+  out, err = add_delta(w, a.astype(np.float32), b.astype(np.float32), -0.5,
+                       delta_str='ir,ro->io', with_error=True)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=1e-2,
+                             atol=1e-2)
+  np.testing.assert_allclose(
+      float(err), np.abs(np.asarray(out, np.float32) - exact).max(),
+      rtol=1e-5)
+  assert float(err) > 0  # bfloat16 cannot hold the float32 sum exactly

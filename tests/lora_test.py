@@ -262,3 +262,14 @@ def test_grouped_conv_is_an_error():
 def test_adapter_field_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     peft.LoRADenseAdapter(features=3, **bad)
+
+
+def test_adapters_of_another_rank_are_an_error():
+  model = _dense(jnp.float32)
+  x = jnp.ones((2, D))
+  with peft.lora(2):
+    params = model.init(jax.random.key(0), x)['params']
+  with peft.lora(4), pytest.raises(
+      ValueError, match=r"LoRA param 'a' at 'layer/lora' has shape \(8, 2\) "
+      r'but this layer with rank 4 needs \(8, 4\)'):
+    model.apply({'params': params}, x)
