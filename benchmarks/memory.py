@@ -8,6 +8,10 @@ says training itself added: it compiles the step ahead of time from shapes
 runs the steps and reads the new peak (`VmHWM`). So compile-time memory,
 which can exceed the training state of a small model, is kept apart.
 
+Modes: `lora`, `full` fine-tuning, QLoRA over an int base, and
+`frozen-backprop`, which trains one first-layer norm scale: a backward pass
+through the whole frozen model with no adapters, the floor under LoRA's.
+
   python -m benchmarks.memory --mode lora   # one JSON line on stdout
 """
 
@@ -28,7 +32,7 @@ from benchmarks import model as model_lib
 from benchmarks import steps as steps_lib
 import peft
 
-MODES = ('lora', 'full')
+MODES = ('lora', 'full', 'frozen-backprop')
 QLORA_MODES = ('qlora-int8', 'qlora-int4')
 
 
@@ -84,7 +88,12 @@ def measure(mode: str, config: model_lib.Config, *, batch: int, seq: int,
   tokens = model_lib.random_tokens(config, batch=batch, seq=seq)
   base_shapes = jax.eval_shape(decoder.init, jax.random.key(0),
                                tokens)['params']
-  if mode != 'full':
+  if mode == 'frozen-backprop':
+    tx = optax.adam(steps_lib.LEARNING_RATE)
+    step = steps_lib.make_first_norm_step(decoder, tx)
+    trained_shapes = base_shapes['block0']['norm1']
+    extra = (base_shapes, tokens)
+  elif mode != 'full':
     context = None
     if mode.startswith('qlora-'):  # the base is stored quantized
       method = mode.removeprefix('qlora-')

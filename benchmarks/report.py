@@ -1,7 +1,7 @@
 """Targets, the printed tables and the chart of a benchmark run.
 
 `python -m benchmarks.report DIR` prints the tables of the `results.json` in
-DIR again and redraws its `results.png`.
+DIR again (judging the targets afresh) and redraws its `results.png`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def targets(results: dict[str, Any], *, rank: int) -> list[dict[str, Any]]:
                     f'{step}, whole-tree grads', full, 0.45,
                     note='the README pattern; informative'))
   out.append(_target(
+      f'{step} FLOPs / {full} FLOPs', _flop_ratio(rows, step, full), 0.45,
+      note="XLA's cost analysis: the compute floor of the time ratio"))
+  out.append(_target(
       f'LoRA forward r{rank} compile / base forward compile',
       _ratio(rows, f'LoRA forward r{rank}', base, 'trace_compile_s'), 1.3))
   out.append(_target(
@@ -75,6 +78,11 @@ def targets(results: dict[str, Any], *, rank: int) -> list[dict[str, Any]]:
     out.append(_target('LoRA training memory / full fine-tuning memory',
                        lora / full_bytes, 0.6,
                        note='peak RSS added by training (VmHWM)'))
+    out.append(_target(
+        'LoRA XLA step buffers / full fine-tuning XLA step buffers',
+        mem['lora'][0]['xla']['peak_bytes']
+        / mem['full'][0]['xla']['peak_bytes'], 0.6,
+        note="the compiled step's arguments + outputs + temps"))
     lora = statistics.median(r['child_ru_maxrss_bytes'] for r in mem['lora'])
     full_bytes = statistics.median(
         r['child_ru_maxrss_bytes'] for r in mem['full'])
@@ -82,11 +90,26 @@ def targets(results: dict[str, Any], *, rank: int) -> list[dict[str, Any]]:
                        lora / full_bytes, 0.6,
                        note='whole child ru_maxrss, incl. jax and compile'))
     full_train = statistics.median(r['train_bytes'] for r in mem['full'])
+    if mem.get('frozen-backprop'):
+      floor = statistics.median(
+          r['train_bytes'] for r in mem['frozen-backprop'])
+      out.append(_target(
+          'frozen-backprop training memory / full fine-tuning memory',
+          floor / full_train, 0.6,
+          note='the floor: backward through the frozen model, no adapters'))
     for mode in sorted(m for m in mem if m.startswith('qlora-')):
       q = statistics.median(r['train_bytes'] for r in mem[mode])
       out.append(_target(f'{mode} training memory / full fine-tuning memory',
                          q / full_train, 0.6, note='informative'))
   return out
+
+
+def _flop_ratio(rows, num: str, den: str) -> float | None:
+  if num in rows and den in rows:
+    flops = [rows[n].get('flops') for n in (num, den)]
+    if all(flops):
+      return flops[0] / flops[1]
+  return None
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -201,6 +224,8 @@ def main(argv: list[str]) -> None:
                      'a benchmarks.run)')
   out = pathlib.Path(argv[0])
   results = json.loads((out / 'results.json').read_text())
+  # Judge the targets afresh, so a change to them applies to old runs too.
+  results['targets'] = targets(results, rank=results['config']['rank'])
   print(render(results))
   print(chart(results, out / 'results.png'))
 

@@ -91,6 +91,13 @@ def adapter_optimizer() -> optax.GradientTransformation:
   return peft.train_only_adapters(optax.adam(LEARNING_RATE))
 
 
+def _train_step(loss_fn, tx, trained, opt_state):
+  """One optimizer update of `trained` on `loss_fn(trained)`."""
+  loss, grads = jax.value_and_grad(loss_fn)(trained)
+  updates, opt_state = tx.update(grads, opt_state, trained)
+  return optax.apply_updates(trained, updates), opt_state, loss
+
+
 def make_forward(decoder: model_lib.Decoder) -> Callable[..., jax.Array]:
   """`forward(params, tokens) -> logits` of the plain model."""
   def forward(params, tokens):
@@ -122,9 +129,7 @@ def make_lora_step(decoder, surgery, tx,
   def step(adapters, opt_state, base, tokens):
     def loss_fn(adapters):
       return model_lib.next_token_loss(forward(base, adapters, tokens), tokens)
-    loss, grads = jax.value_and_grad(loss_fn)(adapters)
-    updates, opt_state = tx.update(grads, opt_state, adapters)
-    return optax.apply_updates(adapters, updates), opt_state, loss
+    return _train_step(loss_fn, tx, adapters, opt_state)
   return step
 
 
@@ -135,9 +140,23 @@ def make_lora_tree_step(decoder, surgery, tx):
       with surgery:
         logits = decoder.apply({'params': params}, tokens)
       return model_lib.next_token_loss(logits, tokens)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return _train_step(loss_fn, tx, params, opt_state)
+  return step
+
+
+def make_first_norm_step(decoder, tx):
+  """`step(norm, opt_state, base, tokens)`: trains block0's `norm1` only.
+
+  The backward pass runs through the whole frozen model, as LoRA's must,
+  but nothing else is trained: the memory floor of any method that trains
+  something in the first layer. Donate `norm` and `opt_state`.
+  """
+  def step(norm, opt_state, base, tokens):
+    def loss_fn(norm):
+      params = {**base, 'block0': {**base['block0'], 'norm1': norm}}
+      logits = decoder.apply({'params': params}, tokens)
+      return model_lib.next_token_loss(logits, tokens)
+    return _train_step(loss_fn, tx, norm, opt_state)
   return step
 
 
@@ -147,9 +166,7 @@ def make_full_step(decoder, tx):
     def loss_fn(params):
       logits = decoder.apply({'params': params}, tokens)
       return model_lib.next_token_loss(logits, tokens)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return _train_step(loss_fn, tx, params, opt_state)
   return step
 
 

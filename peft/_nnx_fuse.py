@@ -18,6 +18,7 @@ import jax
 
 from peft import _checkpoint
 from peft import _fuse
+from peft import _nnx_adapter
 from peft import _nnx_layers
 from peft import _nnx_surgery as surgery
 from peft import _spec
@@ -100,7 +101,7 @@ def fuse(model: nnx.Module) -> FusedAdapters:
     kernel = layer._kernel()
     value = _with_delta(kernel[...], layer.lora.a[...], layer.lora.b[...],
                         spec, 1.0)
-    plain = _nnx_layers.retype(layer, layer.base_type)
+    plain = _nnx_adapter.retype(layer, layer.base_type)
     del plain.lora
     setattr(plain, layer.weight_name, kernel.replace(value))
     surgery.replace_references(refs, layer, plain)

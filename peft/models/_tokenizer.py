@@ -55,7 +55,32 @@ def system_prompt_from_template(template: str | None) -> str | None:
   if not template:
     return None
   match = _SYSTEM_IN_TEMPLATE.search(template)
-  return match.group(1) if match else None
+  # Undo the escapes `chatml_template` writes inside the Jinja string.
+  return re.sub(r"\\([\\'])", r'\1', match.group(1)) if match else None
+
+
+def chatml_template(default_system_prompt: str | None = None) -> str:
+  """A Jinja chat template (HF `tokenizer_config.json`) for `chat_prompt`.
+
+  Rendered by Hugging Face's `apply_chat_template`, it writes the same
+  ChatML text as `Tokenizer.chat_prompt`, including the default system
+  turn; `system_prompt_from_template` reads that turn back.
+
+  Example:
+    >>> system_prompt_from_template(chatml_template("Be 'brief'."))
+    "Be 'brief'."
+  """
+  system = ''
+  if default_system_prompt is not None:
+    quoted = default_system_prompt.replace('\\', '\\\\').replace("'", "\\'")
+    system = ("{% if loop.first and messages[0]['role'] != 'system' %}"
+              f"{{{{ '{_IM_START}system\n{quoted}{_IM_END}\n' }}}}"
+              '{% endif %}')
+  return ('{% for message in messages %}' + system
+          + f"{{{{ '{_IM_START}' + message['role'] + '\n' + "
+          f"message['content'] + '{_IM_END}' + '\n' }}}}"
+          '{% endfor %}{% if add_generation_prompt %}'
+          f"{{{{ '{_IM_START}assistant\n' }}}}{{% endif %}}")
 
 
 class Tokenizer:
