@@ -65,6 +65,18 @@ def _adapter_tree(layers) -> dict[str, Any]:
   return tree
 
 
+
+def _adapted_layers(model: nnx.Module, name: str, fix: str):
+  """`(path, layer)` of every LoRA layer in `model`; raises if there is none."""
+  surgery.check_model(model, name)
+  layers = surgery.lora_layers(model)
+  if not layers:
+    raise ValueError(
+        f'{name} found no LoRA layer in {type(model).__name__}. Call {fix} '
+        'first.'
+    )
+  return layers
+
 def fuse(model: nnx.Module) -> FusedAdapters:
   """Folds every LoRA layer into a plain layer, in place.
 
@@ -87,13 +99,7 @@ def fuse(model: nnx.Module) -> FusedAdapters:
   Raises:
     ValueError: the model has no LoRA layer.
   """
-  surgery.check_model(model, 'fuse')
-  layers = surgery.lora_layers(model)
-  if not layers:
-    raise ValueError(
-        f'fuse found no LoRA layer in {type(model).__name__}. Call '
-        'apply_lora (or load_adapters) first.'
-    )
+  layers = _adapted_layers(model, 'fuse', 'apply_lora (or load_adapters)')
   fused = FusedAdapters(tuple(m.adapter_spec(p) for p, m in layers),
                         _adapter_tree(layers))
   refs = surgery.references(model)
@@ -210,13 +216,7 @@ def save_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
     ValueError: the model has no LoRA layer; see also
       `peft._checkpoint.save_adapters`.
   """
-  surgery.check_model(model, 'save_adapters')
-  layers = surgery.lora_layers(model)
-  if not layers:
-    raise ValueError(
-        f'save_adapters found no LoRA layer in {type(model).__name__}. Call '
-        'apply_lora first.'
-    )
+  layers = _adapted_layers(model, 'save_adapters', 'apply_lora')
   specs = tuple(m.adapter_spec(p) for p, m in layers)
   _checkpoint.save_adapters(path, _adapter_tree(layers), specs,
                             metadata=metadata)

@@ -17,7 +17,6 @@ from safetensors.numpy import save_file
 
 from peft.models._config import DecoderConfig
 from peft.models._tokenizer import Tokenizer
-from peft.models._tokenizer import chatml_template
 from peft.models._tokenizer import system_prompt_from_template
 from peft.models._weights import Pretrained
 from peft.models._weights import params_from_hf
@@ -147,6 +146,7 @@ def _tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
     'bos_token': None if tokenizer.bos_id is None else name(tokenizer.bos_id),
     'add_bos_token': tokenizer.add_bos,
   }
-  if tokenizer.token_to_id('<|im_start|>') is not None:
-    config['chat_template'] = chatml_template(tokenizer.default_system_prompt)
+  template = tokenizer.chat_template()
+  if template is not None:
+    config['chat_template'] = template
   return config

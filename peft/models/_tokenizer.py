@@ -234,6 +234,12 @@ class Tokenizer:
       text += f'{_IM_START}assistant\n'
     return text
 
+  def chat_template(self) -> str | None:
+    """The HF Jinja template of `chat_prompt`; None without ChatML tokens."""
+    if self.token_to_id(_IM_START) is None:
+      return None
+    return chatml_template(self.default_system_prompt)
+
   def encode_chat(self, messages: str | Sequence[Message]) -> list[int]:
     """`encode(chat_prompt(messages))`."""
     return self.encode(self.chat_prompt(messages))
