@@ -112,7 +112,7 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
     )
   _params.check_mapping(params_or_lora_tree, 'params_or_lora_tree')
   _fuse.check_covered(params_or_lora_tree, specs, name)
-  tensors, digests = {}, {}
+  tensors, digests, stored_specs = {}, {}, []
   for spec in specs:
     if any('/' in p for p in spec.path):
       raise ValueError(
@@ -120,6 +120,7 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
           'uses to join paths. Rename the module.'
       )
     a, b = _fuse.get_adapter(params_or_lora_tree, spec, name)
+    stored_specs.append(_fuse.stacked_spec(spec, a, b, name))
     for tensor_name, x in zip(_tensor_names(spec), (a, b)):
       arr = np.ascontiguousarray(np.asarray(x))
       if arr.dtype not in _CODES:
@@ -139,7 +140,7 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
   header = {
       'format': FORMAT,
       'format_version': str(FORMAT_VERSION),
-      'adapters': json.dumps([s.to_json() for s in specs]),
+      'adapters': json.dumps([s.to_json() for s in stored_specs]),
       'dtypes': json.dumps({k: _CODES[v.dtype] for k, v in tensors.items()}),
       'sha256': json.dumps(digests),
       'user_metadata': user,
@@ -268,7 +269,8 @@ def load_adapters(path: str | os.PathLike[str], *,
   lora: dict[str, Any] = {}
   for name, info in stored.items():
     spec = wanted[name]
-    shape = spec.a_shape if name.endswith('/a') else spec.b_shape
+    shape = (*spec.stack_shape,
+             *(spec.a_shape if name.endswith('/a') else spec.b_shape))
     code = info['dtype']
     if (code not in _DTYPES or dtypes.get(name) != code
         or tuple(info['shape']) != tuple(shape)):
@@ -278,7 +280,7 @@ def load_adapters(path: str | os.PathLike[str], *,
       raise _corrupt(path, f'the bytes of {name!r} fail their SHA-256 check')
     arr = np.frombuffer(info['data'], _DTYPES[code]).reshape(shape)
     node = lora
-    for key in (*spec.path, spec.adapter_name):
+    for key in spec.adapter_path:
       node = node.setdefault(key, {})
     node[name[-1]] = jnp.array(arr)
   if expected is not None:
@@ -298,8 +300,10 @@ def _compare_specs(path, got, expected) -> None:
         'this model and surgery rules.'
     )
   for key, spec in exp_map.items():
-    diff = {f: (getattr(got_map[key], f), getattr(spec, f))
-            for f in spec.to_json() if getattr(got_map[key], f)
+    # Surgery records per-layer specs; the file also knows the stack.
+    stored = got_map[key] if spec.stack_shape else got_map[key].unstacked()
+    diff = {f: (getattr(stored, f), getattr(spec, f))
+            for f in spec.to_json() if getattr(stored, f)
             != getattr(spec, f)}
     if diff:
       raise ValueError(

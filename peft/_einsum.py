@@ -332,6 +332,25 @@ def delta(delta_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return out
 
 
+def stacked_delta_str(delta_str: str, n_stack: int) -> str:
+  """`delta_str` with `n_stack` leading axes shared by A, B and the kernel.
+
+  Layers stacked by `nn.scan` or `nn.vmap` hold one kernel, A and B per
+  layer along the leading axes; the delta is taken layer by layer.
+
+  Example:
+    >>> stacked_delta_str('ir,ro->io', 1)
+    'air,aro->aio'
+  """
+  if n_stack == 0:
+    return delta_str
+  free = [c for c in string.ascii_letters if c not in delta_str][:n_stack]
+  lead = ''.join(free)
+  lhs, weights = delta_str.split('->')
+  a_axes, b_axes = lhs.split(',')
+  return f'{lead}{a_axes},{lead}{b_axes}->{lead}{weights}'
+
+
 @functools.partial(jax.jit, static_argnames=('delta_str', 'with_error'))
 def add_delta(kernel: jax.Array, a: jax.Array, b: jax.Array,
               scale: jax.Array | float, *, delta_str: str,

@@ -10,6 +10,7 @@ overhead; `unfuse_params` subtracts it again and puts the adapters back.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import jax
@@ -103,9 +104,12 @@ def _branch(tree: Params, spec: _spec.AdapterSpec, name: str) -> Params:
 
 
 def get_adapter(lora: Params, spec: _spec.AdapterSpec, name: str):
-  """Validated `(A, B)` of `spec` from a lora tree."""
+  """Validated `(A, B)` of `spec` from a lora tree.
+
+  A and B may carry leading stack axes (`stacked_spec` reads them).
+  """
   node = lora
-  for key in (*spec.path, spec.adapter_name):
+  for key in spec.adapter_path:
     if not isinstance(node, Mapping) or key not in node:
       raise ValueError(
           f'{name}: no adapter branch {spec.key!r} for its spec. Pass only '
@@ -118,17 +122,41 @@ def get_adapter(lora: Params, spec: _spec.AdapterSpec, name: str):
         f'{name}: adapter {spec.key!r} must be a dict with keys a and b; got '
         f'{adapter!r:.80}. Pass the params the adapters were trained in.'
     )
-  for key, shape in (('a', spec.a_shape), ('b', spec.b_shape)):
-    got = tuple(np.shape(adapter[key]))
-    if got != tuple(shape):
-      raise ValueError(
-          f'{name}: {spec.key + "/" + key!r} has shape {got} but its spec says '
-          f'{tuple(shape)}. The adapter and spec come from different models.'
-      )
+  stacked_spec(spec, adapter['a'], adapter['b'], name)
   return adapter['a'], adapter['b']
 
 
+def stacked_spec(spec: _spec.AdapterSpec, a, b,
+                 name: str) -> _spec.AdapterSpec:
+  """`spec` with `stack_shape` read from A and B (see `AdapterSpec`).
+
+  Layers stacked by `nn.scan`/`nn.vmap` give A, B and the kernel the same
+  leading axes; a spec recorded inside the transform has per-layer shapes.
+
+  Raises:
+    ValueError: A or B does not have the spec's shape after the same
+      leading axes.
+  """
+  a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
+  n = len(a_shape) - len(spec.a_shape)
+  stack = a_shape[:n] if n >= 0 else None
+  if spec.stack_shape and stack != spec.stack_shape:
+    stack = None
+  for key, got, want in (('a', a_shape, spec.a_shape),
+                         ('b', b_shape, spec.b_shape)):
+    if stack is None or got != (*stack, *want):
+      lead = f'{spec.stack_shape} + ' if spec.stack_shape else ''
+      raise ValueError(
+          f'{name}: {spec.key + "/" + key!r} has shape {got} but its spec says '
+          f'{lead}{tuple(want)} (A is {a_shape}, B is {b_shape}; stacked '
+          'layers must share their leading axes). The adapter and spec come '
+          'from different models.'
+      )
+  return dataclasses.replace(spec, stack_shape=stack)
+
+
 def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
+  """The kernel of `spec`, whose leading axes may be a layer stack."""
   module = _branch(original, spec, name)
   if spec.weight_name not in module:
     raise ValueError(
@@ -137,11 +165,12 @@ def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
         f'{sorted(module)!r}). Pass the specs recorded for these params.'
     )
   kernel = module[spec.weight_name]
-  if tuple(np.shape(kernel)) != tuple(spec.weight_shape):
+  shape, want = tuple(np.shape(kernel)), tuple(spec.weight_shape)
+  if shape[len(shape) - len(want):] != want:
     raise ValueError(
         f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} has shape '
         f'{tuple(np.shape(kernel))} but adapter {spec.key!r} expects '
-        f'{tuple(spec.weight_shape)}. The params and specs do not match.'
+        f'{want}. The params and specs do not match.'
     )
   if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
     raise TypeError(
@@ -178,9 +207,11 @@ def check_covered(lora: Params, specs, name: str) -> None:
 def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
                 with_error: bool = False):
   """`kernel + sign * scale * delta`: `_einsum.add_delta` for one spec."""
+  delta_str = _einsum.stacked_delta_str(spec.delta_str,
+                                        len(spec.stack_shape))
   return _einsum.add_delta(jnp.asarray(kernel), jnp.asarray(a),
                            jnp.asarray(b), sign * spec.scale,
-                           delta_str=spec.delta_str, with_error=with_error)
+                           delta_str=delta_str, with_error=with_error)
 
 
 def _update_kernels(base, lora, specs, sign: float, name: str, *,
@@ -196,6 +227,14 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
     # Read from `out`: several adapters of one kernel add up.
     kernel = _get_kernel(out, spec, name)
     a, b = get_adapter(lora, spec, name)
+    spec = stacked_spec(spec, a, b, name)
+    if np.shape(kernel) != (*spec.stack_shape, *spec.weight_shape):
+      raise ValueError(
+          f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} has shape '
+          f'{np.shape(kernel)} but its adapter {spec.key!r} is stacked '
+          f'{spec.stack_shape}; a stacked kernel needs the same leading axes '
+          'as its A and B. The params and specs do not match.'
+      )
     new = apply_delta(kernel, a, b, spec, sign, with_error=with_error)
     if with_error:
       new, err = new

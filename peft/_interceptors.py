@@ -9,6 +9,13 @@ use instead, and every later call of the same module reuses that replacement
 All mutable state lives in a `contextvars.ContextVar`, not on the (frozen)
 interceptor object, so two threads or two asyncio tasks may enter the same
 interceptor at once and each sees only its own replacements.
+
+Interception happens while a model runs, so a compiled function traced
+earlier (`jax.jit`, flax's `nn.jit`) would replay whatever surgery was active
+when it was traced. To prevent that, the active interceptors are part of
+JAX's compilation-cache key (`jax.make_user_context`): entering or leaving a
+surgery makes the next call of a jitted function trace afresh, and equal
+surgeries (same rules) share one trace.
 """
 
 from __future__ import annotations
@@ -23,10 +30,23 @@ import threading
 from typing import Any
 
 from flax import linen as nn
+import jax
 
 # Methods that must run on the original module: `setup` builds the module's
 # own submodules, which a replacement (sharing its scope) relies on.
 _PASS_THROUGH_METHODS = frozenset({'setup'})
+
+# JAX's trace/compile caches key on this value (a tuple of the active
+# interceptors' `jit_cache_key()`s; None when there are none), so a jitted
+# function never replays a trace made under another surgery.
+_JIT_CACHE_KEY = jax.make_user_context(default_value=None)
+
+
+def _is_intercepted(method_name: str) -> bool:
+  """Only `__call__` among dunders: flax also wraps a model's `__getattr__`
+  (and other dunders), which are attribute plumbing, not layer calls."""
+  return method_name == '__call__' or not (
+      method_name.startswith('__') and method_name.endswith('__'))
 
 
 class Interceptor(abc.ABC):
@@ -53,6 +73,7 @@ class Interceptor(abc.ABC):
     state = self._new_state()
     _ACTIVE.set(_ACTIVE.get() + ((self, state),))
     _install_dispatcher()
+    _sync_jit_cache_key()
     return self._entered(state)
 
   def __exit__(self, *exc_info) -> None:
@@ -65,7 +86,17 @@ class Interceptor(abc.ABC):
       )
     _ACTIVE.set(active[:-1])
     _uninstall_dispatcher()
+    _sync_jit_cache_key()
     self._exited(active[-1][1], failed=exc_info[0] is not None)
+
+  def jit_cache_key(self) -> Any:
+    """What identifies this interceptor's effect in JAX's compile caches.
+
+    Two interceptors with equal keys may share compiled traces. The default
+    is the interceptor object itself (no sharing); subclasses whose effect
+    is fully described by their fields return those fields.
+    """
+    return self
 
   def _entered(self, state: Any) -> Any:
     """What `with interceptor as x` binds to `x` (default: the interceptor)."""
@@ -107,13 +138,60 @@ def suspended():
   """Runs the block with no peft interceptor active (this thread/task).
 
   For modules a wrapper builds for its own computation (e.g. the conv that
-  applies a LoRA adapter's A), which surgery must never adapt.
+  applies a LoRA adapter's A), which surgery must never adapt, and for the
+  interceptors' own bookkeeping (reading a module's fields may run a
+  model's `__getattr__` or properties, which must not be intercepted).
   """
-  token = _ACTIVE.set(())
+  token = _SUSPENDED.set(True)
   try:
     yield
   finally:
-    _ACTIVE.reset(token)
+    _SUSPENDED.reset(token)
+
+
+# True inside `suspended()`: calls run as if no interceptor were entered.
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    'peft_interceptors_suspended', default=False)
+
+
+def _active_jit_cache_key() -> tuple[Any, ...] | None:
+  keys = tuple(i.jit_cache_key() for i, _ in _ACTIVE.get())
+  return keys or None
+
+
+def _sync_jit_cache_key() -> None:
+  """Makes JAX's (thread-local) cache key match this task's interceptors."""
+  key = _active_jit_cache_key()
+  if _JIT_CACHE_KEY.value != key:
+    # A user context is a `with` object; entering one sets the thread's
+    # value until the next sync, which is what we want here.
+    _JIT_CACHE_KEY(key).__enter__()
+
+
+def _check_jit_cache_key(context) -> None:
+  """Fails a trace whose cache key belongs to another asyncio task.
+
+  JAX keeps the key per thread, interceptors per task: when two tasks of one
+  thread hold different surgeries across an `await`, a jit call may have
+  been keyed on the other task's surgery. Eager calls just resync the key.
+  """
+  key = _active_jit_cache_key()
+  if _JIT_CACHE_KEY.value == key:
+    return
+  # Under a jit trace even a constant is staged, so this is a tracer then.
+  if not isinstance(jax.numpy.zeros(()), jax.core.Tracer):
+    _sync_jit_cache_key()
+    return
+  where = '/'.join(context.module.path) if context.module.scope else ''
+  raise RuntimeError(
+      f'A jitted function is tracing {type(context.module).__name__} at '
+      f'{where or "<root>"!r} under the interceptors {key!r}, but JAX keyed '
+      f'its cache on {_JIT_CACHE_KEY.value!r}: another asyncio task in this '
+      'thread entered or left a surgery while this one was suspended at an '
+      '`await`. JAX keys compiled functions per thread, not per task: run '
+      'differently adapted models in separate threads, or enter the surgery '
+      'inside the jitted function.'
+  )
 
 
 def _dispatch(next_fun, args, kwargs, context):
@@ -123,6 +201,9 @@ def _dispatch(next_fun, args, kwargs, context):
   would see each other's interceptors; dispatching through a ContextVar
   gives every task (and thread) only the interceptors it entered.
   """
+  if _SUSPENDED.get() or not _is_intercepted(context.method_name):
+    return next_fun(*args, **kwargs)
+  _check_jit_cache_key(context)
   fun = next_fun
   for interceptor, _ in reversed(_ACTIVE.get()):
     fun = functools.partial(_call_interceptor, interceptor, fun,
@@ -212,6 +293,25 @@ class ModuleInterceptor(Interceptor):
   def _new_state(self) -> ReplaceState:
     return ReplaceState()
 
+  def jit_cache_key(self) -> Any:
+    """Equal for interceptors of one class with equal fields.
+
+    So `peft.lora(rank=4)` entered twice (or gemma-style wrappers that build
+    a new interceptor per call) reuses one compiled trace. A subclass that
+    is not itself a dataclass may hold state outside its fields, so it keys
+    on identity.
+    """
+    cls = type(self)
+    if '__dataclass_fields__' not in cls.__dict__:
+      return self
+    key = (cls, tuple(_field_key(getattr(self, f.name))
+                      for f in dataclasses.fields(self)))
+    try:
+      hash(key)
+    except TypeError:  # e.g. a list in a field: fall back to identity
+      return self
+    return key
+
   def interceptor(self, next_fun, args, kwargs,
                   context: nn.module.InterceptorContext):
     if context.method_name in _PASS_THROUGH_METHODS:
@@ -221,14 +321,23 @@ class ModuleInterceptor(Interceptor):
     if state.no_recurse.get(id(original), 0):
       return next_fun(*args, **kwargs)
     if id(original) not in state.replacements:
-      state.replacements[id(original)] = (
-          original, self.replace_module(original))
+      with suspended():  # bookkeeping reads must not be intercepted
+        replacement = self.replace_module(original)
+      state.replacements[id(original)] = (original, replacement)
     replacement = state.replacements[id(original)][1]
     if replacement is original or not hasattr(replacement,
                                               context.method_name):
       return next_fun(*args, **kwargs)
     with _no_recurse(state, (id(original), id(replacement))):
       return getattr(replacement, context.method_name)(*args, **kwargs)
+
+
+def _field_key(value: Any) -> Any:
+  """`value`, with a `functools.partial` compared by what it binds."""
+  if isinstance(value, functools.partial):
+    return (functools.partial, value.func, value.args,
+            tuple(sorted(value.keywords.items())))
+  return value
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from flax import linen as nn
 from flax.typing import Array
@@ -45,6 +45,10 @@ def is_being_adapted(module: nn.Module) -> bool:
 class LoRAWrapper(_wrapper.ScopeSharingWrapper):
   """Fields shared by all LoRA wrappers (see the subclasses).
 
+  peft's wrappers record their adapters' `AdapterSpec`s themselves
+  (`records_adapter_specs`); adapters called by other wrappers record their
+  own.
+
   Attributes:
     rank: LoRA rank.
     alpha: scale numerator; `None` means `rank` (scale 1, as gemma.peft).
@@ -69,6 +73,8 @@ class LoRAWrapper(_wrapper.ScopeSharingWrapper):
   dtype: Dtype = jnp.float32
   a_init: Initializer = nn.initializers.kaiming_uniform()
   b_init: Initializer = nn.initializers.zeros_init()
+
+  records_adapter_specs: ClassVar[bool] = True
 
   @nn.nowrap
   def _call_wrapped(self, method: str, *args, **kwargs):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from peft import _einsum
 from peft import _interceptors
+from peft import _layers
 from peft import _spec
 
 _DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
@@ -101,11 +102,54 @@ class _AdapterBase(nn.Module):
     return nn.Dropout(rate=self.dropout, deterministic=deterministic)(x)
 
   @nn.nowrap
-  def _einsum_update(self, plan: _einsum.LoRAEinsumPlan,
-                     inputs: Array) -> Array:
-    """`scale * einsum(plan.einsum_str, x, A, B)`, as `(x @ A) @ B`."""
+  def _einsum_update(self, eq: _einsum.EinsumEquation, inputs: Array,
+                     weight_shape: Sequence[int]) -> Array:
+    """`scale * einsum(plan.einsum_str, x, A, B)`, as `(x @ A) @ B`.
+
+    `eq` is the adapted layer's `inputs,weights->outputs` equation.
+    """
+    plan = eq.lora_plan(weight_shape=weight_shape, rank=self.rank,
+                        where=_where(self))
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
+    self._record_for_foreign_wrapper(eq, plan, weight_shape)
     return plan.apply(*self._cast(self._drop(inputs), a, b))
+
+  @nn.nowrap
+  def _record_for_foreign_wrapper(self, eq: _einsum.EinsumEquation,
+                                  plan: _einsum.LoRAEinsumPlan,
+                                  weight_shape: Sequence[int]) -> None:
+    """Records this adapter's spec when another library's wrapper calls it.
+
+    peft's own wrappers record their adapters' specs. A gemma-style wrapper
+    (a module with a `wrapped` einsum-like layer that calls this adapter
+    directly) records nothing, so the adapter does, so that fuse, unfuse
+    and adapter files work on its params. The kernel is the wrapped layer's
+    weight; the adapter may sit in a submodule below that layer's scope.
+    """
+    parent = self.parent
+    if not isinstance(parent, nn.Module) or getattr(
+        type(parent), 'records_adapter_specs', False):
+      return
+    # The dataclass field itself: never a model's `__getattr__`.
+    wrapped = vars(parent).get('wrapped')
+    kind = _layers.einsum_kind_of(wrapped)
+    if kind is None or wrapped.scope is None:
+      return
+    kernel_path, own_path = tuple(wrapped.path), tuple(self.path)
+    if own_path[:len(kernel_path)] != kernel_path:
+      return  # not inside the wrapped layer's scope: no param path to name
+    weight_name = kind.weight_name
+    if callable(weight_name):
+      weight_name = weight_name(wrapped)
+    _spec.record_adapter(_spec.AdapterSpec(
+        path=kernel_path, layer_type=type(wrapped).__name__,
+        weight_name=weight_name,
+        adapter_name='/'.join(own_path[len(kernel_path):]),
+        weight_shape=tuple(int(d) for d in weight_shape),
+        a_shape=plan.a_shape,
+        b_shape=plan.b_shape, delta_str=plan.delta_str,
+        einsum_str=eq.einsum_str, rank=self.rank,
+        alpha=self.alpha, use_rslora=self.use_rslora))
 
   @nn.nowrap
   def _cast(self, x: Array, a: Array, b: Array):
@@ -146,18 +190,17 @@ class LoRAEinsumAdapter(_AdapterBase):
   shape: Sequence[int] = ()
 
   @nn.nowrap
-  def plan(self) -> _einsum.LoRAEinsumPlan:
-    eq = _einsum.EinsumEquation.parse(self.einsum_str, where=self._where())
-    return eq.lora_plan(weight_shape=self.shape, rank=self.rank,
-                        where=self._where())
+  def equation(self) -> _einsum.EinsumEquation:
+    return _einsum.EinsumEquation.parse(self.einsum_str, where=_where(self))
 
   @nn.nowrap
-  def _where(self) -> str:
-    return '/'.join(self.path) if self.scope is not None else ''
+  def plan(self) -> _einsum.LoRAEinsumPlan:
+    return self.equation().lora_plan(weight_shape=self.shape, rank=self.rank,
+                                     where=_where(self))
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    return self._einsum_update(self.plan(), inputs)
+    return self._einsum_update(self.equation(), inputs, self.shape)
 
 
 class LoRADenseAdapter(_AdapterBase):
@@ -175,9 +218,15 @@ class LoRADenseAdapter(_AdapterBase):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    plan = _DENSE.lora_plan(weight_shape=(inputs.shape[-1], self.features),
-                            rank=self.rank)
-    return self._einsum_update(plan, inputs)
+    if not self.features:
+      raise ValueError(
+          f'LoRADenseAdapter needs features (the output size of the dense '
+          f'layer it adapts); got {self.features!r} at '
+          f'{"/".join(self.path) or "<root>"!r}. Pass '
+          'LoRADenseAdapter(rank=..., features=dense.features).'
+      )
+    return self._einsum_update(_DENSE, inputs,
+                               (inputs.shape[-1], self.features))
 
 
 class LoRADenseGeneralAdapter(_AdapterBase):
@@ -205,8 +254,7 @@ class LoRADenseGeneralAdapter(_AdapterBase):
         input_shape=inputs.shape, axis=as_tuple(self.axis),
         batch_dims=as_tuple(self.batch_dims),
         features=as_tuple(self.features))
-    plan = eq.lora_plan(weight_shape=shape, rank=self.rank)
-    return self._einsum_update(plan, inputs)
+    return self._einsum_update(eq, inputs, shape)
 
 
 class LoRAConvAdapter(_AdapterBase):
@@ -278,6 +326,10 @@ class LoRAEmbedAdapter(_AdapterBase):
   def attend(self, query: Array) -> Array:
     query, a, b = self._cast(query, self.a, self.b)
     return (query @ b.T) @ a.T
+
+
+def _where(module: nn.Module) -> str:
+  return '/'.join(module.path) if module.scope is not None else ''
 
 
 def _boxed(init: Initializer, box: nn.Partitioned, names) -> Initializer:

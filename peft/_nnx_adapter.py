@@ -20,6 +20,7 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peft import _einsum
 from peft import _spec
@@ -48,6 +49,16 @@ def retype(module: nnx.Module, cls: type[nnx.Module]) -> nnx.Module:
   new = cls.__new__(cls)
   new.__setstate__(module.__getstate__())
   return new
+
+
+def _stacked_init(init, key, stack, shape, dtype):
+  """`init(key, shape)` once per stacked layer (fan-in stays per layer)."""
+  if not stack:
+    return init(key, shape, dtype)
+  n = int(np.prod(stack))
+  keys = jax.random.split(key, n) if key is not None else [None] * n
+  values = [init(k, shape, dtype) for k in keys]
+  return jnp.stack(values).reshape((*stack, *shape))
 
 
 class LoRAAdapter(nnx.Module):
@@ -106,6 +117,7 @@ class LoRAAdapter(nnx.Module):
       b_init: Initializer = default_b_init,
       rngs: nnx.Rngs | None,
       where: str = '',
+      stack_shape: Sequence[int] = (),
   ):
     at = f' at {where!r}' if where else ''
     self.rank = _einsum.check_rank(tuple(a_shape)[-1], where=where)
@@ -125,8 +137,10 @@ class LoRAAdapter(nnx.Module):
     self.einsum_str = einsum_str
     self.dtype = dtype
     key = (lambda: rngs.params()) if rngs is not None else (lambda: None)
-    self.a = LoRAParam(a_init(key(), tuple(a_shape), param_dtype))
-    self.b = LoRAParam(b_init(key(), tuple(b_shape), param_dtype))
+    self.a = LoRAParam(_stacked_init(a_init, key(), tuple(stack_shape),
+                                     tuple(a_shape), param_dtype))
+    self.b = LoRAParam(_stacked_init(b_init, key(), tuple(stack_shape),
+                                     tuple(b_shape), param_dtype))
     drop = None
     if dropout > 0.0:
       try:

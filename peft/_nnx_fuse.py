@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 
 from peft import _checkpoint
 from peft import _fuse
@@ -53,7 +54,7 @@ class FusedAdapters(NamedTuple):
 
 def _put(tree: dict[str, Any], spec: _spec.AdapterSpec, a, b) -> None:
   node = tree
-  for key in (*spec.path, spec.adapter_name):
+  for key in spec.adapter_path:
     node = node.setdefault(key, {})
   node.update(a=a, b=b)
 
@@ -139,9 +140,12 @@ def _attach(model, specs, adapters, *, subtract: bool, name: str,
         module, where=surgery.path_str(spec.path), rank=spec.rank,
         alpha=spec.alpha,
         use_rslora=spec.use_rslora, dtype=None, param_dtype=a.dtype,
-        a_init=lambda *_, v=a: v, b_init=lambda *_, v=b: v,
+        a_init=nnx.initializers.zeros, b_init=nnx.initializers.zeros,
         einsum_str=spec.einsum_str if cls is _nnx_layers.LoRAEinsum else None,
         **options)
+    # Set after construction: a stacked layer initialises A and B per layer.
+    layer.lora.a[...] = jnp.asarray(a)
+    layer.lora.b[...] = jnp.asarray(b)
     got = layer.adapter_spec(spec.path)
     if got != spec:
       raise ValueError(

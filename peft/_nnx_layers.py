@@ -165,25 +165,33 @@ class _LoRALayer:
   def _add_lora(self, *, rank, dtype, param_dtype, einsum_str, where,
                 **options) -> None:
     eq = self._equation(einsum_str, where)
-    plan = eq.lora_plan(weight_shape=self._kernel().shape, rank=rank,
-                        where=where)
+    stack, weight_shape = _split_stack(self._kernel().shape, eq)
+    plan = eq.lora_plan(weight_shape=weight_shape, rank=rank, where=where)
     self.lora = LoRAAdapter(
         plan.a_shape, plan.b_shape, plan.delta_str,
         einsum_str=eq.einsum_str if self.records_einsum else None,
         dtype=self.dtype if dtype is None else dtype,
         param_dtype=self.param_dtype if param_dtype is None else param_dtype,
-        where=where, **options)
+        where=where, stack_shape=stack, **options)
 
   def adapter_spec(self, path: Sequence[Any] = ()) -> _spec.AdapterSpec:
-    """The `AdapterSpec` of this layer's adapter at model path `path`."""
+    """The `AdapterSpec` of this layer's adapter at model path `path`.
+
+    Layers stacked by `nnx.vmap` (run under `nnx.scan`) carry the stack in
+    `stack_shape`; the other shapes are per layer.
+    """
     lora = self.lora
+    n = len(lora.a.shape) - len(lora.delta_str.split(',')[0])
+    stack = tuple(lora.a.shape[:n])
     return _spec.AdapterSpec(
         path=tuple(str(p) for p in path),
         layer_type=self.base_type.__name__, weight_name=self.weight_name,
-        adapter_name='lora', weight_shape=tuple(self._kernel().shape),
-        a_shape=tuple(lora.a.shape), b_shape=tuple(lora.b.shape),
+        adapter_name='lora',
+        weight_shape=tuple(self._kernel().shape[n:]),
+        a_shape=tuple(lora.a.shape[n:]), b_shape=tuple(lora.b.shape[n:]),
         delta_str=lora.delta_str, einsum_str=lora.einsum_str,
-        rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora)
+        rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
+        stack_shape=stack)
 
   def _add_update(self, y: jax.Array, inputs: jax.Array,
                   eq: _einsum.EinsumEquation) -> jax.Array:
@@ -201,6 +209,18 @@ class _LoRALayer:
     update = self.lora.update(inputs, eq.einsum_str,
                               precision=getattr(self, 'precision', None))
     return y + update.astype(y.dtype)
+
+
+def _split_stack(kernel_shape, eq: _einsum.EinsumEquation):
+  """`(stack axes, per-layer shape)` of a kernel, from its einsum.
+
+  A layer built under `nnx.vmap` (to be run by `nnx.scan`) holds a kernel
+  with leading layer axes beyond the equation's weight axes.
+  """
+  n = len(kernel_shape) - len(eq.weights)
+  if n <= 0:
+    return (), tuple(kernel_shape)
+  return tuple(kernel_shape[:n]), tuple(kernel_shape[n:])
 
 
 class LoRALinear(_LoRALayer, nnx.Linear):

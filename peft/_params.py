@@ -43,6 +43,23 @@ def is_adapter_key(key: Any) -> bool:
   return isinstance(key, str) and (key == 'lora' or key.startswith('lora_'))
 
 
+def is_adapter_module(tree: Any) -> bool:
+  """Whether `tree` is a module holding adapter branches and nothing else.
+
+  Example:
+    >>> is_adapter_module({'lora': {'a': 1, 'b': 2}})
+    True
+    >>> is_adapter_module({'kernel': 1, 'lora': {'a': 1, 'b': 2}})
+    False
+  """
+  return isinstance(tree, Mapping) and bool(tree) and all(
+      is_adapter_key(k) for k in tree)
+
+
+def _holds_weights(module: Params) -> bool:
+  return any(not isinstance(v, Mapping) for v in module.values())
+
+
 def fmt_path(path: Sequence[Any]) -> str:
   return '/'.join(str(p) for p in path) or '<root>'
 
@@ -87,10 +104,13 @@ def split_params(params: Params) -> SplittedParams:
   Returns:
     `SplittedParams(original, lora)`.
 
+  A module that holds adapter branches and nothing else (gemma.peft's
+  wrappers nest their adapter so: `{'q_einsum': {'w': W, '_LoRAEinsum_0':
+  {'lora': {...}}}}`) goes to `lora` whole; `merge_params` puts it back
+  inside a module that holds weights.
+
   Raises:
     TypeError: `params` is not a mapping.
-    ValueError: a sub-tree holds adapter branches and nothing else, so its
-      module would vanish from `original` and could not be merged back.
   """
   check_mapping(params, 'params')
 
@@ -107,12 +127,6 @@ def split_params(params: Params) -> SplittedParams:
           lora[key] = sub_lora
       else:
         original[key] = value
-    if path and lora and not original:
-      raise ValueError(
-          f'params at {fmt_path(path)!r} hold only adapter branches '
-          f'{sorted(lora)!r} and no base params. An adapter must sit beside '
-          'the weight it adapts; move it next to its kernel.'
-      )
     return original, lora
 
   original, lora = split(params, ())
@@ -162,6 +176,11 @@ def merge_params(original: Params, lora: Params) -> Params:
             f'{where!r} (value {value!r:.60}). It must hold only branches '
             "named 'lora' or 'lora_*'; pass split_params(...).lora."
         )
+      elif key not in orig and is_adapter_module(value) and _holds_weights(
+          orig):
+        # A module of adapters only, inside the layer whose weights it
+        # adapts (see split_params).
+        out[key] = value
       elif key not in orig:
         raise ValueError(
             f'merge_params: the lora tree has a module at {where!r} that '

@@ -268,9 +268,10 @@ def _subtree(lora, specs):
   out = {}
   for spec in specs:
     node = out
-    for key in spec.path:
+    *parents, leaf = spec.adapter_path
+    for key in parents:
       node = node.setdefault(key, {})
-    node[spec.adapter_name] = dict(zip('ab', _fuse.get_adapter(
+    node[leaf] = dict(zip('ab', _fuse.get_adapter(
         lora, spec, 'fuse_into_quantized')))
   return out
 

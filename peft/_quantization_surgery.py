@@ -69,6 +69,11 @@ class QuantizationSurgery(_interceptors.ModuleInterceptor):
           )
       object.__setattr__(self, field, value)
 
+  def jit_cache_key(self) -> Any:
+    # The dict it yields is filled while layers are traced, so each surgery
+    # object traces afresh (as `peft.lora` does).
+    return self
+
   def _new_state(self) -> _State:
     state = _State()
     state.recorder = _ql.recording_kernels()

@@ -91,9 +91,12 @@ def normalize_targets(value: Any, *, field: str) -> tuple[Any, ...]:
 def wrapped_chain(module: Any) -> list[Any]:
   """`module`, then what it wraps, and so on (wrappers expose `.wrapped`)."""
   chain = []
-  while module is not None and module not in chain:
+  while module is not None and all(module is not m for m in chain):
     chain.append(module)
-    module = getattr(module, 'wrapped', None)
+    # The field itself, never `getattr`: a model's `__getattr__` (gemma's
+    # Transformer has one) would answer for a missing attribute.
+    module = vars(module).get('wrapped') if hasattr(module, '__dict__') else (
+        None)
   return chain
 
 

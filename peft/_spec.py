@@ -54,6 +54,11 @@ class AdapterSpec:
     rank: LoRA rank.
     alpha: LoRA alpha (`None` means `rank`).
     use_rslora: whether the scale is `alpha / sqrt(rank)`.
+    stack_shape: leading axes shared by the kernel, A and B when the layer
+      is stacked by a lifted transform (`nn.scan`/`nn.vmap` over layers
+      with `variable_axes={'params': 0}`); `()` for a plain layer. Surgery
+      records the per-layer shapes; fuse and adapter files read the stack
+      from the arrays.
   """
 
   path: tuple[str, ...]
@@ -68,6 +73,7 @@ class AdapterSpec:
   rank: int
   alpha: float | None = None
   use_rslora: bool = False
+  stack_shape: tuple[int, ...] = ()
 
   @property
   def scale(self) -> float:
@@ -78,6 +84,20 @@ class AdapterSpec:
   def key(self) -> str:
     """`'path/to/module/adapter_name'`, unique per adapter in a model."""
     return '/'.join((*self.path, self.adapter_name))
+
+  @property
+  def adapter_path(self) -> tuple[str, ...]:
+    """Keys from the params root to the adapter's `{'a', 'b'}` dict.
+
+    `adapter_name` is usually one key beside the kernel (`'lora'`); under a
+    gemma-style wrapper that nests its adapter in a submodule it is a
+    relative path such as `'_LoRAEinsum_0/lora'`.
+    """
+    return (*self.path, *self.adapter_name.split('/'))
+
+  def unstacked(self) -> AdapterSpec:
+    """This spec without `stack_shape` (what surgery records per layer)."""
+    return dataclasses.replace(self, stack_shape=())
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-serialisable dict (lists for tuples)."""

@@ -39,12 +39,26 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
   exit, a target that selected no layer is an error listing the adaptable
   layers that did run. Layers already wrapped are left alone.
 
+  Compiled functions: a jitted function called inside the block traces
+  afresh for each surgery object (so the report is filled) and reuses that
+  trace when the same object is entered again; create the surgery once and
+  re-enter it in loops. With `share_traces=True` (what `peft.LoRA` uses)
+  surgeries with equal rules share traces too.
+
   Attributes:
     rules: the rules; the first rule that selects a layer decides its
       options.
+    share_traces: key JAX's compile caches on the rules rather than on this
+      object.
   """
 
   rules: tuple[_rules.LoRARule, ...] = ()
+  share_traces: bool = False
+
+  def jit_cache_key(self) -> Any:
+    # Keyed on the object by default: a report is filled while layers are
+    # traced, so a new `with peft.lora(...) as report` must trace again.
+    return super().jit_cache_key() if self.share_traces else self
 
   def _new_state(self) -> _SurgeryState:
     state = _SurgeryState()
@@ -201,9 +215,12 @@ class LoRA(nn.Module):
       nn.share_scope(self, self.model)
 
   def surgery(self) -> LoRASurgery:
-    return lora(self.rank, targets=self.targets, exclude=self.exclude,
-                alpha=self.alpha, use_rslora=self.use_rslora,
-                dropout=self.dropout, dtype=self.dtype, rules=self.rules)
+    rules = lora(self.rank, targets=self.targets, exclude=self.exclude,
+                 alpha=self.alpha, use_rslora=self.use_rslora,
+                 dropout=self.dropout, dtype=self.dtype,
+                 rules=self.rules).rules
+    # A new surgery per call: equal ones share compiled traces.
+    return LoRASurgery(rules=rules, share_traces=True)
 
   def __call__(self, *args, **kwargs):
     with self.surgery():

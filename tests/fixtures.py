@@ -5,6 +5,8 @@ built in `setup`, and a custom Einsum layer (called as `layer(eqn, x)`) whose
 feed-forward block calls two such layers inside one shared scope.
 """
 
+import functools
+
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -97,6 +99,89 @@ class CustomModel(nn.Module):
   def __call__(self, x):
     x = x + MyEinsum((D, D), name='proj')('btd,de->bte', x)
     return x + SharedScopeFeedForward(name='mlp')(x)
+
+
+class _Config:
+  """A plain config object, as third-party models carry one."""
+
+  num_layers = 2
+  width = D
+
+
+class ThirdPartyStyle(nn.Module):
+  """Written the way gemma's Transformer is, not the way peft would like.
+
+  Blocks built in `setup`, a `__getattr__` that forwards to the config, a
+  property, `__call__` compiled by flax's `nn.jit` (its own trace cache)
+  and a second method (`encode`) that runs the same layers.
+  """
+
+  config: _Config = _Config()
+
+  def setup(self):
+    self.blocks = [Block(name=f'layer_{i}')
+                   for i in range(self.config.num_layers)]
+    self.head = nn.Dense(3, name='head')
+
+  def __getattr__(self, name):
+    if name == 'width':
+      return self.config.width
+    return super().__getattr__(name)
+
+  @property
+  def depth(self) -> int:
+    return self.config.num_layers
+
+  def encode(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+  @functools.partial(nn.jit, static_argnames=('self',))
+  def __call__(self, x):
+    return self.head(self.encode(x))
+
+
+class ScanBlock(nn.Module):
+  """One layer for `nn.scan`: `(carry, _) -> (carry, None)`."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    x = x + nn.Dense(D, name='up')(jnp.tanh(x))
+    return x, None
+
+
+class Scanned(nn.Module):
+  """Layers stacked by `nn.scan` (params get a leading layer axis)."""
+
+  num_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(ScanBlock, variable_axes={'params': 0},
+                    split_rngs={'params': True}, length=self.num_layers)
+    x, _ = stack(name='layers')(x, None)
+    return nn.Dense(2, name='head')(x)
+
+
+class Remat(nn.Module):
+  """Blocks under `nn.remat`, as memory-saving training code writes them."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = nn.remat(Block)(name=f'block{i}')(x)
+    return x
+
+
+class Vmapped(nn.Module):
+  """One Dense per ensemble member through `nn.vmap` over params."""
+
+  @nn.compact
+  def __call__(self, x):
+    ensemble = nn.vmap(nn.Dense, variable_axes={'params': 0},
+                       split_rngs={'params': True}, in_axes=0, out_axes=0)
+    return ensemble(D, name='members')(x)
 
 
 # Test data comes from numpy's RNG: eager jax.random calls would each

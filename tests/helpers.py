@@ -1,9 +1,12 @@
-"""The one tree comparison helper of the test suite."""
+"""Shared checks: the one tree comparison helper, the independent fuse."""
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+import peft
 
 
 def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 0.0,
@@ -24,3 +27,26 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 0.0,
         e.astype(np.float64) if e.dtype.kind == 'V' or 'bfloat' in str(
             e.dtype) else e,
         rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def independently_fused(params, specs):
+  """`W + scale * einsum(delta_str, A, B)` per adapted kernel, plain jnp.
+
+  The reference for fuse and adapted outputs: it shares no code with peft's
+  delta computation. Stacked layers (a leading layer axis on W, A and B, from
+  `nn.scan`/`nn.vmap`) go through `jnp.einsum`'s ellipsis.
+  """
+  original, lora = peft.split_params(params)
+  out = jax.tree.map(lambda x: x, original)
+  for spec in specs:
+    node, adapter = out, lora
+    for key in spec.path:
+      node = node[key]
+    for key in spec.adapter_path:
+      adapter = adapter[key]
+    lhs, weights = spec.delta_str.split('->')
+    a_axes, b_axes = lhs.split(',')
+    delta = jnp.einsum(f'...{a_axes},...{b_axes}->...{weights}',
+                       adapter['a'], adapter['b'])
+    node[spec.weight_name] = node[spec.weight_name] + spec.scale * delta
+  return out

@@ -73,9 +73,26 @@ def test_split_root_adapter():
   assert (original, lora) == ({'kernel': 1}, {'lora': {'a': 2}})
 
 
-def test_split_adapter_without_base_params_raises():
-  with pytest.raises(ValueError, match=r"at 'a/x' hold only adapter .*lora"):
-    split_params({'a': {'x': {'lora': {'a': 1}}, 'y': {'kernel': 2}}})
+def test_gemma_peft_layout_round_trips():
+  # gm.nn.LoRA nests the adapter of gemma's Einsum in its own submodule, and
+  # the shared-scope feed-forward names it after the kernel.
+  params = {'attn': {'q_einsum': {'w': 1, '_LoRAEinsum_0': {
+      'lora': {'a': 2, 'b': 3}}}},
+            'mlp': {'gating_einsum': 4, '_LoRAEinsum_gating_einsum': {
+                'lora': {'a': 5, 'b': 6}}}}
+  original, lora = split_params(params)
+  assert original == {'attn': {'q_einsum': {'w': 1}},
+                      'mlp': {'gating_einsum': 4}}
+  assert lora == {'attn': {'q_einsum': {'_LoRAEinsum_0': {
+      'lora': {'a': 2, 'b': 3}}}}, 'mlp': {'_LoRAEinsum_gating_einsum': {
+          'lora': {'a': 5, 'b': 6}}}}
+  assert merge_params(original, lora) == params
+
+
+def test_merge_module_missing_from_base_still_raises():
+  with pytest.raises(ValueError, match=r"module at 'a/x' that the base"):
+    merge_params({'a': {'y': {'kernel': 1}}},
+                 {'a': {'x': {'inner': {'lora': {'a': 1}}}}})
 
 
 @pytest.mark.parametrize('fn', [split_params,
