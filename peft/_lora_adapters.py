@@ -92,6 +92,22 @@ class _AdapterBase(nn.Module):
     return value
 
   @nn.nowrap
+  def _require(self, field: str, what: str, example: str) -> None:
+    """A required field left at its empty default is a clear error.
+
+    The fields have defaults only so that the class hierarchy can be
+    keyword-only; gemma.peft's adapters require them.
+    """
+    value = getattr(self, field)
+    if value in ('', (), 0, None) or (
+        isinstance(value, Sequence) and not len(value)):
+      raise ValueError(
+          f'{type(self).__name__} needs {field} ({what}); got {value!r} at '
+          f'{_where(self) or "<root>"!r}. Pass '
+          f'{type(self).__name__}(rank=..., {example}).'
+      )
+
+  @nn.nowrap
   def _drop(self, x: Array) -> Array:
     """Dropout on the adapter's input; off without a 'dropout' rng."""
     if self.dropout == 0.0:
@@ -200,6 +216,9 @@ class LoRAEinsumAdapter(_AdapterBase):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
+    self._require('einsum_str', "the adapted layer's equation",
+                  "einsum_str='BTD,DNH->BTNH'")
+    self._require('shape', "the adapted kernel's shape", 'shape=layer.shape')
     return self._einsum_update(self.equation(), inputs, self.shape)
 
 
@@ -218,13 +237,8 @@ class LoRADenseAdapter(_AdapterBase):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    if not self.features:
-      raise ValueError(
-          f'LoRADenseAdapter needs features (the output size of the dense '
-          f'layer it adapts); got {self.features!r} at '
-          f'{"/".join(self.path) or "<root>"!r}. Pass '
-          'LoRADenseAdapter(rank=..., features=dense.features).'
-      )
+    self._require('features', 'the output size of the dense layer it adapts',
+                  'features=dense.features')
     return self._einsum_update(_DENSE, inputs,
                                (inputs.shape[-1], self.features))
 
@@ -250,6 +264,8 @@ class LoRADenseGeneralAdapter(_AdapterBase):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
+    self._require('features', 'the output axes of the layer it adapts',
+                  'features=layer.features')
     eq, shape = _einsum.dense_general_call(
         input_shape=inputs.shape, axis=as_tuple(self.axis),
         batch_dims=as_tuple(self.batch_dims),

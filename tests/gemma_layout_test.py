@@ -99,8 +99,17 @@ def test_split_merge_fuse_unfuse_save_on_foreign_layout(adapted, tmp_path):
   assert_trees_close(loaded.lora, lora)
 
 
-def test_dense_adapter_without_features_is_a_clear_error():
-  adapter = peft.LoRADenseAdapter(rank=3)
-  with pytest.raises(ValueError, match=r'needs features.*got 0.*'
-                     r'features=dense.features'):
+@pytest.mark.parametrize('adapter, match', [
+    (peft.LoRADenseAdapter(rank=3),
+     r'LoRADenseAdapter needs features .*got 0.*features=dense.features'),
+    (peft.LoRAEinsumAdapter(rank=3, shape=(4, 2)),
+     r"needs einsum_str .*got ''.*einsum_str="),
+    (peft.LoRAEinsumAdapter(rank=3, einsum_str='bi,io->bo'),
+     r'needs shape .*got \(\).*shape=layer.shape'),
+    (peft.LoRADenseGeneralAdapter(rank=3),
+     r'needs features .*got \(\).*features=layer.features'),
+])
+def test_adapter_without_a_required_field_is_a_clear_error(adapter, match):
+  # gemma's README writes LoRADenseAdapter(rank=3) and so on.
+  with pytest.raises(ValueError, match=match):
     adapter.init(jax.random.key(0), jnp.ones((2, 4)))

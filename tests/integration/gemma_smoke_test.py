@@ -10,13 +10,20 @@ import importlib.metadata
 from gemma import gm
 import gemma.peft
 import jax
-import jax.numpy as jnp
 from kauldron import kd
 import numpy as np
+import pytest
 
 import peft
 
 VOCAB = 128
+TOKENS = np.arange(8, dtype=np.int32)[None]
+
+
+def key(seed):
+  # XLA:CPU takes ~11 s to compile a threefry init of even this toy model,
+  # ~3 s with rbg: the random bits do not matter here.
+  return jax.random.key(seed, impl='rbg')
 
 
 class TinyGemma(gm.nn.Transformer):
@@ -50,36 +57,37 @@ def test_the_pinned_versions_are_the_ones_imported():
   assert gemma.peft.LoRADense is not None
 
 
-def test_tiny_transformer_init_and_apply_give_logits():
+@pytest.fixture(scope='module')
+def tiny():
   model = TinyGemma()
-  tokens = jnp.arange(8, dtype=jnp.int32)[None]
-  variables = jax.jit(model.init)(jax.random.key(0), tokens)
-  out = jax.jit(model.apply)(variables, tokens)
+  return model, jax.jit(model.init)(key(0), TOKENS)['params']
+
+
+def test_tiny_transformer_init_and_apply_give_logits(tiny):
+  model, params = tiny
+  out = jax.jit(model.apply)({'params': params}, TOKENS)
   assert out.logits.shape == (1, 8, VOCAB)
   assert np.all(np.isfinite(np.asarray(out.logits, np.float32)))
-  mlp = variables['params']['layer_0']['mlp']
-  assert mlp['gating_einsum'].shape == (2, 64, 32)
-  assert mlp['linear'].shape == (64, 32)
+  assert params['layer_0']['mlp']['gating_einsum'].shape == (2, 64, 32)
+  assert params['layer_0']['mlp']['linear'].shape == (64, 32)
 
 
-def test_gemma_lora_wraps_the_tiny_transformer():
-  model = TinyGemma()
+def test_gemma_lora_wraps_the_tiny_transformer(tiny):
+  model, _ = tiny
   lora = gm.nn.LoRA(rank=4, model=model)
-  tokens = jnp.arange(8, dtype=jnp.int32)[None]
-  params = jax.jit(lora.init)(jax.random.key(1), tokens)['params']
+  params = jax.jit(lora.init)(key(1), TOKENS)['params']
   adapters = params['layer_0']['mlp']['_LoRAEinsum_linear']['lora']
   assert adapters['a'].shape == (64, 4)
   assert adapters['b'].shape == (4, 32)
   base, _ = gemma.peft.split_params(params)
   # B starts at zero: the wrapped model computes what the plain one does.
   np.testing.assert_array_equal(
-      jax.jit(lora.apply)({'params': params}, tokens).logits,
-      jax.jit(model.apply)({'params': base}, tokens).logits)
+      jax.jit(lora.apply)({'params': params}, TOKENS).logits,
+      jax.jit(model.apply)({'params': base}, TOKENS).logits)
 
 
 def test_gemma3_270m_builds_abstractly():
   model = gm.nn.Gemma3_270M()
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, 8), jnp.int32))['params']
+  shapes = jax.eval_shape(model.init, key(0), TOKENS)['params']
   assert shapes['embedder']['input_embedding'].shape == (262144, 640)
   assert len([k for k in shapes if k.startswith('layer_')]) == 18

@@ -40,6 +40,12 @@ TINY = dataclasses.replace(
 LAYERS = ('attn/q_einsum', 'attn/kv_einsum', 'attn/attn_vec_einsum')
 
 
+def _key(seed):
+  # XLA:CPU compiles an init with rbg keys ~3x faster than with threefry;
+  # which random bits the tests get does not matter.
+  return jax.random.key(seed, impl='rbg')
+
+
 def _model():
   return gm.nn.Transformer(config=TINY, dtype=jnp.float32)
 
@@ -62,7 +68,7 @@ def _empty_dicts(tree, path=()):
 
 @pytest.fixture(scope='module')
 def base():
-  return _model().init(jax.random.key(0), TOKENS)['params']
+  return _model().init(_key(0), TOKENS)['params']
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +80,7 @@ def surgery():
 def adapted(base, surgery):
   """(base + random adapters, specs) for every gemma Einsum."""
   with surgery as report:
-    fresh = _model().init(jax.random.key(1), TOKENS)['params']
+    fresh = _model().init(_key(1), TOKENS)['params']
   params = peft.merge_params(base, peft.split_params(fresh).lora)
   return params, report.specs
 
@@ -124,10 +130,10 @@ def test_split_merge_save_load_round_trips(adapted, tmp_path):
 def test_trace_order_plain_then_adapted_then_plain(base, surgery):
   plain = _logits(base)  # nn.jit has traced the plain model
   with peft.lora(rank=4, targets=gm.nn.Einsum) as report:
-    fresh = _model().init(jax.random.key(1), TOKENS)['params']
+    fresh = _model().init(_key(1), TOKENS)['params']
   assert len(report.specs) == 10
   assert 'lora_w' in fresh['layer_0']['attn']['q_einsum']
-  again = _model().init(jax.random.key(1), TOKENS)['params']
+  again = _model().init(_key(1), TOKENS)['params']
   assert 'lora_w' not in again['layer_0']['attn']['q_einsum']
   params = fixtures.randomize_adapters(
       peft.merge_params(base, peft.split_params(fresh).lora))
@@ -150,7 +156,7 @@ def test_a_few_jitted_steps_lower_the_loss(adapted, surgery):
   params, _ = adapted
   # gemma's init gives near-zero tied embeddings (logits ~ 0); a pretrained
   # model has larger ones, through which the adapters can move the logits.
-  original = fixtures.random_params(_model().init, jax.random.key(0), TOKENS,
+  original = fixtures.random_params(_model().init, _key(0), TOKENS,
                                     scale=0.2)
   lora = peft.split_params(params).lora
   targets = jnp.roll(TOKENS, -1, axis=1)
@@ -184,7 +190,7 @@ def test_qlora_on_gemma(base, method, tolerance):
   assert len(axes) == 10
   qbase = peft.quantize(base, method=method, axes=axes)
   with peft.quantized(method), peft.lora(rank=4, targets=gm.nn.Einsum) as r:
-    fresh = _model().init(jax.random.key(1), TOKENS)['params']
+    fresh = _model().init(_key(1), TOKENS)['params']
   assert len(r.specs) == 10
   params = peft.merge_params(qbase, peft.split_params(fresh).lora)
   with peft.quantized(method), peft.lora(rank=4, targets=gm.nn.Einsum):
@@ -201,7 +207,7 @@ def test_qlora_on_gemma(base, method, tolerance):
 def _gm_lora_params(base):
   model = gm.nn.LoRA(rank=4, model=_model(), dtype=jnp.float32)
   with peft.recording_adapters() as specs:
-    fresh = model.init(jax.random.key(1), TOKENS)['params']
+    fresh = model.init(_key(1), TOKENS)['params']
   params = fixtures.randomize_adapters(
       peft.merge_params(base, peft.split_params(fresh).lora), scale=0.05)
   return model, params, dict(specs)
@@ -256,11 +262,11 @@ def test_gm_lora_with_peft_substituted_fuses_and_saves(base, monkeypatch,
 def test_gemma3_270m_definition():
   model = gm.nn.Gemma3_270M(dtype=jnp.float32)
   tokens = TOKENS[:1, :4]
-  base = fixtures.random_params(model.init, jax.random.key(0), tokens,
+  base = fixtures.random_params(model.init, _key(0), tokens,
                                 scale=0.02)
   surgery = peft.lora(rank=4, targets=gm.nn.Einsum)
   with surgery as report:
-    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+    shapes = jax.eval_shape(model.init, _key(0), tokens)['params']
   assert len(report.specs) == 18 * 5
   lora = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                       peft.split_params(shapes).lora)

@@ -1,8 +1,8 @@
 """The kauldron LoRA example (`examples/kauldron/`) trains, a few steps.
 
-Skipped when kauldron is not installed: it is an optional integration
-(kauldron 1.4.2 pulls tensorflow). Install it beside peft with
-`pip install kauldron==1.4.2` to run this test.
+It runs in `.venv-integration` (`make test`), where kauldron 1.4.4 is
+installed from requirements/integration.txt; kauldron is not a dependency
+of peft.
 """
 
 import importlib.util
@@ -10,9 +10,8 @@ import importlib.util
 import pytest
 
 if importlib.util.find_spec('kauldron') is None:
-  pytest.skip('kauldron is not installed; the kauldron example is optional '
-              '(pip install kauldron==1.4.2 to test it).',
-              allow_module_level=True)
+  pytest.skip('kauldron is not installed: run this in .venv-integration '
+              '(make integration-venv).', allow_module_level=True)
 
 # Imported only when kauldron is there; a broken install fails loudly.
 import jax  # noqa: E402
