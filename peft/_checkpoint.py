@@ -119,8 +119,8 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
           f'{name}: module path {spec.path!r} holds a "/", which the file '
           'uses to join paths. Rename the module.'
       )
-    a, b = _fuse.get_adapter(params_or_lora_tree, spec, name)
-    stored_specs.append(_fuse.stacked_spec(spec, a, b, name))
+    a, b, stored = _fuse.adapter_and_spec(params_or_lora_tree, spec, name)
+    stored_specs.append(stored)
     for tensor_name, x in zip(_tensor_names(spec), (a, b)):
       arr = np.ascontiguousarray(np.asarray(x))
       if arr.dtype not in _CODES:
@@ -279,10 +279,7 @@ def load_adapters(path: str | os.PathLike[str], *,
     if hashlib.sha256(info['data']).hexdigest() != digests.get(name):
       raise _corrupt(path, f'the bytes of {name!r} fail their SHA-256 check')
     arr = np.frombuffer(info['data'], _DTYPES[code]).reshape(shape)
-    node = lora
-    for key in spec.adapter_path:
-      node = node.setdefault(key, {})
-    node[name[-1]] = jnp.array(arr)
+    _fuse.adapter_node(lora, spec)[name[-1]] = jnp.array(arr)
   if expected is not None:
     _compare_specs(path, specs, _fuse.check_specs(expected, 'load_adapters'))
   return LoadedAdapters(lora, specs, user)

@@ -104,7 +104,22 @@ def _branch(tree: Params, spec: _spec.AdapterSpec, name: str) -> Params:
 
 
 def get_adapter(lora: Params, spec: _spec.AdapterSpec, name: str):
-  """Validated `(A, B)` of `spec` from a lora tree.
+  """Validated `(A, B)` of `spec` from a lora tree (see `adapter_and_spec`)."""
+  a, b, _ = adapter_and_spec(lora, spec, name)
+  return a, b
+
+
+def adapter_node(tree: dict[str, Any],
+                 spec: _spec.AdapterSpec) -> dict[str, Any]:
+  """The dict at `spec.adapter_path` in `tree`, made on the way if missing."""
+  node = tree
+  for key in spec.adapter_path:
+    node = node.setdefault(key, {})
+  return node
+
+
+def adapter_and_spec(lora: Params, spec: _spec.AdapterSpec, name: str):
+  """`(A, B, spec with its stack_shape)`, validated, from a lora tree.
 
   A and B may carry leading stack axes (`stacked_spec` reads them).
   """
@@ -122,8 +137,8 @@ def get_adapter(lora: Params, spec: _spec.AdapterSpec, name: str):
         f'{name}: adapter {spec.key!r} must be a dict with keys a and b; got '
         f'{adapter!r:.80}. Pass the params the adapters were trained in.'
     )
-  stacked_spec(spec, adapter['a'], adapter['b'], name)
-  return adapter['a'], adapter['b']
+  a, b = adapter['a'], adapter['b']
+  return a, b, stacked_spec(spec, a, b, name)
 
 
 def stacked_spec(spec: _spec.AdapterSpec, a, b,
@@ -226,8 +241,7 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
   for spec in specs:
     # Read from `out`: several adapters of one kernel add up.
     kernel = _get_kernel(out, spec, name)
-    a, b = get_adapter(lora, spec, name)
-    spec = stacked_spec(spec, a, b, name)
+    a, b, spec = adapter_and_spec(lora, spec, name)
     if np.shape(kernel) != (*spec.stack_shape, *spec.weight_shape):
       raise ValueError(
           f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} has shape '

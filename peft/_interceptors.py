@@ -71,9 +71,8 @@ class Interceptor(abc.ABC):
 
   def __enter__(self):
     state = self._new_state()
-    _ACTIVE.set(_ACTIVE.get() + ((self, state),))
+    _set_active(_ACTIVE.get() + ((self, state),))
     _install_dispatcher()
-    _sync_jit_cache_key()
     return self._entered(state)
 
   def __exit__(self, *exc_info) -> None:
@@ -84,9 +83,8 @@ class Interceptor(abc.ABC):
           'in this thread/task. Exit interceptors in reverse order of entry '
           '(use `with` blocks).'
       )
-    _ACTIVE.set(active[:-1])
+    _set_active(active[:-1])
     _uninstall_dispatcher()
-    _sync_jit_cache_key()
     self._exited(active[-1][1], failed=exc_info[0] is not None)
 
   def jit_cache_key(self) -> Any:
@@ -133,6 +131,17 @@ _ACTIVE: contextvars.ContextVar[tuple[tuple[Interceptor, Any], ...]] = (
     contextvars.ContextVar('peft_active_interceptors', default=()))
 
 
+# True inside `suspended()`: calls run as if no interceptor were entered.
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    'peft_interceptors_suspended', default=False)
+
+
+# The `jit_cache_key()`s of the interceptors in `_ACTIVE` (None when there
+# are none), computed on enter/exit rather than on every intercepted call.
+_ACTIVE_KEY: contextvars.ContextVar[tuple[Any, ...] | None] = (
+    contextvars.ContextVar('peft_active_jit_cache_key', default=None))
+
+
 @contextlib.contextmanager
 def suspended():
   """Runs the block with no peft interceptor active (this thread/task).
@@ -149,19 +158,16 @@ def suspended():
     _SUSPENDED.reset(token)
 
 
-# True inside `suspended()`: calls run as if no interceptor were entered.
-_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    'peft_interceptors_suspended', default=False)
-
-
-def _active_jit_cache_key() -> tuple[Any, ...] | None:
-  keys = tuple(i.jit_cache_key() for i, _ in _ACTIVE.get())
-  return keys or None
+def _set_active(active: tuple[tuple[Interceptor, Any], ...]) -> None:
+  """Sets this task's interceptors and their cache key, then syncs JAX's."""
+  _ACTIVE.set(active)
+  _ACTIVE_KEY.set(tuple(i.jit_cache_key() for i, _ in active) or None)
+  _sync_jit_cache_key()
 
 
 def _sync_jit_cache_key() -> None:
   """Makes JAX's (thread-local) cache key match this task's interceptors."""
-  key = _active_jit_cache_key()
+  key = _ACTIVE_KEY.get()
   if _JIT_CACHE_KEY.value != key:
     # A user context is a `with` object; entering one sets the thread's
     # value until the next sync, which is what we want here.
@@ -175,7 +181,7 @@ def _check_jit_cache_key(context) -> None:
   thread hold different surgeries across an `await`, a jit call may have
   been keyed on the other task's surgery. Eager calls just resync the key.
   """
-  key = _active_jit_cache_key()
+  key = _ACTIVE_KEY.get()
   if _JIT_CACHE_KEY.value == key:
     return
   # Under a jit trace even a constant is staged, so this is a tracer then.

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from peft import _einsum
 from peft import _interceptors
 from peft import _layers
+from peft import _rules
 from peft import _spec
 
 _DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
@@ -99,11 +100,10 @@ class _AdapterBase(nn.Module):
     keyword-only; gemma.peft's adapters require them.
     """
     value = getattr(self, field)
-    if value in ('', (), 0, None) or (
-        isinstance(value, Sequence) and not len(value)):
+    if value in (0, None) or (isinstance(value, Sequence) and not value):
       raise ValueError(
           f'{type(self).__name__} needs {field} ({what}); got {value!r} at '
-          f'{_where(self) or "<root>"!r}. Pass '
+          f'{_rules.module_path(self) or "<root>"!r}. Pass '
           f'{type(self).__name__}(rank=..., {example}).'
       )
 
@@ -125,7 +125,7 @@ class _AdapterBase(nn.Module):
     `eq` is the adapted layer's `inputs,weights->outputs` equation.
     """
     plan = eq.lora_plan(weight_shape=weight_shape, rank=self.rank,
-                        where=_where(self))
+                        where=_rules.module_path(self))
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     self._record_for_foreign_wrapper(eq, plan, weight_shape)
     return plan.apply(*self._cast(self._drop(inputs), a, b))
@@ -207,12 +207,13 @@ class LoRAEinsumAdapter(_AdapterBase):
 
   @nn.nowrap
   def equation(self) -> _einsum.EinsumEquation:
-    return _einsum.EinsumEquation.parse(self.einsum_str, where=_where(self))
+    return _einsum.EinsumEquation.parse(self.einsum_str,
+                                        where=_rules.module_path(self))
 
   @nn.nowrap
   def plan(self) -> _einsum.LoRAEinsumPlan:
     return self.equation().lora_plan(weight_shape=self.shape, rank=self.rank,
-                                     where=_where(self))
+                                     where=_rules.module_path(self))
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -342,10 +343,6 @@ class LoRAEmbedAdapter(_AdapterBase):
   def attend(self, query: Array) -> Array:
     query, a, b = self._cast(query, self.a, self.b)
     return (query @ b.T) @ a.T
-
-
-def _where(module: nn.Module) -> str:
-  return '/'.join(module.path) if module.scope is not None else ''
 
 
 def _boxed(init: Initializer, box: nn.Partitioned, names) -> Initializer:

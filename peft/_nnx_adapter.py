@@ -94,6 +94,8 @@ class LoRAAdapter(nnx.Module):
     rngs: `params` keys for the initializers; a `dropout` (or `default`)
       stream when `dropout > 0`.
     where: where the adapter sits, quoted in errors.
+    stack_shape: leading layer axes of a kernel built under `nnx.vmap` (run
+      by `nnx.scan`); A and B get them too, each layer initialised alone.
 
   Raises:
     ValueError: a rank, alpha or dropout out of range, or a dropout without
@@ -136,10 +138,12 @@ class LoRAAdapter(nnx.Module):
     self.delta_str = delta_str
     self.einsum_str = einsum_str
     self.dtype = dtype
+    # Leading layer axes of A and B (and the kernel) under nnx.vmap.
+    self.stack_shape = tuple(stack_shape)
     key = (lambda: rngs.params()) if rngs is not None else (lambda: None)
-    self.a = LoRAParam(_stacked_init(a_init, key(), tuple(stack_shape),
+    self.a = LoRAParam(_stacked_init(a_init, key(), self.stack_shape,
                                      tuple(a_shape), param_dtype))
-    self.b = LoRAParam(_stacked_init(b_init, key(), tuple(stack_shape),
+    self.b = LoRAParam(_stacked_init(b_init, key(), self.stack_shape,
                                      tuple(b_shape), param_dtype))
     drop = None
     if dropout > 0.0:

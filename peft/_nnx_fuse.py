@@ -53,10 +53,7 @@ class FusedAdapters(NamedTuple):
 
 
 def _put(tree: dict[str, Any], spec: _spec.AdapterSpec, a, b) -> None:
-  node = tree
-  for key in spec.adapter_path:
-    node = node.setdefault(key, {})
-  node.update(a=a, b=b)
+  _fuse.adapter_node(tree, spec).update(a=a, b=b)
 
 
 def _adapter_tree(layers) -> dict[str, Any]:

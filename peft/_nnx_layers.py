@@ -181,8 +181,8 @@ class _LoRALayer:
     `stack_shape`; the other shapes are per layer.
     """
     lora = self.lora
-    n = len(lora.a.shape) - len(lora.delta_str.split(',')[0])
-    stack = tuple(lora.a.shape[:n])
+    stack = lora.stack_shape
+    n = len(stack)
     return _spec.AdapterSpec(
         path=tuple(str(p) for p in path),
         layer_type=self.base_type.__name__, weight_name=self.weight_name,

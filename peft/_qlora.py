@@ -267,11 +267,7 @@ def _kernel(base, spec, name):
 def _subtree(lora, specs):
   out = {}
   for spec in specs:
-    node = out
-    *parents, leaf = spec.adapter_path
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = dict(zip('ab', _fuse.get_adapter(
+    _fuse.adapter_node(out, spec).update(zip('ab', _fuse.get_adapter(
         lora, spec, 'fuse_into_quantized')))
   return out
 
