@@ -3,6 +3,13 @@
 A drop-in superset of `gemma.peft`'s public API.
 """
 
+# First of all: under `python -m peft`, Ctrl-C is handled from here on,
+# before jax and flax take seconds to import (stdlib only; a no-op
+# elsewhere).
+from peft._cli import interrupt as _interrupt  # noqa: F401
+
+# isort: split
+
 # Module surgery.
 from peft._checkpoint import LoadedAdapters
 
@@ -19,6 +26,7 @@ from peft._functional import merge_lora_weight
 from peft._functional import tree_lora_delta
 from peft._functional import unmerge_lora_weight
 from peft._fuse import fuse_params
+from peft._fuse import fuse_state
 from peft._fuse import unfuse_params
 from peft._interceptors import Interceptor
 from peft._interceptors import ModuleInterceptor
@@ -126,6 +134,7 @@ __all__ = [
     'fuse_into_quantized',
     'fuse_params',
     'fuse_quantized_kernel',
+    'fuse_state',
     'get_axis_to_reduce_from_einsum_str',
     'init_lora_adapter',
     'load_adapters',

@@ -4,17 +4,19 @@ Commands: `finetune` (LoRA/QLoRA adapters on Shakespeare), `eval`
 (held-out perplexity), `sample`, `merge` (fuse into plain params, checked),
 `summary` (what surgery adapts), `demo` (all of them, as `make demo` runs
 it) and `quickstart` (a small MLP in seconds). A mistake the user can fix
-(a bad flag value, a missing or corrupt file, an adapter file made for
-another model) prints one line and exits non-zero, and no output is
-overwritten; `--debug` shows the traceback instead.
+(a bad flag value, a missing or corrupt file, an output that cannot be
+written, an adapter file made for another model) prints one line and exits
+non-zero before any long work, and no output is overwritten; `--debug`
+shows the traceback instead. Ctrl-C prints one line and exits 130, leaving
+every output whole (`peft._cli.interrupt`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from peft._cli import base as base_lib
-from peft._cli import parser as parser_lib
+# Only the standard library: the Ctrl-C handling goes in before the rest.
+from peft._cli import interrupt
 
 
 def _one_line(error: BaseException) -> str:
@@ -31,15 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     0 on success, 1 for an error in the run, 2 for bad flags, 130 when
     interrupted.
   """
+  # pylint: disable=g-import-not-at-top
+  from peft._cli import base as base_lib
+  from peft._cli import parser as parser_lib
+  # pylint: enable=g-import-not-at-top
+
   try:
     _, args = parser_lib.parse(argv)
   except SystemExit as e:  # --help, or a usage error argparse printed.
     return e.code if isinstance(e.code, int) else 0
   try:
     args.run(args)
-  except KeyboardInterrupt:
-    print(f'{parser_lib.PROG} {args.command}: interrupted', file=sys.stderr)
-    return 130
+  except KeyboardInterrupt:  # In-process callers; `python -m` never gets it.
+    print(interrupt.message(args.command), file=sys.stderr)
+    return interrupt.STATUS
   except (base_lib.CliError, ValueError, TypeError, OSError) as e:
     if args.debug:
       raise
@@ -50,4 +57,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  interrupt.install()
   sys.exit(main())

@@ -4,11 +4,15 @@ A file holds the A and B factors of every adapter, keyed
 `'<module path>/<adapter name>/a'` (e.g. `'block/attn/q/lora/a'`), and in the
 safetensors header metadata: the format name and version, each adapter's
 `AdapterSpec` (rank, alpha, rsLoRA, einsum and delta equations, shapes), the
-tensors' dtypes and SHA-256 digests, and the caller's own metadata (rules,
-targets, ...). No pickle: loading never runs code.
+tensors' dtypes and SHA-256 digests, the caller's own metadata (rules,
+targets, ...), and a SHA-256 of all of those (`header_sha256`), so a
+corrupt header is refused like a corrupt tensor. No pickle: loading never
+runs code. The digests detect corruption, not forgery: whoever writes a
+file can recompute them (the spec values are validated all the same).
 
 Writes are atomic (a temporary file in the same directory, then
-`os.replace`), and loading validates everything before returning anything.
+`os.replace`) and keep the mode of the file they replace, and loading
+validates everything before returning anything.
 A typical restore into a model adapted by surgery:
 
     lora, specs, meta = load_adapters(path, expected=report.specs)
@@ -23,21 +27,29 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from typing import Any, BinaryIO, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
 
+from peft import _file_modes
 from peft import _fuse
 from peft import _params
 from peft import _spec
 
 FORMAT = 'peft.lora_adapters'
-FORMAT_VERSION = 1
+# 2 added `header_sha256`. Version 1 files (the same fields without it)
+# are still read, with a warning: refusing them would strand adapters
+# that can only be re-saved after being loaded.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = ('1', '2')
+_HEADER_DIGEST = 'header_sha256'
 
 # safetensors dtype codes of the float dtypes adapters may use.
 _DTYPES = {'F16': np.dtype(np.float16), 'BF16': np.dtype(jnp.bfloat16),
@@ -67,6 +79,21 @@ def _tensor_names(spec: _spec.AdapterSpec) -> tuple[str, str]:
   return f'{spec.key}/a', f'{spec.key}/b'
 
 
+def _header_digest(meta: Mapping[str, Any]) -> str:
+  """SHA-256 of every metadata field but the digest, canonically serialised.
+
+  It covers the format and version, the specs, the tensors' dtypes and
+  digests and the user metadata; with the tensor digests it covers every
+  byte that `load_adapters` uses (the tensor index beside it in the
+  safetensors header is checked against the specs and dtypes). Sorted keys
+  and ASCII escapes make it independent of how the JSON was laid out.
+  """
+  fields = {k: v for k, v in meta.items() if k != _HEADER_DIGEST}
+  text = json.dumps(fields, sort_keys=True, ensure_ascii=True,
+                    separators=(',', ':'))
+  return hashlib.sha256(text.encode('ascii')).hexdigest()
+
+
 def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
                   adapters: Sequence[_spec.AdapterSpec], *,
                   metadata: Mapping[str, Any] | None = None) -> None:
@@ -74,6 +101,8 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
 
   Only the adapter branches are written, never the base weights. The write
   is atomic: a crash leaves either the old file or the new one under `path`.
+  A replaced file keeps its permission bits; a new one gets
+  `0o666 & ~umask`, as `open` would give it.
 
   Example:
     >>> import tempfile, os
@@ -99,8 +128,8 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
   Raises:
     TypeError: `metadata` is not JSON-serialisable, or `adapters` is not a
       sequence of AdapterSpec.
-    ValueError: no specs, the tree and specs disagree, a path element holds
-      '/', or an adapter is not float16/bfloat16/float32/float64.
+    ValueError: no specs, the tree and specs disagree, or an adapter is
+      not float16/bfloat16/float32/float64.
   """
   name = 'save_adapters'
   specs = _fuse.check_specs(adapters, name)
@@ -114,11 +143,7 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
   _fuse.check_covered(params_or_lora_tree, specs, name)
   tensors, digests, stored_specs = {}, {}, []
   for spec in specs:
-    if any('/' in p for p in spec.path):
-      raise ValueError(
-          f'{name}: module path {spec.path!r} holds a "/", which the file '
-          'uses to join paths. Rename the module.'
-      )
+    # A '/' in a path element is refused when the spec is built.
     a, b, stored = _fuse.adapter_and_spec(params_or_lora_tree, spec, name)
     stored_specs.append(stored)
     for tensor_name, x in zip(_tensor_names(spec), (a, b)):
@@ -145,6 +170,7 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
       'sha256': json.dumps(digests),
       'user_metadata': user,
   }
+  header[_HEADER_DIGEST] = _header_digest(header)
   data = bytes(safetensors.serialize(
       {k: safetensors.TensorSpec(dtype=v.dtype.name, shape=list(v.shape),
                                  data_ptr=v.ctypes.data, data_len=v.nbytes)
@@ -162,12 +188,21 @@ def _atomic_write(path: str, data: bytes) -> None:
       _write(f, data)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
+    # mkstemp makes the file 0600 whatever the umask.
+    os.chmod(tmp, _file_modes.mode_for(path))
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+  # The rename is durable only once the directory is on disk too. Not every
+  # OS can open a directory (Windows): then this is best effort.
+  with contextlib.suppress(OSError):
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
 
 
 def _corrupt(path: str, why: str) -> ValueError:
@@ -175,6 +210,27 @@ def _corrupt(path: str, why: str) -> ValueError:
       f'load_adapters: {path!r} is not a valid adapter file: {why}. The file '
       'is truncated or corrupt, or was not written by save_adapters; '
       'save it again.'
+  )
+
+
+# What every tensor of a Hugging Face PEFT adapter file is named like.
+_HF_PEFT_TENSOR = re.compile(r'^base_model\.model\..*\.lora_[AB]\.weight$')
+
+
+def _is_hf_peft(header: Any) -> bool:
+  names = [k for k in header if k != '__metadata__'] if isinstance(
+      header, dict) else []
+  return bool(names) and all(_HF_PEFT_TENSOR.match(n) for n in names)
+
+
+def _hf_peft_file(path: str) -> ValueError:
+  directory = os.path.dirname(os.path.abspath(path)) if os.path.isfile(
+      path) else path
+  return ValueError(
+      f'load_adapters: {path!r} is a Hugging Face PEFT adapter, not a peft '
+      'adapter file. Load its directory with peft.models.load_hf_peft('
+      f'{directory!r}, config) for the reference decoder (the CLI takes it '
+      'as --adapters DIR).'
   )
 
 
@@ -191,15 +247,34 @@ def _read_metadata(path: str, data: bytes) -> dict[str, str]:
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise _corrupt(path, f'header is not JSON ({e})') from e
   meta = header.get('__metadata__') if isinstance(header, dict) else None
+  if _is_hf_peft(header):
+    raise _hf_peft_file(path)
   if not isinstance(meta, dict) or meta.get('format') != FORMAT:
     raise _corrupt(path, f'no {FORMAT!r} metadata in the header')
   version = meta.get('format_version')
-  if version != str(FORMAT_VERSION):
+  if version not in _READABLE_VERSIONS:
     raise ValueError(
         f'load_adapters: {path!r} has format version {version!r}; this peft '
-        f'reads version {FORMAT_VERSION!r}. Upgrade peft, or re-save the '
-        'adapters with this version.'
+        f'reads versions {", ".join(_READABLE_VERSIONS)}. Upgrade peft, or '
+        're-save the adapters with this version.'
     )
+  # Checked before any field is parsed: a corrupt field is reported as
+  # corruption, not as whatever its corrupt value happens to look like.
+  digest = meta.get(_HEADER_DIGEST)
+  if version == '1':
+    if digest is not None:
+      raise _corrupt(path, f'it says format version 1, which has no '
+                     f'{_HEADER_DIGEST!r}, yet holds one (a corrupt version '
+                     'field)')
+    warnings.warn(
+        f'load_adapters: {path!r} is a version 1 adapter file, whose header '
+        '(specs, dtypes, digests, metadata) has no integrity check; its '
+        'tensors and spec values are still checked. Save it again with '
+        'save_adapters to protect the header.', UserWarning, stacklevel=3)
+  elif digest != _header_digest(meta):
+    raise _corrupt(path, f'the header fails its integrity check (its '
+                   f'{_HEADER_DIGEST!r} is {digest!r:.20}, not the SHA-256 '
+                   'of its fields)')
   return meta
 
 
@@ -231,9 +306,13 @@ def load_adapters(path: str | os.PathLike[str], *,
   """Loads and validates a file written by `save_adapters`.
 
   Nothing is returned unless the whole file checks out: the format and
-  version, every spec, every tensor's presence, shape, dtype and digest,
-  and, with `expected`, the same adapters as `expected` with equal specs.
-  The arrays are bit-identical to those saved (bfloat16 included).
+  version, the header's digest, every spec (as `AdapterSpec` validates
+  it), every tensor's presence, shape, dtype and digest, and, with
+  `expected`, the same adapters as `expected` with matching specs
+  (`AdapterSpec.differences`: a linen file matches the nnx model it was
+  made from, and back). The arrays are bit-identical to those saved
+  (bfloat16 included). A version 1 file, whose header has no digest, is
+  read with a warning.
 
   Args:
     path: the file.
@@ -246,11 +325,15 @@ def load_adapters(path: str | os.PathLike[str], *,
 
   Raises:
     FileNotFoundError: no file at `path`.
-    ValueError: the file is truncated, corrupt or of an unknown version,
-      or its adapters differ from `expected` (missing or extra adapters,
-      another rank or shape).
+    ValueError: the file is truncated, corrupt (a tensor or the header
+      fails its digest, a spec holds a bad value) or of an unknown
+      version, or its adapters differ from `expected` (missing or extra
+      adapters, another rank or shape).
   """
   path = os.fspath(path)
+  if os.path.isdir(path) and os.path.isfile(
+      os.path.join(path, 'adapter_config.json')):
+    raise _hf_peft_file(path)
   with open(path, 'rb') as f:
     data = f.read()
   meta = _read_metadata(path, data)
@@ -299,9 +382,7 @@ def _compare_specs(path, got, expected) -> None:
   for key, spec in exp_map.items():
     # Surgery records per-layer specs; the file also knows the stack.
     stored = got_map[key] if spec.stack_shape else got_map[key].unstacked()
-    diff = {f: (getattr(stored, f), getattr(spec, f))
-            for f in spec.to_json() if getattr(stored, f)
-            != getattr(spec, f)}
+    diff = stored.differences(spec)
     if diff:
       raise ValueError(
           f'load_adapters: adapter {key!r} in {path!r} differs from the '

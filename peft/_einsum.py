@@ -29,6 +29,8 @@ import string
 import jax
 import jax.numpy as jnp
 
+from peft import _options
+
 _ELLIPSIS = '...'
 
 
@@ -414,13 +416,8 @@ def delta_partition_names(
 
 
 def check_rank(rank: object, *, where: str = '') -> int:
-  """Returns `rank` if it is a positive int, else raises a clear error."""
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-    at = f' at {where!r}' if where else ''
-    raise ValueError(
-        f'rank must be a positive int; got {rank!r}{at}. Pass e.g. rank=8.'
-    )
-  return rank
+  """Returns `rank` as an int if it is a positive int, else raises."""
+  return _options.check_lora_options(where, rank=rank)['rank']
 
 
 def dense_general_call(

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft import _einsum
+from peft import _fuse_ledger
 from peft import _params
+from peft import _quantization
 from peft import _spec
 
 Params = _params.Params
@@ -55,37 +57,9 @@ def check_specs(adapters: Any, name: str) -> tuple[_spec.AdapterSpec, ...]:
           'adapted kernel once.'
       )
     seen.add(spec.key)
-    check_spec(spec)
+    # Each spec's equations and shapes were checked when it was built
+    # (`AdapterSpec.__post_init__`).
   return tuple(adapters)
-
-
-def check_spec(spec: _spec.AdapterSpec) -> None:
-  """Checks that `einsum(spec.delta_str, A, B)` has the kernel's shape.
-
-  Raises:
-    ValueError: the delta equation does not give `spec.weight_shape` from
-      `spec.a_shape` and `spec.b_shape`, or the rank axis is not `spec.rank`.
-  """
-  eq = _einsum.EinsumEquation.parse(spec.delta_str, where=spec.key)
-  where = f'{spec.key!r} (delta_str {spec.delta_str!r})'
-  a = jax.ShapeDtypeStruct(tuple(spec.a_shape), jnp.float32)
-  b = jax.ShapeDtypeStruct(tuple(spec.b_shape), jnp.float32)
-  try:
-    delta = jax.eval_shape(lambda a, b: jnp.einsum(eq.einsum_str, a, b), a, b)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f'Adapter spec {where}: A {a.shape} and B {b.shape} do not fit the '
-        f'delta equation ({e}). The spec is corrupt; rebuild it with surgery.'
-    ) from e
-  rank_dims = [d for c, d in zip(eq.weights, b.shape)
-               if c in eq.inputs and c not in eq.outputs]
-  if delta.shape != tuple(spec.weight_shape) or rank_dims != [spec.rank]:
-    raise ValueError(
-        f'Adapter spec {where}: A {a.shape} and B {b.shape} give a delta of '
-        f'shape {delta.shape} and rank axes {rank_dims}, but the kernel is '
-        f'{tuple(spec.weight_shape)} and rank={spec.rank}. The spec is '
-        'corrupt; rebuild it with surgery.'
-    )
 
 
 def _branch(tree: Params, spec: _spec.AdapterSpec, name: str) -> Params:
@@ -180,6 +154,14 @@ def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
         f'{sorted(module)!r}). Pass the specs recorded for these params.'
     )
   kernel = module[spec.weight_name]
+  if _quantization.is_quantized(kernel):
+    raise TypeError(
+        f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} is a '
+        f'{kernel.method.name} QuantizedArray; adding a float delta to it '
+        'needs a dequantize and a re-quantize. Use '
+        'peft.fuse_into_quantized(params, specs), which does both and '
+        'reports the re-quantization error.'
+    )
   shape, want = tuple(np.shape(kernel)), tuple(spec.weight_shape)
   if shape[len(shape) - len(want):] != want:
     raise ValueError(
@@ -229,6 +211,59 @@ def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
                            delta_str=delta_str, with_error=with_error)
 
 
+def check_finite(kernel, spec: _spec.AdapterSpec, name: str) -> None:
+  """A fused/unfused kernel that became inf or NaN is an error.
+
+  Only concrete arrays are checked: under `jax.jit` the values are not
+  known (check the output of the compiled function instead).
+  """
+  if isinstance(kernel, jax.core.Tracer):
+    return
+  bad = int(np.size(kernel) - jnp.isfinite(kernel).sum())
+  if bad:
+    raise ValueError(
+        f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} '
+        f'({jnp.result_type(kernel)} {tuple(np.shape(kernel))}) has {bad} '
+        f'non-finite values after adding adapter {spec.key!r} (scale '
+        f'{spec.scale:g}). The delta overflows the kernel dtype or the '
+        'adapter holds NaN/inf: fuse into float32 params (cast the kernels '
+        'first), or check the trained A and B.'
+    )
+
+
+def fuse_state(kernel) -> str | None:
+  """`'fused'`, `'base'` or None (unknown) for a kernel array.
+
+  `fuse_params` marks the kernels it returns as fused and those it read as
+  base; `unfuse_params` the reverse; a second fuse of the same adapter
+  arrays into a fused kernel, and an unfuse of a base kernel, are errors.
+  Kernels from anywhere else (a checkpoint, a jitted function, a copy) are
+  unknown. The record is per process and weak (see `peft._fuse_ledger`).
+
+  Example:
+    >>> from peft import _spec
+    >>> spec = _spec.AdapterSpec(
+    ...     path=('d',), layer_type='Dense', weight_name='kernel',
+    ...     adapter_name='lora', weight_shape=(1, 1), a_shape=(1, 1),
+    ...     b_shape=(1, 1), delta_str='ir,ro->io', rank=1)
+    >>> params = {'d': {'kernel': jnp.ones((1, 1)),
+    ...                 'lora': {'a': jnp.ones((1, 1)), 'b': jnp.ones((1, 1))}}}
+    >>> fused = fuse_params(params, [spec])
+    >>> fuse_state(fused['d']['kernel']), fuse_state(params['d']['kernel'])
+    ('fused', 'base')
+    >>> fuse_state(jnp.ones((1, 1))) is None
+    True
+  """
+  return _fuse_ledger.state(kernel)
+
+
+def check_ledger(kernel, a, b, spec: _spec.AdapterSpec, *, fusing: bool,
+                 name: str) -> None:
+  """`_fuse_ledger.check` for the kernel of `spec`."""
+  _fuse_ledger.check(kernel, a, b, fusing=fusing, adapter=spec.key,
+                     where=_path((*spec.path, spec.weight_name)), name=name)
+
+
 def _update_kernels(base, lora, specs, sign: float, name: str, *,
                     with_error: bool):
   """Copies `base` and adds `sign * delta` to each spec's kernel.
@@ -238,10 +273,15 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
   """
   out = _to_dict(base)
   error = jnp.zeros((), jnp.float32) if with_error else None
+  # kernel path -> (the kernel as given, the (A, B) applied to it).
+  applied: dict[tuple[str, ...], tuple[Any, list[tuple[Any, Any]]]] = {}
   for spec in specs:
     # Read from `out`: several adapters of one kernel add up.
     kernel = _get_kernel(out, spec, name)
     a, b, spec = adapter_and_spec(lora, spec, name)
+    original, pairs = applied.setdefault((*spec.path, spec.weight_name),
+                                         (kernel, []))
+    check_ledger(original, a, b, spec, fusing=sign > 0, name=name)
     if np.shape(kernel) != (*spec.stack_shape, *spec.weight_shape):
       raise ValueError(
           f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} has shape '
@@ -253,7 +293,14 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
     if with_error:
       new, err = new
       error = jnp.maximum(error, err.astype(jnp.float32))
+    check_finite(new, spec, name)
+    pairs.append((a, b))
     _branch(out, spec, name)[spec.weight_name] = new
+  for path, (original, pairs) in applied.items():
+    node = out
+    for key in path:
+      node = node[key]
+    _fuse_ledger.record(original, node, pairs, fusing=sign > 0)
   return out, error
 
 

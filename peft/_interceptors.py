@@ -131,6 +131,11 @@ _ACTIVE: contextvars.ContextVar[tuple[tuple[Interceptor, Any], ...]] = (
     contextvars.ContextVar('peft_active_interceptors', default=()))
 
 
+def active_interceptors() -> tuple[Interceptor, ...]:
+  """The interceptors entered in this thread/task, outermost first."""
+  return tuple(interceptor for interceptor, _ in _ACTIVE.get())
+
+
 # True inside `suspended()`: calls run as if no interceptor were entered.
 _SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     'peft_interceptors_suspended', default=False)

@@ -76,6 +76,12 @@ class LoRAWrapper(_wrapper.ScopeSharingWrapper):
 
   records_adapter_specs: ClassVar[bool] = True
 
+  def __post_init__(self):
+    # The same check as LoRARule's: `LoRADense(alpha=-1.0)` fails here, at
+    # construction, not when (or after) the adapter is built.
+    _rules.check_options(self, type(self).__name__)
+    super().__post_init__()
+
   @nn.nowrap
   def _call_wrapped(self, method: str, *args, **kwargs):
     """Calls the wrapped layer; surgery inside must not adapt it again."""

@@ -47,12 +47,7 @@ class _AdapterBase(nn.Module):
   kernel_partitioning: nn.Partitioned | None = None
 
   def __post_init__(self):
-    _einsum.check_rank(self.rank, where=type(self).__name__)
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(
-          f'dropout must be in [0, 1); got {self.dropout!r} in '
-          f'{type(self).__name__}. Pass e.g. dropout=0.05.'
-      )
+    _rules.check_options(self, type(self).__name__)
     super().__post_init__()
 
   @property

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft import _einsum
+from peft import _options
 from peft import _spec
 
 LINEAR = _einsum.EinsumEquation.parse('...i,io->...o')
@@ -122,19 +123,14 @@ class LoRAAdapter(nnx.Module):
       stack_shape: Sequence[int] = (),
   ):
     at = f' at {where!r}' if where else ''
-    self.rank = _einsum.check_rank(tuple(a_shape)[-1], where=where)
-    if alpha is not None and not alpha > 0:
-      raise ValueError(
-          f'LoRA alpha must be positive or None; got {alpha!r}{at}. Pass '
-          'e.g. alpha=16.'
-      )
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(
-          f'LoRA dropout must be in [0, 1); got {dropout!r}{at}. Pass e.g. '
-          'dropout=0.05.'
-      )
-    self.alpha = None if alpha is None else float(alpha)
-    self.use_rslora = bool(use_rslora)
+    options = _options.check_lora_options(
+        where or type(self).__name__, rank=tuple(a_shape)[-1],
+        alpha=alpha, use_rslora=use_rslora, dropout=dropout,
+        deterministic=deterministic, dtype=dtype, param_dtype=param_dtype,
+        a_init=a_init, b_init=b_init)
+    self.rank = options['rank']
+    self.alpha = options['alpha']
+    self.use_rslora = options['use_rslora']
     self.delta_str = delta_str
     self.einsum_str = einsum_str
     self.dtype = dtype

@@ -2,7 +2,10 @@
 
 `fuse` folds each adapter into its kernel (float32 math, cast back) and puts
 the plain layer back; `unfuse` undoes it. Adapter files use the linen format
-(`_checkpoint`), so the same validation applies.
+(`_checkpoint`), so the same validation applies, and a file written for a
+linen model loads into the identical nnx model and back: specs are matched
+by `AdapterSpec.differences` (a Dense is a Linear; equations up to their
+letters).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from peft import _checkpoint
 from peft import _fuse
+from peft import _fuse_ledger
 from peft import _nnx_adapter
 from peft import _nnx_layers
 from peft import _nnx_surgery as surgery
@@ -30,10 +34,17 @@ def _jit_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
   return _fuse.apply_delta(kernel, a, b, spec, sign)
 
 
-def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
-  """`kernel + sign * scale * delta` (float32 math, kernel's dtype)."""
+def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
+                name: str):
+  """`kernel + sign * scale * delta` (float32 math, kernel's dtype), with
+  linen's guards (a finite result, no second fuse of one adapter, no
+  unfuse of a base kernel)."""
+  _fuse.check_ledger(kernel, a, b, spec, fusing=sign > 0, name=name)
   # The path does not enter the math; dropping it shares compilations.
-  return _jit_delta(kernel, a, b, dataclasses.replace(spec, path=()), sign)
+  value = _jit_delta(kernel, a, b, dataclasses.replace(spec, path=()), sign)
+  _fuse.check_finite(value, spec, name)
+  _fuse_ledger.record(kernel, value, [(a, b)], fusing=sign > 0)
+  return value
 
 
 # ------------------------------------------------------------ fuse/unfuse
@@ -101,10 +112,13 @@ def fuse(model: nnx.Module) -> FusedAdapters:
   fused = FusedAdapters(tuple(m.adapter_spec(p) for p, m in layers),
                         _adapter_tree(layers))
   refs = surgery.references(model)
-  for (_, layer), spec in zip(layers, fused.specs):
+  # Every kernel is computed (and checked) before any layer is replaced, so
+  # an error leaves the model as it was.
+  values = [_with_delta(layer._kernel()[...], layer.lora.a[...],
+                        layer.lora.b[...], spec, 1.0, name='fuse')
+            for (_, layer), spec in zip(layers, fused.specs)]
+  for (_, layer), value in zip(layers, values):
     kernel = layer._kernel()
-    value = _with_delta(kernel[...], layer.lora.a[...], layer.lora.b[...],
-                        spec, 1.0)
     plain = _nnx_adapter.retype(layer, layer.base_type)
     del plain.lora
     setattr(plain, layer.weight_name, kernel.replace(value))
@@ -123,9 +137,10 @@ def _attach(model, specs, adapters, *, subtract: bool, name: str,
   for spec in specs:
     module = by_path.get(spec.path)
     cls = _nnx_layers.lora_class_for(module)
-    if cls is None or cls.base_type.__name__ != spec.layer_type:
+    kind = _spec.layer_kind(spec.layer_type)  # a linen file says 'Dense'
+    if cls is None or cls.base_type.__name__ != kind:
       raise ValueError(
-          f'{name}: adapter {spec.key!r} is for an nnx.{spec.layer_type} at '
+          f'{name}: adapter {spec.key!r} is for an nnx.{kind} at '
           f'{surgery.path_str(spec.path)!r}, but the model holds '
           f'{"no module" if module is None else type(module).__name__} '
           'there. Use the model the adapters were made for (fused, or '
@@ -143,16 +158,16 @@ def _attach(model, specs, adapters, *, subtract: bool, name: str,
     # Set after construction: a stacked layer initialises A and B per layer.
     layer.lora.a[...] = jnp.asarray(a)
     layer.lora.b[...] = jnp.asarray(b)
-    got = layer.adapter_spec(spec.path)
-    if got != spec:
+    diff = layer.adapter_spec(spec.path).differences(spec)
+    if diff:
       raise ValueError(
           f'{name}: adapter {spec.key!r} does not fit the layer at '
-          f'{surgery.path_str(spec.path)!r}: the layer needs {got} but the '
-          f'adapter is {spec}. Use the model the adapters were made for.'
+          f'{surgery.path_str(spec.path)!r}: {diff!r} (layer, adapter). Use '
+          'the model the adapters were made for.'
       )
     if subtract:
       kernel = layer._kernel()
-      value = _with_delta(kernel[...], a, b, spec, -1.0)
+      value = _with_delta(kernel[...], a, b, spec, -1.0, name=name)
       setattr(layer, layer.weight_name, kernel.replace(value))
     new_layers.append((module, layer))
   for module, layer in new_layers:

@@ -76,9 +76,9 @@ values=int8[4, 8], scales=float32[1, 8])
       stay at their own key here, which is what the Int layers read.
     targets: a regex full-matched against leaf paths like 'block/q/kernel',
       or a predicate `(path, leaf) -> bool`.
-    axes: per-kernel reduced axes for per-channel methods: a map
-      `{path: axes}` (see `quantization_axes`) or `(path, leaf) -> axes`.
-      Missing: all axes but the last.
+    axes: per-kernel contracted axes: a map `{path: axes}` (see
+      `quantization_axes`) or `(path, leaf) -> axes`. Per-channel methods
+      reduce them, NF4 blocks along them. Missing: all axes but the last.
     min_size: smallest kernel size quantized by the shape rule.
 
   Returns:
@@ -86,7 +86,8 @@ values=int8[4, 8], scales=float32[1, 8])
 
   Raises:
     ValueError: unknown method, a bad regex, `targets`/`axes` that select
-      no float leaf, or a kernel a block method cannot split.
+      no float leaf, or a kernel holding NaN or Inf (or too large for
+      Q4_0's float16 scales); the message names the kernel's path.
     TypeError: `targets` or `axes` of the wrong kind.
   """
   del in_place_keys  # Kernels never move; see the docstring.
@@ -187,7 +188,8 @@ def fuse_quantized_kernel(kernel: q.QuantizedArray, a: jax.Array,
     `(new QuantizedArray, relative error)`.
 
   Raises:
-    ValueError: A or B do not fit the equation and kernel shape.
+    ValueError: A or B do not fit the equation and kernel shape, or the
+      fused kernel holds NaN or Inf (e.g. diverged adapters).
   """
   eq = _einsum.EinsumEquation.parse(einsum_str, where='fuse_quantized_kernel')
   plan = eq.lora_plan(weight_shape=kernel.shape, rank=np.shape(a)[-1])
@@ -197,7 +199,8 @@ def fuse_quantized_kernel(kernel: q.QuantizedArray, a: jax.Array,
         f'fit einsum_str {einsum_str!r} with kernel {kernel.shape}; expected'
         f' {plan.a_shape} and {plan.b_shape}. Pass the adapter of this layer.'
     )
-  return _requantize(kernel, plan.delta_str, a, b, scale, where='')
+  return _requantize(kernel, plan.delta_str, a, b, scale,
+                     where='fuse_quantized_kernel')
 
 
 def _requantize(kernel, delta_str, a, b, scale, *, where):
@@ -205,9 +208,9 @@ def _requantize(kernel, delta_str, a, b, scale, *, where):
                             jnp.asarray(a, jnp.float32),
                             jnp.asarray(b, jnp.float32), scale,
                             delta_str=delta_str)
-  axes = kernel.axes if isinstance(kernel.axes, tuple) else None
-  new = q.quantize_array(exact.astype(kernel.dtype), kernel.method, axes,
-                         where=where)
+  # The kernel's own axes: its channels, or the axes its blocks run along.
+  new = q.quantize_array(exact.astype(kernel.dtype), kernel.method,
+                         kernel.axes, where=where)
   err = jnp.linalg.norm(new.dequantize(jnp.float32) - exact) / jnp.maximum(
       jnp.linalg.norm(exact), jnp.finfo(jnp.float32).tiny)
   return new, err
@@ -225,7 +228,8 @@ def fuse_into_quantized(params: Any, adapters: Sequence[_spec.AdapterSpec]):
 
   Raises:
     ValueError, TypeError: as `fuse_params` (missing kernel or adapter,
-      shapes that disagree with the specs).
+      shapes that disagree with the specs); ValueError also for a fused
+      kernel holding NaN or Inf, naming its adapter key.
   """
   name = 'fuse_into_quantized'
   specs = _fuse.check_specs(adapters, name)

@@ -6,13 +6,19 @@ Each method maps a float kernel to a few bits per weight plus float scales:
   kernel axes an einsum contracts are reduced; see
   `get_axis_to_reduce_from_einsum_str`).
 * `Q4_0`, `Q4_0_TRANSPOSE`: llama.cpp's 4-bit block format: blocks of 32
-  along the last (resp. second-to-last) axis, a float16 scale per block
-  set by the block's largest-magnitude value, codes -8..7.
+  along the last (resp. second-to-last) axis, whatever the contraction (the
+  method names the layout), a float16 scale per block set by the block's
+  largest-magnitude value, codes -8..7.
 * `SFP8`: gemma.cpp's 8-bit switched floating point (sign, then a 3-bit
   mantissa down to 2**-7 and a 2-bit one below), one scale per channel.
 * `NF4`: 4-bit NormalFloat of QLoRA (Dettmers et al. 2023,
   https://arxiv.org/abs/2305.14314): 16 quantiles of N(0, 1), absmax scale
-  per block of 64 along the last axis (no double quantization).
+  per block of 64 along the contraction, as QLoRA blocks along the input
+  features (the contracted axes, flattened; no double quantization).
+
+Any shape quantizes: a blocked run whose length is not a multiple of the
+block size ends in a short block, scaled as if zero-padded (the padding
+codes are not stored, and `dequantize` returns the original shape).
 
 `simulate_quantize` quantizes and dequantizes in float with a
 straight-through (identity) gradient, for quantization-aware training.
@@ -20,6 +26,12 @@ straight-through (identity) gradient, for quantization-aware training.
 for the 4-bit methods (`jnp.int4` takes a full byte per value on CPU), a
 uint8 code for SFP8. `dequantize(quantize_array(w))` equals
 `simulate_quantize(w)`: both run the same encode and decode.
+
+Weights must be finite (and, for Q4_0's float16 scales, at most 8 * 65504
+in magnitude). Concrete arrays that are not raise a `ValueError`; traced
+ones (under `jax.jit`, `jax.grad`) cannot be checked without a host
+transfer, so there a channel or block holding such a value dequantizes to
+NaN: the fault shows in outputs and losses instead of passing as numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from collections.abc import Sequence
 import dataclasses
 import enum
 import functools
+import math
 import statistics
 
 import jax
@@ -83,15 +96,23 @@ def parse_method(method: object, *, where: str = '') -> QuantizationMethod:
 class _Scheme:
   bits: int
   block_size: int | None = None  # None: one scale per channel.
-  block_axis: int = -1
+  # The axis a block method blocks when the method fixes it (Q4_0's
+  # layouts); None blocks the contracted axes, flattened (NF4).
+  block_axis: int | None = None
+  # The largest |x| whose scale the scale dtype holds (None: float32's).
+  max_abs: float | None = None
 
+
+# Q4_0 keeps d = -peak / 8 in float16: |peak| / 8 must not pass its max.
+_Q4_0_MAX_ABS = 8 * float(np.finfo(np.float16).max)
 
 _SCHEMES = {
     QuantizationMethod.INT8: _Scheme(bits=8),
     QuantizationMethod.INT4: _Scheme(bits=4),
-    QuantizationMethod.Q4_0: _Scheme(bits=4, block_size=32),
-    QuantizationMethod.Q4_0_TRANSPOSE: _Scheme(bits=4, block_size=32,
-                                               block_axis=-2),
+    QuantizationMethod.Q4_0: _Scheme(bits=4, block_size=32, block_axis=-1,
+                                     max_abs=_Q4_0_MAX_ABS),
+    QuantizationMethod.Q4_0_TRANSPOSE: _Scheme(
+        bits=4, block_size=32, block_axis=-2, max_abs=_Q4_0_MAX_ABS),
     QuantizationMethod.SFP8: _Scheme(bits=8),
     QuantizationMethod.NF4: _Scheme(bits=4, block_size=64),
 }
@@ -142,69 +163,133 @@ def _reduce_axes(axis_to_reduce, shape, where: str) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
-def _check_blocks(scheme: _Scheme, method, shape, where: str) -> int:
+def _block_axes(scheme: _Scheme, method, shape, reduced,
+                where: str) -> tuple[int, ...]:
+  """The axes a block method's blocks run along (flattened, in order)."""
+  if scheme.block_axis is None:
+    return reduced
   ndim, axis = len(shape), scheme.block_axis
   if ndim < -axis:
     raise ValueError(
         f'{method.name} blocks axis {axis}, but the array of shape '
         f'{tuple(shape)}{where} has only {ndim} axes. Use a per-channel '
-        'method (INT8, INT4, SFP8) for it.'
+        'method (INT8, INT4, SFP8) or NF4 for it.'
     )
-  if shape[axis] % scheme.block_size:
+  return (axis % ndim,)
+
+
+@jax.jit
+def _value_stats(x):
+  """(NaN count, Inf count, first non-finite index, max finite |x|, index
+  of the max): a few scalars, so checking costs one small transfer."""
+  flat = jnp.ravel(x).astype(jnp.float32)
+  finite = jnp.isfinite(flat)
+  mag = jnp.where(finite, jnp.abs(flat), 0.0)
+  return (jnp.sum(jnp.isnan(flat)), jnp.sum(jnp.isinf(flat)),
+          jnp.argmin(finite), jnp.max(mag), jnp.argmax(mag))
+
+
+def _check_values(x, method, scheme: _Scheme, where: str) -> None:
+  """Rejects weights the method cannot encode, for concrete arrays only.
+
+  A traced array (inside jit, grad, scan: e.g. `simulate_quantize` in a
+  training step) has no values to read, and reading them would cost a
+  host sync per step; `_encode` turns its bad channels or blocks into NaN.
+  """
+  if isinstance(x, jax.core.Tracer) or not math.prod(np.shape(x)):
+    return
+  shape = tuple(np.shape(x))
+  index = lambda i: tuple(int(k) for k in np.unravel_index(int(i), shape))
+  n_nan, n_inf, first, peak, peak_at = jax.device_get(_value_stats(x))
+  if n_nan or n_inf:
     raise ValueError(
-        f'{method.name} quantizes blocks of {scheme.block_size} along axis '
-        f'{axis}, but that axis of shape {tuple(shape)}{where} has size '
-        f'{shape[axis]}. Use a kernel whose axis {axis} is a multiple of '
-        f'{scheme.block_size}, or a per-channel method (INT8, INT4, SFP8).'
+        f'{method.name} cannot quantize the array of shape {shape}{where}: '
+        f'it holds {int(n_nan)} NaN and {int(n_inf)} Inf (the first at index '
+        f'{index(first)}). Quantization needs finite weights: find where '
+        'they diverged, or replace them (e.g. jnp.nan_to_num) first.'
     )
-  return axis % ndim
+  if scheme.max_abs is not None and peak > scheme.max_abs:  # Q4_0's only.
+    raise ValueError(
+        f'{method.name} keeps each block scale (largest |x| / 8) in float16,'
+        f' so |x| must be at most {scheme.max_abs:.0f}; the array of shape '
+        f'{shape}{where} has |x| = {float(peak):.4g} at index '
+        f'{index(peak_at)}. Scale the weights down, or use NF4 or a '
+        'per-channel method (float32 scales).'
+    )
 
 
-def _to_blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
-  x = jnp.moveaxis(x, axis, -1)
+def _to_blocks(x: jax.Array, axes: tuple[int, ...], size: int) -> jax.Array:
+  """(..., axes) -> (kept..., blocks, size): `axes` moved last, flattened
+  and zero-padded to whole blocks."""
+  kept = [a for a in range(x.ndim) if a not in axes]
+  x = jnp.transpose(x, kept + list(axes))
+  x = x.reshape(*x.shape[:len(kept)], -1)
+  pad = -x.shape[-1] % size
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
   return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
 
 
-def _from_blocks(xb: jax.Array, axis: int) -> jax.Array:
-  return jnp.moveaxis(xb.reshape(*xb.shape[:-2], -1), -1, axis)
+def _from_blocks(xb: jax.Array, axes: tuple[int, ...],
+                 shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of `_to_blocks`: drops the padding, restores `shape`."""
+  kept = [a for a in range(len(shape)) if a not in axes]
+  order = kept + list(axes)
+  x = xb.reshape(*xb.shape[:-2], -1)[..., :math.prod(shape[a] for a in axes)]
+  x = x.reshape([shape[a] for a in order])
+  return jnp.transpose(x, np.argsort(order))
 
 
 def _safe(scale: jax.Array) -> jax.Array:
   return jnp.where(scale > 0, scale, 1.0)
 
 
+def _poison(scale: jax.Array, bad: jax.Array) -> jax.Array:
+  # A NaN scale makes its whole channel or block dequantize to NaN.
+  return jnp.where(bad, jnp.nan, scale).astype(scale.dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _encode(x, method, axes):
-  """float32 `x` -> (unpacked codes, scales)."""
+  """float32 `x` -> (unpacked codes of `x`'s shape, scales).
+
+  Codes are computed with non-finite values read as 0 (so they are
+  well-defined); the scale of a channel or block that held one, or a
+  value its scale cannot carry, is NaN.
+  """
   scheme = _SCHEMES[method]
   if scheme.block_size is None:
+    bad = ~jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
+    x = jnp.where(jnp.isfinite(x), x, 0.0)
     absmax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     if method is QuantizationMethod.SFP8:
       scale = absmax / SFP8_MAGNITUDES[-1]
       idx = jnp.searchsorted(_SFP8_MID, jnp.abs(x) / _safe(scale),
                              method='scan_unrolled')
-      return (idx + 128 * (x < 0)).astype(jnp.uint8), scale
+      return (idx + 128 * (x < 0)).astype(jnp.uint8), _poison(scale, bad)
     qmax = 2**(scheme.bits - 1) - 1
     scale = absmax / qmax
     q = jnp.clip(jnp.round(x / _safe(scale)), -qmax, qmax)
-    if scheme.bits == 8:
-      return q.astype(jnp.int8), scale
-    return (q + 8).astype(jnp.uint8), scale
+    codes = q.astype(jnp.int8) if scheme.bits == 8 else (q + 8).astype(
+        jnp.uint8)
+    return codes, _poison(scale, bad)
   xb = _to_blocks(x, axes, scheme.block_size)
+  bad = ~jnp.all(jnp.isfinite(xb), axis=-1)
+  xb = jnp.where(jnp.isfinite(xb), xb, 0.0)
   if method is QuantizationMethod.NF4:
     absmax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
     codes = jnp.searchsorted(_NF4_MID, xb / _safe(absmax),
                              method='scan_unrolled')
-    return (_from_blocks(codes.astype(jnp.uint8), axes),
-            jnp.moveaxis(absmax[..., 0], -1, axes))
+    return (_from_blocks(codes.astype(jnp.uint8), axes, x.shape),
+            _poison(absmax[..., 0], bad))
   # Q4_0: d = (value of largest magnitude) / -8; codes floor(x / d + 8.5).
   peak = jnp.take_along_axis(
       xb, jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True), axis=-1)
   d = peak / -8.0
   inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
   codes = jnp.clip(jnp.floor(xb * inv + 8.5), 0, 15).astype(jnp.uint8)
-  return (_from_blocks(codes, axes),
-          jnp.moveaxis(d[..., 0], -1, axes).astype(jnp.float16))
+  bad = bad | (jnp.abs(peak[..., 0]) > scheme.max_abs)
+  return (_from_blocks(codes, axes, x.shape),
+          _poison(d[..., 0].astype(jnp.float16), bad))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -217,13 +302,14 @@ def _decode(codes, scales, method, axes) -> jax.Array:
       return jnp.where(codes >= 128, -mag, mag) * scales
     q = codes.astype(jnp.float32) - (8 if scheme.bits == 4 else 0)
     return q * scales
+  # The padding codes decode to junk that `_from_blocks` drops.
   cb = _to_blocks(codes, axes, scheme.block_size)
-  sb = jnp.moveaxis(scales, axes, -1)[..., None].astype(jnp.float32)
+  sb = scales[..., None].astype(jnp.float32)
   if method is QuantizationMethod.NF4:
     xb = jnp.asarray(NF4_LEVELS)[cb] * sb
   else:
     xb = (cb.astype(jnp.float32) - 8.0) * sb
-  return _from_blocks(xb, axes)
+  return _from_blocks(xb, axes, codes.shape)
 
 
 @jax.jit
@@ -242,8 +328,8 @@ def _unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
 
 
 def _prepare(x, method, axis_to_reduce, where: str):
-  """Validates; returns (method, axes) where axes is the block axis or the
-  reduced axes."""
+  """Validates; returns (method, axes): the reduced axes (per-channel
+  methods) or the axes blocks run along."""
   at = f' at {where!r}' if where else ''
   if not hasattr(x, 'dtype') or not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
@@ -254,9 +340,11 @@ def _prepare(x, method, axis_to_reduce, where: str):
   if method is QuantizationMethod.NONE:
     return method, None
   scheme = _SCHEMES[method]
+  axes = _reduce_axes(axis_to_reduce, x.shape, at)
   if scheme.block_size is not None:
-    return method, _check_blocks(scheme, method, x.shape, at)
-  return method, _reduce_axes(axis_to_reduce, x.shape, at)
+    axes = _block_axes(scheme, method, x.shape, axes, at)
+  _check_values(x, method, scheme, at)
+  return method, axes
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -278,7 +366,8 @@ def simulate_quantize(x: jax.Array, method: QuantizationMethod | str,
 
   Guarantee: the value equals `dequantize(quantize_array(x, ...))`, while
   `jax.grad` sees the identity (straight-through estimator), so a model can
-  train through its quantized weights.
+  train through its quantized weights. Any shape works (see the module
+  docstring on short blocks).
 
   Example:
     >>> w = jnp.array([[0.5, -1.0], [0.24, 0.3]])
@@ -288,21 +377,27 @@ def simulate_quantize(x: jax.Array, method: QuantizationMethod | str,
     >>> jax.grad(lambda w: simulate_quantize(w, 'int4').sum())(w)
     Array([[1., 1.],
            [1., 1.]], dtype=float32)
+    >>> simulate_quantize(jnp.ones((40, 3)), 'nf4').shape  # a short block
+    (40, 3)
 
   Args:
     x: a float array.
     method: a `QuantizationMethod` or its name.
-    axis_to_reduce: per-channel methods (INT8, INT4, SFP8) share one scale
-      over these axes (`None`: all axes but the last). Block methods block a
-      fixed axis and ignore it.
+    axis_to_reduce: the kernel axes the layer contracts (`None`: all axes
+      but the last, as in a Dense kernel `(in, out)`). Per-channel methods
+      (INT8, INT4, SFP8) share one scale over them; NF4 blocks along them
+      (flattened); Q4_0 and Q4_0_TRANSPOSE block the axis their name fixes.
     where: a location quoted in error messages.
 
   Returns:
-    An array of `x`'s shape and dtype.
+    An array of `x`'s shape and dtype. For traced `x` (under `jax.jit`,
+    `jax.grad`), a channel or block holding a NaN or infinite value, or a
+    Q4_0 block with a value beyond +-524032, comes out all NaN.
 
   Raises:
-    ValueError: unknown method, bad axes, or a block axis that is not a
-      multiple of the block size.
+    ValueError: unknown method, bad axes, an array with too few axes for
+      Q4_0_TRANSPOSE, or a concrete `x` holding NaN or infinite values (or,
+      for Q4_0, `|x|` above 524032, where its float16 scale overflows).
     TypeError: `x` is not floating point.
   """
   method, axes = _prepare(x, method, axis_to_reduce, where)
@@ -320,12 +415,16 @@ class QuantizedArray:
 
   Attributes:
     values: int8 codes (INT8), uint8 codes (SFP8) or two 4-bit codes per
-      uint8 along the last axis (INT4, Q4_0, Q4_0_TRANSPOSE, NF4).
-    scales: float32 per channel or block (float16 for Q4_0).
+      uint8 along the last axis (INT4, Q4_0, Q4_0_TRANSPOSE, NF4), one code
+      per element of `shape` (a short block's padding is not stored).
+    scales: float32 (float16 for Q4_0). Per-channel methods: `shape` with
+      the reduced axes set to 1. Block methods: `(kept axes..., blocks)`,
+      blocks running along `axes` flattened, the last one possibly short.
     method: the quantization method.
     shape: the original shape.
     dtype: the original dtype, restored by `dequantize`.
-    axes: the reduced axes (per-channel methods) or the block axis.
+    axes: the reduced axes (per-channel methods) or the axes blocks run
+      along; passing them as `axis_to_reduce` quantizes alike again.
   """
 
   values: jax.Array
@@ -333,7 +432,7 @@ class QuantizedArray:
   method: QuantizationMethod
   shape: tuple[int, ...]
   dtype: np.dtype
-  axes: tuple[int, ...] | int
+  axes: tuple[int, ...]
 
   @property
   def ndim(self) -> int:
@@ -366,15 +465,18 @@ def quantize_array(x: jax.Array, method: QuantizationMethod | str,
   """Quantizes `x` for storage (see `simulate_quantize` for the arguments).
 
   Example:
-    >>> w = jnp.linspace(-1.0, 1.0, 64 * 8).reshape(8, 64)
-    >>> q = quantize_array(w, 'nf4')
+    >>> w = jnp.linspace(-1.0, 1.0, 64 * 8).reshape(64, 8)  # (in, out)
+    >>> q = quantize_array(w, 'nf4')  # blocks of 64 along `in`
     >>> q
-    QuantizedArray(method=NF4, shape=(8, 64), dtype=float32, \
-values=uint8[8, 32], scales=float32[8, 1])
+    QuantizedArray(method=NF4, shape=(64, 8), dtype=float32, \
+values=uint8[64, 4], scales=float32[8, 1])
     >>> q.nbytes, w.nbytes
     (288, 2048)
     >>> bool(jnp.all(q.dequantize() == simulate_quantize(w, 'nf4')))
     True
+    >>> short = quantize_array(w[:40], 'nf4')  # one short block of 40
+    >>> short.scales.shape, short.dequantize().shape
+    ((8, 1), (40, 8))
 
   Raises:
     ValueError: as `simulate_quantize`; also for method NONE.

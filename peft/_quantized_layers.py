@@ -7,7 +7,9 @@ passes straight through to the float kernel). `Int*` read the kernel that
 with its dequantized value, so the base stays quantized in memory. Both
 read the layer's call through the einsum-layer registry, so they serve
 `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum` and any registered layer, and
-take per-channel scales over the kernel axes the equation contracts.
+pass the kernel axes the equation contracts to the quantizer: per-channel
+methods reduce them, NF4 blocks along them (as QLoRA), whatever their
+length.
 
 Both families join the registry themselves, so LoRA can wrap them (QLoRA).
 """
@@ -151,8 +153,9 @@ class SimulateQuantizedEinsumLike(QuantizedEinsumLike):
 
   Computes with `simulate_quantize(kernel, method, axes)`, `axes` being the
   kernel axes the layer's equation contracts (one scale per output
-  channel); the float kernel stays at its path and gets straight-through
-  gradients. With method NONE the output equals the wrapped layer's.
+  channel, or NF4 blocks along them); the float kernel stays at its path
+  and gets straight-through gradients. With method NONE the output equals
+  the wrapped layer's.
 
   Example:
     >>> layer = SimulateQuantizedEinsumLike(
@@ -229,9 +232,9 @@ class IntEinsumLike(QuantizedEinsumLike):
     >>> params = dense.init(jax.random.key(0), x)['params']
     >>> qkernel = q.quantize_array(params['kernel'], 'nf4')
     >>> qparams = {**params, 'kernel': qkernel}
-    >>> qparams['kernel']
+    >>> qparams['kernel']  # One short block of 16 inputs per output.
     QuantizedArray(method=NF4, shape=(16, 64), dtype=float32, \
-values=uint8[16, 32], scales=float32[16, 1])
+values=uint8[16, 32], scales=float32[64, 1])
     >>> y = IntDense(wrapped=dense).apply({'params': qparams}, x)
     >>> want = x @ q.dequantize(qparams['kernel']) + params['bias'][None]
     >>> bool(jnp.allclose(y, want, rtol=1e-6))

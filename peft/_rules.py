@@ -19,8 +19,8 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 import jax.numpy as jnp
 
-from peft import _einsum
 from peft import _layers
+from peft import _options
 
 # A target: a layer type (isinstance), a regex full-matched against the
 # module path 'a/b/c', or a predicate `module -> bool`.
@@ -113,6 +113,19 @@ def target_matches(target: Any, module: nn.Module, path: str) -> bool:
   return bool(target(module))
 
 
+# The fields of LoRARule, the linen wrappers and adapters that are LoRA
+# options, checked by `check_options`.
+_OPTION_FIELDS = ('rank', 'alpha', 'use_rslora', 'dropout', 'deterministic',
+                  'dtype', 'a_init', 'b_init')
+
+
+def check_options(obj: Any, where: str) -> dict[str, Any]:
+  """The LoRA option fields of `obj` (a rule, wrapper or adapter), checked
+  and normalised by the one validator (`peft._options`)."""
+  return _options.check_lora_options(
+      where, **{f: getattr(obj, f) for f in _OPTION_FIELDS})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRARule:
   """Selects layers and says how to adapt them.
@@ -150,17 +163,8 @@ class LoRARule:
   b_init: Initializer = nn.initializers.zeros_init()
 
   def __post_init__(self):
-    _einsum.check_rank(self.rank, where='LoRARule')
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(
-          f'LoRARule dropout must be in [0, 1); got {self.dropout!r}. '
-          'Pass e.g. dropout=0.05.'
-      )
-    if self.alpha is not None and not self.alpha > 0:
-      raise ValueError(
-          f'LoRARule alpha must be positive or None; got {self.alpha!r}. '
-          'Pass e.g. alpha=16.'
-      )
+    for name, value in check_options(self, 'LoRARule').items():
+      object.__setattr__(self, name, value)
     object.__setattr__(self, 'targets', normalize_targets(
         self.targets, field='targets'))
     object.__setattr__(self, 'exclude', normalize_targets(

@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from peft import _interceptors
 from peft import _lora
+from peft import _options
 from peft import _report
 from peft import _rules
 from peft import _spec
@@ -61,6 +62,7 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
     return super().jit_cache_key() if self.share_traces else self
 
   def _new_state(self) -> _SurgeryState:
+    self._refuse_nesting()
     state = _SurgeryState()
     state.recorder = _spec.recording_adapters()
     state.report.adapters = state.recorder.__enter__()
@@ -95,6 +97,24 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
                        **rule.wrapper_options())
     return module
 
+  def _refuse_nesting(self) -> None:
+    """Two LoRA surgeries at once cannot mean what they look like: the
+    outer one sees every layer first and wraps it, so the inner one's rules
+    would be silently ignored (and `peft.LoRA(model=peft.LoRA(...))` would
+    nest params under 'model'). One surgery with ordered rules says it."""
+    outer = [i for i in _interceptors.active_interceptors()
+             if isinstance(i, LoRASurgery)]
+    if outer:
+      raise ValueError(
+          f'A LoRA surgery ({describe_rules(self.rules)}) was entered '
+          f'inside another ({describe_rules(outer[-1].rules)}): nested LoRA '
+          'surgeries do not combine (the outer one wraps every layer '
+          'first). Use one surgery whose rules go from specific to general,'
+          ' e.g. peft.lora(rules=[peft.LoRARule(rank=2, targets=\'.*up\'), '
+          'peft.LoRARule(rank=4)]); and do not enter peft.lora(...) around a '
+          'peft.LoRA(...) model or wrap one peft.LoRA in another.'
+      )
+
   def _check_all_targets_used(self, state: _SurgeryState) -> None:
     for rule_index, rule in enumerate(self.rules):
       for target_index, target in enumerate(rule.targets):
@@ -106,6 +126,14 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
               f'{rule_index}) matched no layer. Adaptable layers that ran:\n'
               f'{seen}\nFix the target (regexes must match the whole path).'
           )
+
+
+def describe_rules(rules: Sequence[_rules.LoRARule]) -> str:
+  """`'rank=4; rank=2, targets=[up]'`: each rule's rank and targets."""
+  def one(rule):
+    targets = ', '.join(_rules.describe_target(t) for t in rule.targets)
+    return f'rank={rule.rank}' + (f', targets=[{targets}]' if targets else '')
+  return '; '.join(one(r) for r in rules)
 
 
 def lora(
@@ -194,7 +222,10 @@ class LoRA(nn.Module):
     alpha: see `peft.lora`.
     use_rslora: see `peft.lora`.
     dropout: see `peft.lora`.
+    deterministic: see `peft.lora`.
     dtype: see `peft.lora`.
+    a_init: see `peft.lora`.
+    b_init: see `peft.lora`.
     rules: several `LoRARule`s instead of the single-rule fields.
   """
 
@@ -206,19 +237,29 @@ class LoRA(nn.Module):
   alpha: float | None = None
   use_rslora: bool | None = None
   dropout: float | None = None
+  deterministic: bool | None = None
   dtype: Any = None
+  a_init: Any = None
+  b_init: Any = None
   rules: Sequence[_rules.LoRARule] | None = None
 
   def __post_init__(self):
+    # Bad options fail here, where the model is built, not at first call.
+    self.surgery()
     super().__post_init__()
     if self.scope is not None:
       nn.share_scope(self, self.model)
 
   def surgery(self) -> LoRASurgery:
-    rules = lora(self.rank, targets=self.targets, exclude=self.exclude,
-                 alpha=self.alpha, use_rslora=self.use_rslora,
-                 dropout=self.dropout, dtype=self.dtype,
-                 rules=self.rules).rules
+    options = dict(rank=self.rank, alpha=self.alpha,
+                   use_rslora=self.use_rslora, dropout=self.dropout,
+                   deterministic=self.deterministic, dtype=self.dtype,
+                   a_init=self.a_init, b_init=self.b_init)
+    # Checked here too so that errors name this module, not the rule.
+    _options.check_lora_options(
+        'LoRA', **{k: v for k, v in options.items() if v is not None})
+    rules = lora(targets=self.targets, exclude=self.exclude,
+                 rules=self.rules, **options).rules
     # A new surgery per call: equal ones share compiled traces.
     return LoRASurgery(rules=rules, share_traces=True)
 

@@ -1,7 +1,10 @@
 """Adapter-only safetensors checkpoints: round trips, validation, atomicity."""
 
+import dataclasses
 import json
 import os
+import pickle
+import stat
 import struct
 
 import jax
@@ -12,6 +15,7 @@ import safetensors
 
 import peft
 from peft import _checkpoint
+from peft import _file_modes
 from peft import _params
 from peft import _spec
 from tests import fixtures
@@ -88,20 +92,27 @@ def test_file_layout_is_plain_safetensors(path):
     np.testing.assert_array_equal(f.get_tensor('enc/q/lora/a'),
                                   params['enc']['q']['lora']['a'])
   assert meta['format'] == 'peft.lora_adapters'
-  assert meta['format_version'] == '1'
+  assert meta['format_version'] == '2'
   assert json.loads(meta['adapters']) == [SPECS[0].to_json()]
   assert json.loads(meta['dtypes']) == {'enc/q/lora/a': 'F32',
                                         'enc/q/lora/b': 'F32'}
-  assert oct(os.stat(path).st_mode & 0o777) == '0o644'
+  assert meta['header_sha256'] == _checkpoint._header_digest(meta)
 
 
-def _rewrite(path, edit_header):
-  """Rewrites the JSON header of a saved file with `edit_header(header)`."""
+def _rewrite(path, edit_header, *, redigest=False):
+  """Rewrites the JSON header of a saved file with `edit_header(header)`.
+
+  With `redigest`, the header digest is recomputed afterwards, as a buggy
+  or malicious writer would.
+  """
   with open(path, 'rb') as f:
     data = f.read()
   (size,) = struct.unpack('<Q', data[:8])
   header = json.loads(data[8:8 + size])
   edit_header(header)
+  if redigest:
+    meta = header['__metadata__']
+    meta['header_sha256'] = _checkpoint._header_digest(meta)
   raw = json.dumps(header).encode()
   raw += b' ' * (-len(raw) % 8)
   with open(path, 'wb') as f:
@@ -137,7 +148,7 @@ def _spec_field(field, value):
 
 @pytest.mark.parametrize('edit, match', [
     (_edit_meta('format_version', lambda _: '99'),
-     r"format version '99'; this peft reads version 1. Upgrade peft"),
+     r"format version '99'; this peft reads versions 1, 2. Upgrade peft"),
     (_edit_meta('format', lambda _: 'other'),
      r"no 'peft.lora_adapters' metadata in the header"),
     (_edit_meta('dtypes', _json_edit(_set_item('enc/q/lora/a', 'F16'))),
@@ -157,8 +168,9 @@ def _spec_field(field, value):
     (lambda h: h.pop('enc/q/lora/b'), r'is not a valid adapter file'),
 ])
 def test_corrupt_metadata_raises(path, edit, match):
+  """What a writer that recomputes the header digest gets refused for."""
   _checkpoint.save_adapters(path, _params_for(), SPECS)
-  _rewrite(path, edit)
+  _rewrite(path, edit, redigest=True)
   with pytest.raises(ValueError, match=match):
     _checkpoint.load_adapters(path)
 
@@ -247,11 +259,6 @@ def test_save_errors(path):
   with pytest.raises(ValueError, match=r"'enc/q/lora/a' has dtype int32; "
                      r'adapters must be float'):
     _checkpoint.save_adapters(path, ints, SPECS)
-  slash = _spec_for(('a/b',), 2, 2, 1)
-  tree = {'a/b': {'lora': {'a': jnp.ones((2, 1)), 'b': jnp.ones((1, 2))}}}
-  with pytest.raises(ValueError, match=r"module path \('a/b',\) holds a "
-                     r'"/"'):
-    _checkpoint.save_adapters(path, tree, [slash])
   with pytest.raises(TypeError, match=r'params_or_lora_tree must be a nested '
                      r'dict'):
     _checkpoint.save_adapters(path, [1], SPECS)
@@ -302,3 +309,220 @@ def test_restore_into_a_surgery_adapted_model(path):
     y, y_trained = run(restored), run(trained)
   np.testing.assert_array_equal(y, y_trained)
   assert meta == {'rank': 2} and specs == report.specs
+
+
+# ------------------------------------------------- header integrity (v2)
+
+
+def _adapter_edit(field, value):
+  return _edit_meta('adapters', _json_edit(_spec_field(field, value)))
+
+
+@pytest.mark.parametrize('edit', [
+    _adapter_edit('alpha', 5.0),
+    _adapter_edit('einsum_str', 'ab,bc->ac'),
+    _adapter_edit('layer_type', 'Embed'),
+    _adapter_edit('weight_name', 'bias'),
+    _edit_meta('user_metadata', lambda _: json.dumps({'rank': 3})),
+    _edit_meta('dtypes', _json_edit(_set_item('enc/q/lora/a', 'F16'))),
+    _edit_meta('sha256', _json_edit(_set_item('enc/q/lora/b', '0' * 64))),
+    _edit_meta('header_sha256', lambda d: d[::-1]),
+    lambda h: h['__metadata__'].pop('header_sha256'),
+    lambda h: h['__metadata__'].update(extra='field'),
+], ids=['alpha', 'einsum_str', 'layer_type', 'weight_name', 'user_metadata',
+        'dtypes', 'sha256', 'digest', 'no_digest', 'extra_field'])
+def test_a_changed_header_fails_its_integrity_check(path, edit):
+  _checkpoint.save_adapters(path, _params_for(), SPECS,
+                            metadata={'rank': 2})
+  _rewrite(path, edit)
+  with pytest.raises(ValueError, match=r'is not a valid adapter file: the '
+                     r"header fails its integrity check \(its 'header_sha256'"):
+    _checkpoint.load_adapters(path)
+
+
+def _as_version_1(header):
+  """A version 1 file: the same header without the digest."""
+  meta = header['__metadata__']
+  del meta['header_sha256']
+  meta['format_version'] = '1'
+
+
+def test_version_1_files_load_with_a_warning(path):
+  _checkpoint.save_adapters(path, _params_for(), SPECS, metadata={'r': 2})
+  saved = _checkpoint.load_adapters(path)
+  _rewrite(path, _as_version_1)
+  with pytest.warns(UserWarning, match=r"is a version 1 adapter file, whose "
+                    r'header .* has no integrity check.* Save it again'):
+    loaded = _checkpoint.load_adapters(path)
+  assert_trees_close(loaded.lora, saved.lora)
+  assert loaded.specs == SPECS and loaded.metadata == {'r': 2}
+  # v1 headers are not protected, but their spec values are validated.
+  _rewrite(path, _adapter_edit('alpha', -4.0))
+  with pytest.warns(UserWarning), pytest.raises(
+      ValueError, match=r'LoRA alpha must be positive or None; got -4.0'):
+    _checkpoint.load_adapters(path)
+
+
+def test_version_1_with_a_header_digest_is_corrupt(path):
+  _checkpoint.save_adapters(path, _params_for(), SPECS)
+  _rewrite(path, _edit_meta('format_version', lambda _: '1'))
+  with pytest.raises(ValueError, match=r"says format version 1, which has no "
+                     r"'header_sha256', yet holds one"):
+    _checkpoint.load_adapters(path)
+
+
+# ------------------------------------------------------- spec validation
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('alpha', float('nan'), r'LoRA alpha must be positive or None; got nan'),
+    ('alpha', -4.0, r'LoRA alpha must be positive or None; got -4.0'),
+    ('alpha', float('inf'), r'LoRA alpha must be positive or None; got inf'),
+    ('alpha', 0, r'LoRA alpha must be positive or None; got 0 at '
+     r"'enc/q/lora'"),
+    ('alpha', 'four', r"LoRA alpha must be positive or None; got 'four'"),
+    ('rank', 0, r'LoRA rank must be a positive int; got 0'),
+    ('rank', 2.0, r'LoRA rank must be a positive int; got 2.0'),
+    ('rank', 3, r'rank axes \[2\], but the kernel is \(6, 4\) and rank=3'),
+    ('use_rslora', 'yes', r"LoRA use_rslora must be a bool; got 'yes'"),
+    ('path', ['enc', ''], r"path must be a tuple of non-empty str .*; got "
+     r"\('enc', ''\)"),
+    ('path', ['enc', 1], r'path must be a tuple of non-empty str'),
+    ('path', ['a/b'], r"module path \('a/b',\) holds a \"/\""),
+    ('layer_type', '', r"layer_type must be a non-empty str; got '' at "
+     r"'enc/q/lora'. Pass e.g. layer_type='Dense'"),
+    ('weight_name', 5, r'weight_name must be a non-empty str; got 5'),
+    ('adapter_name', 'kernel', r"adapter_name must end in an adapter branch "
+     r".*; got 'kernel' at 'enc/q/kernel'"),
+    ('adapter_name', '/lora', r"adapter_name must end in an adapter branch"),
+    ('weight_shape', [6, -4], r'weight_shape must be a tuple of positive '
+     r"ints; got \(6, -4\) at 'enc/q/lora'"),
+    ('a_shape', [6, 2.5], r'a_shape must be a tuple of positive ints'),
+    ('b_shape', [], r'b_shape must be a tuple of positive ints; got \(\)'),
+    ('stack_shape', [0], r'stack_shape must be a tuple of positive ints'),
+    ('delta_str', 'ir,ro', r"delta_str must be an equation a,b->kernel; got "
+     r"'ir,ro' at 'enc/q/lora' \(einsum_str must be"),
+    ('delta_str', 'ir,ri->ii', r"delta_str must be an equation a,b->kernel"),
+    ('delta_str', 'ir,ro->i', r"delta_str 'ir,ro->i' .* must name each "
+     r'axis .* exactly one axis \(the rank\)'),
+    ('delta_str', 'ir,ro->oi', r"A \(6, 2\) and B \(2, 4\) give a delta of "
+     r'shape \(4, 6\) and rank axes \[2\], but the kernel is \(6, 4\)'),
+    ('a_shape', [6, 2, 1], r"A \(6, 2, 1\) and B \(2, 4\) do not fit the "
+     r"delta equation: 'ir' names 2 axes"),
+    ('delta_str', 'ri,ro->io', r"axis 'r' is both 6 and 2"),
+    ('einsum_str', 'nonsense', r"einsum_str must be None or the layer's "
+     r"equation inputs,weights->outputs; got 'nonsense' at 'enc/q/lora' "
+     r"\(einsum_str must be 'inputs,weights->outputs'"),
+    ('einsum_str', 5, r"einsum_str must be None or the layer's equation .*; "
+     r'got 5'),
+    ('einsum_str', '...i,ioz->...oz', r'Weight shape \(6, 4\) has 2 axes but '
+     r"the weights term 'ioz'"),
+    ('einsum_str', '...o,io->...i', r"einsum_str '...o,io->...i' at "
+     r"'enc/q/lora' splits the kernel as 'or,ri->io', but delta_str is "
+     r"'ir,ro->io'"),
+])
+def test_bad_spec_values_are_refused_on_build_and_on_load(path, field, value,
+                                                          match):
+  with pytest.raises((TypeError, ValueError), match=match):
+    _spec.AdapterSpec.from_json({**SPECS[0].to_json(), field: value})
+  # A writer that recomputes the header digest gets no further.
+  _checkpoint.save_adapters(path, _params_for(), SPECS)
+  _rewrite(path, _adapter_edit(field, value), redigest=True)
+  with pytest.raises(ValueError, match=r'bad adapter specs \(.*' + match):
+    _checkpoint.load_adapters(path)
+
+
+def test_specs_are_validated_when_built_or_replaced():
+  with pytest.raises(ValueError, match=r'LoRA alpha must be positive or '
+                     r"None; got nan at 'enc/q/lora'"):
+    dataclasses.replace(SPECS[0], alpha=float('nan'))
+  with pytest.raises(TypeError, match=r'path must be a tuple of non-empty '
+                     r"str .*; got \['enc'\]"):
+    dataclasses.replace(SPECS[0], path=['enc'])
+  with pytest.raises(TypeError, match=r'Adapter metadata must be a dict of '
+                     r'AdapterSpec fields; got \[1\]'):
+    _spec.AdapterSpec.from_json([1])
+  # Values are normalised: numpy ints, an int alpha.
+  spec = dataclasses.replace(SPECS[0], rank=np.int64(2), alpha=4,
+                             weight_shape=(np.int32(6), 4))
+  assert spec == SPECS[0] and type(spec.rank) is int
+  assert type(spec.alpha) is float and type(spec.weight_shape[0]) is int
+  json.dumps(spec.to_json())
+
+
+def test_a_non_dict_spec_in_a_file_is_refused(path):
+  _checkpoint.save_adapters(path, _params_for(), SPECS)
+  _rewrite(path, _edit_meta('adapters', lambda _: '[1]'), redigest=True)
+  with pytest.raises(ValueError, match=r'bad adapter specs \(Adapter metadata'
+                     r' must be a dict of AdapterSpec fields; got 1'):
+    _checkpoint.load_adapters(path)
+
+
+# ------------------------------------------------------------ file modes
+
+
+def _mode(path):
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize('mode', [0o600, 0o640, 0o664])
+def test_resaving_keeps_the_file_mode(path, mode):
+  _checkpoint.save_adapters(path, _params_for(), SPECS)
+  os.chmod(path, mode)
+  _checkpoint.save_adapters(path, _params_for(seed=1), SPECS)
+  assert _mode(path) == mode
+
+
+@pytest.fixture
+def umask():
+  """Sets the process umask for one test, then restores it."""
+  old = os.umask(0o022)
+  os.umask(old)
+  yield os.umask
+  os.umask(old)
+
+
+@pytest.mark.parametrize('proc', [True, False], ids=['proc', 'os_umask'])
+@pytest.mark.parametrize('mask', [0o077, 0o027, 0o002])
+def test_a_new_file_follows_the_umask(path, umask, monkeypatch, mask, proc):
+  if not proc:  # no /proc (macOS, a sandbox): read it with os.umask
+    monkeypatch.setattr(_file_modes, '_PROC_STATUS', '/nonexistent/status')
+  umask(mask)
+  assert _file_modes.umask() == mask
+  _checkpoint.save_adapters(path, _params_for(), SPECS)
+  assert _mode(path) == 0o666 & ~mask
+  assert os.umask(mask) == mask  # reading it left it unchanged
+
+
+def test_the_directory_is_synced_after_the_rename(path, monkeypatch):
+  synced = []
+  fsync = os.fsync
+
+  def record(fd):
+    synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+    fsync(fd)
+
+  monkeypatch.setattr(os, 'fsync', record)
+  _checkpoint.save_adapters(path, _params_for(), SPECS)
+  assert synced == [False, True]
+
+
+_UNPICKLED = []
+
+
+def _mark_unpickled():
+  _UNPICKLED.append('ran')
+
+
+class _Payload:
+  def __reduce__(self):  # unpickling it calls _mark_unpickled
+    return _mark_unpickled, ()
+
+
+def test_a_renamed_pickle_is_refused_not_unpickled(path):
+  with open(path, 'wb') as f:
+    pickle.dump({'enc/q/lora/a': _Payload()}, f)
+  with pytest.raises(ValueError, match=r'is not a valid adapter file: header '
+                     r'of \d+ bytes but the file has \d+ more'):
+    _checkpoint.load_adapters(path)
+  assert not _UNPICKLED

@@ -13,7 +13,13 @@ import json
 import math
 import os
 import pathlib
+import queue
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +29,14 @@ import pytest
 import peft
 from peft import models
 from peft.__main__ import main
+from peft._cli import base as base_lib
+from peft._cli import interrupt
 
 # Small data: one play per split, 2 windows of 32 predicted tokens.
 DATA = ('--max-plays', '1', '--seq-len', '32', '--eval-windows', '2')
 TARGETS = ('.*attn/.*', '.*mlp')  # The CLI's default --targets.
 COMMANDS = ('finetune', 'merge', 'sample', 'eval', 'summary', 'demo',
-            'quickstart')
+            'quickstart', 'export')
 
 peft.register_einsum_layer(models.Einsum, weight_name=lambda m: m.weight_name)
 
@@ -112,7 +120,8 @@ def test_finetune_writes_adapters_that_load(trained, tiny, forward):
   loaded = peft.load_adapters(workdir / 'adapters.safetensors')
   meta = loaded.metadata['peft_cli']
   assert meta['settings'] == {'targets': list(TARGETS), 'rank': 8,
-                              'alpha': 16.0, 'dropout': 0.0, 'quantize': None}
+                              'alpha': 16.0, 'dropout': 0.0, 'quantize': None,
+                              'kernels': []}
   assert meta['base']['source'] == 'tiny'
   assert len(loaded.specs) == 10  # 2 layers x (q, kv, out, gate/up, down)
   b = [x for p, x in jax.tree_util.tree_leaves_with_path(loaded.lora)
@@ -301,11 +310,18 @@ def test_bad_flags(argv, match):
     (('summary', '--tiny', '--targets', '.*attn/q_einsum', '.*nothing'),
      r"--targets '.\*nothing' matches no layer. The adaptable layers are "
      r'embedder, layers_N/attn/q_einsum, .*layers_N/mlp'),
-    (('summary', '--tiny', '--quantize', 'nf4'),
-     r'NF4 quantizes blocks of 64 .* has size 16'),
 ])
 def test_errors_in_the_run(argv, match):
   assert_one_line_error(*run_cli(*argv), 1, match)
+
+
+def test_nf4_quantizes_a_model_whose_widths_are_not_multiples_of_64():
+  # The tiny model's 16-wide heads used to be refused; NF4 now pads its
+  # last block (issue 12).
+  status, out, err = run_cli('summary', '--tiny', '--quantize', 'nf4')
+  assert status == 0, err
+  assert re.search(r'frozen base in memory: [\d.]+ MiB \(nf4\) instead of',
+                   out), out
 
 
 def test_failed_finetune_overwrites_nothing(tmp_path):
@@ -400,3 +416,377 @@ def test_mismatched_adapter_files(trained, tmp_path):
   assert_one_line_error(
       *run_cli('sample', '--tiny', '--adapters', bare), 1,
       r"holds adapters but not the 'peft_cli' metadata")
+
+
+def test_extra_or_missing_config_fields_are_named(trained, tmp_path):
+  workdir, _ = trained
+  loaded = peft.load_adapters(workdir / 'adapters.safetensors')
+  meta = json.loads(json.dumps(loaded.metadata))
+  config = meta['peft_cli']['base']['config']
+  config['rope_scaling'] = 2.0
+  del config['max_len']
+  odd = tmp_path / 'odd.safetensors'
+  peft.save_adapters(odd, loaded.lora, loaded.specs, metadata=meta)
+  assert_one_line_error(
+      *run_cli('eval', '--tiny', *DATA, '--adapters', odd), 1,
+      r"its config differs from 'tiny' in \{'max_len': \(<absent>, 256\), "
+      r"'rope_scaling': \(2\.0, <absent>\)\} \(file, base\)")
+
+
+# Outputs that cannot be written fail before any work.
+
+
+@pytest.fixture
+def read_only(tmp_path):
+  """An empty directory no one can write in, root included."""
+  path = tmp_path / 'read_only'
+  path.mkdir()
+  if os.geteuid() != 0:
+    path.chmod(0o555)
+    undo = [lambda: path.chmod(0o755)]
+  elif shutil.which('chattr') and subprocess.run(
+      ['chattr', '+i', path], capture_output=True).returncode == 0:
+    # Root writes through permission bits, not into an immutable directory.
+    undo = [lambda: subprocess.run(['chattr', '-i', path], check=True)]
+  else:
+    pytest.skip('root writes through permission bits, and chattr +i (an '
+                'immutable directory) is unavailable here')
+  try:
+    try:
+      (path / 'probe').mkdir()
+    except OSError:
+      pass
+    else:
+      pytest.skip(f'could not make {path} read-only')
+    yield path
+  finally:
+    undo[0]()
+
+
+@pytest.mark.parametrize('argv, match', [
+    (('finetune', '--workdir', '{ro}'),
+     r"--workdir '{ro}': cannot write 'adapters.safetensors' in '{ro}' "
+     r'\(.+\)\. Make it writable, or pass another --workdir \(or --out\)\.'),
+    (('finetune', '--out', '{ro}/a.safetensors'),
+     r"--out '{ro}/a.safetensors': cannot write 'a.safetensors' in '{ro}' "
+     r'\(.+\)\. Make it writable, or pass another --out\.'),
+    (('finetune', '--workdir', '{tmp}', '--plot', '{ro}/loss.png'),
+     r"--plot '{ro}/loss.png': cannot write 'loss.png' in '{ro}'"),
+    (('finetune', '--workdir', '{ro}/new'),
+     r"--workdir '{ro}/new': cannot create the directory '{ro}/new' \(.+\)\. "
+     r'Pass a path in a writable directory, or another --workdir \(or '
+     r'--out\)\.'),
+    (('merge', '--workdir', '{ro}', '--adapters', 'nowhere.safetensors'),
+     r"--workdir '{ro}': cannot write 'merged' in '{ro}'"),
+    (('merge', '--out', '{ro}/m.safetensors', '--adapters', 'nowhere'),
+     r"--out '{ro}/m.safetensors': cannot write 'm.safetensors' in '{ro}'"),
+    (('merge', '--out', '{ro}', '--adapters', 'nowhere.safetensors'),
+     r"--out '{ro}': cannot replace the old directory '{ro}' \(.+\)\. Make "
+     r'it writable, or pass another --out\.'),
+    (('demo', '--workdir', '{ro}'),
+     r"--workdir '{ro}': cannot write 'adapters.safetensors' in '{ro}' "
+     r'\(.+\)\. Make it writable, or pass another --workdir\.'),
+])
+def test_unwritable_output_fails_before_any_work(read_only, argv, match):
+  ro = str(read_only)
+  argv = [a.format(ro=ro, tmp=read_only.parent) for a in argv]
+  # A missing --adapters file would fail the run, were outputs checked later.
+  status, out, err = run_cli(argv[0], '--tiny', *argv[1:])
+  assert_one_line_error(status, out, err, 1,
+                        match.format(ro=re.escape(ro)))
+  assert out == ''  # No model loaded, no step taken.
+  assert os.listdir(read_only) == []
+
+
+@pytest.mark.parametrize('argv, match', [
+    (('finetune', '--out', '{tmp}'),
+     r"--out '{tmp}': '{tmp}' is a directory where a file must go. Pass "
+     r'another --out\.'),
+    (('merge', '--adapters', 'nowhere', '--out', '{tmp}/file'),
+     r"--out '{tmp}/file': '{tmp}/file' is a file where a directory must "
+     r'go. Pass another --out\.'),
+    (('finetune', '--workdir', '{tmp}/file'),
+     r"--workdir '{tmp}/file': '{tmp}/file' is a file where a directory "
+     r'must go. Pass another --workdir \(or --out\)\.'),
+    (('finetune', '--workdir', '{tmp}', '--out', '{tmp}/x', '--plot',
+      '{tmp}/../{name}/x'),
+     r"--out and --plot both name '{tmp}/x'; one output would overwrite the "
+     r'other. Pass two different paths\.'),
+])
+def test_misplaced_output_fails_before_any_work(tmp_path, argv, match):
+  (tmp_path / 'file').write_text('old')
+  tmp = str(tmp_path)
+  argv = [a.format(tmp=tmp, name=tmp_path.name) for a in argv]
+  status, out, err = run_cli(argv[0], '--tiny', *argv[1:])
+  assert_one_line_error(status, out, err, 1,
+                        match.format(tmp=re.escape(tmp)))
+  assert out == ''
+  assert tree_of_files(tmp_path) == {pathlib.Path('file'): b'old'}
+
+
+# Broken base checkpoints: one line naming the file and the fix.
+
+
+def _damage(path, damage):
+  path.write_bytes(damage(path.read_bytes()))
+
+
+@pytest.mark.parametrize('file, damage, match', [
+    ('config.json', lambda data: data[:len(data) // 2],
+     r"'{d}/config.json' is not valid JSON \(.+\). Fix or regenerate"),
+    ('config.json', lambda data: b'\x80' + data,
+     r"'{d}/config.json' is not valid JSON \(.+\). Fix or regenerate"),
+    ('config.json', None, r"no config.json in '{d}'. Pass a Hugging Face"),
+    ('model.safetensors', None, r"no \*.safetensors file in '{d}'"),
+    ('model.safetensors', lambda data: data[:len(data) // 2],
+     r"'{d}/model.safetensors' is not a readable safetensors file \(.+\); it "
+     r'is truncated or corrupt. Save or copy the weights again\.'),
+    ('model.safetensors', lambda data: data[:7],
+     r"'{d}/model.safetensors' is not a readable safetensors file"),
+    ('tokenizer.json', lambda data: data[:len(data) // 2],
+     r"'{d}/tokenizer.json' is not a readable tokenizer file \(.+\). Replace "
+     r"it with the model's own tokenizer.json\."),
+])
+@pytest.mark.parametrize('flag', ('--hf-dir', '--merged'))
+def test_broken_checkpoint_dir(tmp_path, file, damage, match, flag):
+  directory = _tiny_hf_dir(tmp_path / 'hf')
+  if damage is None:
+    (directory / file).unlink()
+  else:
+    _damage(directory / file, damage)
+  model = ['--tiny'] if flag == '--merged' else []
+  result = run_cli('eval', *model, *DATA, flag, directory)
+  assert_one_line_error(*result, 1, match.format(d=re.escape(str(directory))))
+
+
+def _tiny_gguf(path):
+  import gguf  # pylint: disable=g-import-not-at-top
+
+  writer = gguf.GGUFWriter(str(path), 'llama')
+  writer.add_block_count(1)
+  writer.add_tensor('token_embd.weight', np.ones((8, 4), np.float32))
+  writer.add_tensor('output_norm.weight', np.ones((4,), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.mark.parametrize('damage, match', [
+    (lambda data: data[:len(data) // 2],
+     r"'{f}' is a truncated or corrupt GGUF file \(.+\). Download or convert "
+     r'it again\.'),
+    (lambda data: data[:24], r"'{f}' is a truncated or corrupt GGUF file"),
+    (lambda data: b'XXXX' + data[4:],
+     r"'{f}' is not a GGUF file: it starts with b'XXXX', not b'GGUF'. Pass a "
+     r'.gguf file written by llama.cpp\.'),
+    (lambda data: b'', r"'{f}' is not a GGUF file: it starts with b''"),
+])
+def test_broken_gguf_file(tmp_path, damage, match):
+  path = _tiny_gguf(tmp_path / 'model.gguf')
+  _damage(path, damage)
+  assert_one_line_error(*run_cli('summary', '--gguf', path), 1,
+                        match.format(f=re.escape(str(path))))
+
+
+# Ctrl-C: status 130, one line, every output whole.
+
+
+class Exited(Exception):
+  """What `interrupt` raises here instead of ending the test process."""
+
+
+@pytest.fixture
+def exits(monkeypatch):
+  """Fakes the process exit; records the workdir at that moment."""
+  seen = {}
+
+  def hard_exit(status):
+    seen['status'] = status
+    seen['files'] = tree_of_files(seen['dir'])
+    raise Exited
+
+  monkeypatch.setattr(interrupt, '_hard_exit', hard_exit)
+  monkeypatch.setattr(interrupt._State, 'ending', False)
+  monkeypatch.setattr(interrupt._State, 'pending', False)
+  monkeypatch.setattr(interrupt._State, 'scratch', set())
+  return seen
+
+
+def sigint():
+  interrupt._on_sigint(signal.SIGINT, None)
+
+
+def test_interrupt_while_writing_keeps_old_output(tmp_path, exits, capfd):
+  exits['dir'] = tmp_path
+  out = tmp_path / 'adapters.safetensors'
+  out.write_bytes(b'old')
+  with pytest.raises(Exited), base_lib.staged(out) as tmp:
+    tmp.write_bytes(b'half writ')
+    sigint()
+  # The handler itself removed the scratch: `os._exit` runs no `finally`.
+  assert exits == {'dir': tmp_path, 'status': 130,
+                   'files': {pathlib.Path(out.name): b'old'}}
+  assert capfd.readouterr().err.endswith(': interrupted\n')
+
+
+@pytest.mark.parametrize('as_dir', (False, True))
+def test_interrupt_during_the_swap_waits_for_it(tmp_path, exits, monkeypatch,
+                                                as_dir, capfd):
+  exits['dir'] = tmp_path
+  out = tmp_path / 'merged'
+  if as_dir:
+    out.mkdir()
+    (out / 'old.txt').write_text('old')
+  else:
+    out.write_text('old')
+  replace = os.replace
+
+  def interrupted_replace(src, dst):
+    replace(src, dst)
+    sigint()  # Between the renames that swap a directory.
+
+  monkeypatch.setattr(os, 'replace', interrupted_replace)
+  with pytest.raises(Exited), base_lib.staged(out) as tmp:
+    if as_dir:
+      tmp.mkdir()
+      (tmp / 'new.txt').write_text('new')
+    else:
+      tmp.write_text('new')
+  new = pathlib.Path('merged/new.txt' if as_dir else 'merged')
+  assert exits['files'] == {new: b'new'}
+  assert capfd.readouterr().err.count('interrupted') == 1
+
+
+def test_keyboard_interrupt_between_renames_keeps_old_dir(tmp_path,
+                                                         monkeypatch):
+  # In-process callers of `main` get Python's KeyboardInterrupt instead.
+  out = tmp_path / 'merged'
+  out.mkdir()
+  (out / 'old.txt').write_text('old')
+  replace, calls = os.replace, []
+
+  def interrupted_replace(src, dst):
+    replace(src, dst)
+    calls.append(dst)
+    if len(calls) == 1:  # Right after the old output is moved aside.
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt), base_lib.staged(out) as tmp:
+    tmp.mkdir()
+    (tmp / 'new.txt').write_text('new')
+    monkeypatch.setattr(os, 'replace', interrupted_replace)
+  monkeypatch.undo()
+  assert tree_of_files(tmp_path) == {pathlib.Path('merged/old.txt'): b'old'}
+  assert os.listdir(tmp_path) == ['merged']
+
+
+def test_install_for_cli_leaves_other_programs_alone():
+  before = signal.getsignal(signal.SIGINT)
+  interrupt.install_for_cli()  # This process is pytest.
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_interrupt_in_process(monkeypatch):
+  from peft._cli import quickstart  # pylint: disable=g-import-not-at-top
+
+  def run(args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(quickstart, 'run', run)
+  assert run_cli('quickstart') == (
+      130, '', 'python -m peft quickstart: interrupted\n')
+
+
+@contextlib.contextmanager
+def sigint_not_ignored():
+  """Children get SIGINT even if this process ignores it (a background job)."""
+  ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  if ignored:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    yield
+  finally:
+    if ignored:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def interrupted_cli(workdir, marker, delay=0.0):
+  """Runs `finetune` in a process; SIGINT once `marker` shows (+ `delay`).
+
+  `-X importtime` marks each finished import on stderr, so the signal lands
+  in a known phase: while an import runs, or (on stdout) while training.
+
+  Returns:
+    (status, stdout, stderr without the import-time lines).
+  """
+  argv = [sys.executable, '-X', 'importtime', '-m', 'peft', 'finetune',
+          '--tiny', '--workdir', workdir, *DATA, '--batch-size', '2',
+          '--steps', '1000000', '--eval-every', '0']
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  with sigint_not_ignored():
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=workdir)
+  lines, seen = queue.Queue(), {'stdout': [], 'stderr': []}
+
+  def read(name):
+    for line in getattr(proc, name):
+      seen[name].append(line)
+      lines.put((name, line))
+    lines.put((name, None))
+
+  readers = [threading.Thread(target=read, args=(n,), daemon=True)
+             for n in seen]
+  for reader in readers:
+    reader.start()
+  try:
+    stream, pattern = marker
+    while True:
+      name, line = lines.get(timeout=120)
+      assert line is not None, f'{marker} never came: {seen}'
+      if name == stream and re.search(pattern, line):
+        break
+    if delay:
+      threading.Event().wait(delay)
+    proc.send_signal(signal.SIGINT)
+    closed = 0
+    while closed < 2:  # Until the process closes stdout and stderr.
+      name, line = lines.get(timeout=30)
+      closed += line is None
+      if name == 'stdout' and line is not None:  # It carried on.
+        seen['stderr'].append(f'carried on after SIGINT: {line}')
+        proc.kill()
+        break
+    status = proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  for reader in readers:
+    reader.join(timeout=10)
+  err = ''.join(line for line in seen['stderr']
+                if not line.startswith('import time:'))
+  return status, ''.join(seen['stdout']), err
+
+
+def _imported(module):
+  return ('stderr', rf'^import time:.*\|\s*{re.escape(module)}$')
+
+
+@pytest.mark.parametrize('marker, delay', [
+    pytest.param(_imported('site'), 0.2, id='0.2s-after-start'),
+    pytest.param(_imported('jax._src.core'), 0.0, id='importing-jax'),
+    pytest.param(_imported('peft._cli.base'), 0.0, id='importing-the-cli'),
+    pytest.param(('stdout', r'^step 0 \(base\)'), 0.0, id='training'),
+])
+def test_ctrl_c_exits_130_with_one_line(tmp_path, marker, delay):
+  (tmp_path / 'adapters.safetensors').write_bytes(b'old adapters')
+  (tmp_path / 'loss.png').write_bytes(b'old plot')
+  before = tree_of_files(tmp_path)
+  status, out, err = interrupted_cli(tmp_path, marker, delay)
+  assert (status, err) == (130, 'python -m peft finetune: interrupted\n'), (
+      out, err)
+  assert tree_of_files(tmp_path) == before
+  assert sorted(os.listdir(tmp_path)) == ['adapters.safetensors', 'loss.png']

@@ -640,4 +640,126 @@ def test_save_load_fuse_errors(tmp_path):
   with pytest.raises(ValueError, match="unfuse: adapter 'up/lora' does not "
                      "fit the layer at 'up'"):
     pnnx.unfuse(model, [dataclasses.replace(
-        fused.specs[1], einsum_str='...i,io->...x')], fused.adapters)
+        fused.specs[1], einsum_str='bi,io->bo')], fused.adapters)
+
+
+# ------------------------------------------- one adapter file, linen or nnx
+
+
+class _LinenTwin(nn.Module):
+  """One layer of each kind; `_NnxTwin` is the same model in nnx."""
+
+  @nn.compact
+  def __call__(self, x, ids):
+    h = nn.Dense(6, name='up')(x)
+    h = nn.DenseGeneral((2, 3), name='gen')(h)
+    h = nn.Einsum((2, 3, D), 'btnh,nhd->btd', name='ein')(h)
+    return nn.Conv(D, (3,), name='conv')(h) + nn.Embed(VOCAB, D,
+                                                       name='emb')(ids)
+
+
+class _NnxTwin(nnx.Module):
+
+  def __init__(self, base):
+    rngs = nnx.Rngs(0)
+    self.up = nnx.Linear(D, 6, rngs=rngs)
+    self.gen = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
+    self.ein = nnx.Einsum('btnh,nhd->btd', (2, 3, D), (D,), rngs=rngs)
+    self.conv = nnx.Conv(D, D, (3,), rngs=rngs)
+    self.emb = nnx.Embed(VOCAB, D, rngs=rngs)
+    for layer, variables in base.items():  # the linen model's weights
+      for name, value in variables.items():
+        getattr(getattr(self, layer), name)[...] = value
+
+  def __call__(self, x, ids):
+    return self.conv(self.ein(self.gen(self.up(x)))) + self.emb(ids)
+
+
+_LINEN_KINDS = [nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed]
+_NNX_KINDS = [nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed]
+_X, _IDS = jnp.asarray(data(1, 5, D)), jnp.array([[0, 3, 6, 2, 2]])
+
+
+def _under(surgery, fn):
+  """`fn()` under `peft.lora(**surgery)` (plain if empty), and the report."""
+  if not surgery:
+    return fn(), None
+  with peft.lora(**surgery) as report:
+    return fn(), report
+
+
+def _twin_params(seed, **surgery):
+  """Random params of `_LinenTwin` (under surgery if given), and its report.
+
+  Drawn with numpy at the shapes of init (an eager init compiles each op).
+  """
+  shapes, report = _under(surgery, lambda: jax.eval_shape(
+      _LinenTwin().init, jax.random.key(0), _X, _IDS)['params'])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(scale=0.3, size=s.shape), s.dtype),
+      shapes), report
+
+
+def _linen_twin(params, **surgery):
+  run = jax.jit(lambda p: _LinenTwin().apply({'params': p}, _X, _IDS))
+  return _under(surgery, lambda: run(params))[0]
+
+
+_SURGERY = dict(rank=RANK, alpha=4.0, targets=_LINEN_KINDS)
+
+
+def test_a_linen_file_loads_into_the_identical_nnx_model(tmp_path):
+  base, _ = _twin_params(0)
+  fresh, report = _twin_params(1, **_SURGERY)
+  params = peft.merge_params(base, peft.split_params(fresh).lora)
+  expected = _linen_twin(params, **_SURGERY)
+  file = os.fspath(tmp_path / 'linen.safetensors')
+  peft.save_adapters(file, params, report.specs)
+  assert {s.layer_type for s in report.specs} == {
+      'Dense', 'DenseGeneral', 'Einsum', 'Conv', 'Embed'}
+
+  plain = _NnxTwin(base)
+  pnnx.load_adapters(file, plain)  # builds the LoRA layers from the file
+  assert type(plain.gen) is pnnx.LoRALinearGeneral
+  assert_trees_close(plain(_X, _IDS), expected, atol=1e-5, rtol=1e-5)
+  adapted = _NnxTwin(base)  # overwrites the adapters of LoRA layers
+  pnnx.apply_lora(adapted, rank=RANK, alpha=4.0, targets=_NNX_KINDS,
+                  rngs=nnx.Rngs(0))
+  pnnx.load_adapters(file, adapted)
+  assert_trees_close(adapted(_X, _IDS), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_nnx_file_loads_into_the_identical_linen_model(tmp_path):
+  base, _ = _twin_params(0)
+  twin = _NnxTwin(base)
+  pnnx.apply_lora(twin, rank=RANK, alpha=4.0, targets=_NNX_KINDS,
+                  a_init=np_init(3, scale=0.3), rngs=nnx.Rngs(0))
+  for layer in (twin.up, twin.gen, twin.ein, twin.conv, twin.emb):
+    _randomize(layer)
+  file = os.fspath(tmp_path / 'nnx.safetensors')
+  pnnx.save_adapters(file, twin)
+
+  fresh, report = _twin_params(1, **_SURGERY)
+  lora, specs, _ = peft.load_adapters(file, expected=report.specs)
+  assert {s.layer_type for s in specs} == {
+      'Linear', 'LinearGeneral', 'Einsum', 'Conv', 'Embed'}
+  peft.check_adapters_match(lora, fresh)
+  params = peft.merge_params(base, lora)
+  got = _linen_twin(params, **_SURGERY)
+  assert_trees_close(got, twin(_X, _IDS), atol=1e-5, rtol=1e-5)
+  # The file's specs are all fuse needs, whichever framework wrote them.
+  assert_trees_close(_linen_twin(peft.fuse_params(params, specs)), got,
+                     atol=1e-5, rtol=1e-5)
+
+
+def test_a_file_for_another_layer_kind_is_refused(tmp_path):
+  params, report = _twin_params(1, rank=RANK, targets=nn.Embed)
+  # A linen kind is named as nnx calls it.
+  spec = dataclasses.replace(report.specs[0], layer_type='Dense')
+  file = os.fspath(tmp_path / 'a.safetensors')
+  peft.save_adapters(file, params, [spec])
+  with pytest.raises(ValueError, match=r"load_adapters: adapter 'emb/lora' "
+                     r"is for an nnx.Linear at 'emb', but the model holds "
+                     r'Embed there'):
+    pnnx.load_adapters(file, _NnxTwin({}))

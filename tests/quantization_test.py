@@ -40,7 +40,8 @@ def _reference(w: np.ndarray, method, axes=None) -> np.ndarray:
   """Independent numpy quantize-dequantize."""
   w = w.astype(np.float32)
   if axes is None:
-    axes = tuple(range(w.ndim - 1))
+    axes = tuple(range(w.ndim - 1)) if w.ndim > 1 else (0,)
+  axes = tuple(sorted(a % w.ndim for a in np.atleast_1d(axes)))
   if method in (M.INT8, M.INT4):
     qmax = 127 if method is M.INT8 else 7
     scale = np.max(np.abs(w), axis=axes, keepdims=True) / qmax
@@ -50,8 +51,15 @@ def _reference(w: np.ndarray, method, axes=None) -> np.ndarray:
     return np.sign(w) * _nearest(np.abs(w) / scale, q.SFP8_MAGNITUDES) * scale
   if method is M.Q4_0_TRANSPOSE:
     return _reference(w.swapaxes(-1, -2), M.Q4_0).swapaxes(-1, -2)
-  size = 32 if method is M.Q4_0 else 64
-  blocks = w.reshape(*w.shape[:-1], -1, size)
+  # Q4_0 blocks the last axis; NF4 the reduced axes, flattened. Both pad a
+  # short last block with zeros (dropped again below).
+  size, axes = (32, (w.ndim - 1,)) if method is M.Q4_0 else (64, axes)
+  kept = [a for a in range(w.ndim) if a not in axes]
+  moved = w.transpose(kept + list(axes))
+  flat = moved.reshape(*moved.shape[:len(kept)], -1)
+  n = flat.shape[-1]
+  padded = np.pad(flat, [(0, 0)] * len(kept) + [(0, -n % size)])
+  blocks = padded.reshape(*padded.shape[:-1], -1, size)
   if method is M.NF4:
     absmax = np.max(np.abs(blocks), axis=-1, keepdims=True)
     out = _nearest(blocks / absmax, q.NF4_LEVELS) * absmax
@@ -61,7 +69,8 @@ def _reference(w: np.ndarray, method, axes=None) -> np.ndarray:
     d = peak / np.float32(-8.0)
     codes = np.clip(np.floor(blocks * (np.float32(1) / d) + 8.5), 0, 15)
     out = d.astype(np.float16).astype(np.float32) * (codes - 8)
-  return out.reshape(w.shape)
+  out = out.reshape(padded.shape)[..., :n].reshape(moved.shape)
+  return out.transpose(np.argsort(kept + list(axes)))
 
 
 @pytest.mark.parametrize('name', ['int8', 'INT8', 'Int8', M.INT8])
@@ -184,9 +193,10 @@ def test_quantized_array_is_a_pytree_that_crosses_jit():
   assert (rebuilt.method, rebuilt.shape) == (M.NF4, (64, 128))
   jitted = jax.jit(lambda t: q.dequantize(t))({'k': qa, 'b': jnp.ones(2)})
   helpers.assert_trees_close(jitted, {'k': qa.dequantize(), 'b': jnp.ones(2)})
+  # NF4 blocks the contracted axis 0 (`in`): one block per output column.
   assert repr(qa) == ('QuantizedArray(method=NF4, shape=(64, 128), '
                       'dtype=float32, values=uint8[64, 64], '
-                      'scales=float32[64, 2])')
+                      'scales=float32[128, 1])')
 
 
 def test_none_is_the_identity():
@@ -197,20 +207,149 @@ def test_none_is_the_identity():
     q.quantize_array(w, 'none', where='k')
 
 
-@pytest.mark.parametrize('method,shape,match', [
-    ('q4_0', (4, 48), r'Q4_0 quantizes blocks of 32 along axis -1, but that '
-     r"axis of shape \(4, 48\) at 'k' has size 48"),
-    ('nf4', (2, 32), r'NF4 quantizes blocks of 64 along axis -1.*\(2, 32\)'),
-    ('q4_0_transpose', (40, 64), r'Q4_0_TRANSPOSE quantizes blocks of 32 '
-     r'along axis -2.*\(40, 64\).*has size 40'),
-    ('q4_0_transpose', (64,), r'Q4_0_TRANSPOSE blocks axis -2, but the '
-     r'array of shape \(64,\) at .k. has only 1 axes'),
-])
-def test_block_methods_need_whole_blocks(method, shape, match):
+def test_q4_0_transpose_needs_two_axes():
+  match = (r'Q4_0_TRANSPOSE blocks axis -2, but the array of shape \(64,\) '
+           r"at .k. has only 1 axes. Use a per-channel method")
   with pytest.raises(ValueError, match=match):
-    q.quantize_array(jnp.ones(shape), method, where='k')
+    q.quantize_array(jnp.ones(64), 'q4_0_transpose', where='k')
   with pytest.raises(ValueError, match=match):
-    q.simulate_quantize(jnp.ones(shape), method, where='k')
+    q.simulate_quantize(jnp.ones(64), 'q4_0_transpose', where='k')
+
+
+# Shapes whose blocked runs end in a short block for every block method
+# (NF4 along the flattened leading axes, Q4_0 axis -1, transpose axis -2).
+PADDED = [(40, 24), (2, 5, 7)]
+
+
+@pytest.mark.parametrize('shape', PADDED, ids=str)
+@pytest.mark.parametrize('method', REAL)
+def test_any_shape_round_trips_within_bound(method, shape):
+  rng = np.random.default_rng(4)
+  w = rng.normal(size=shape).astype(np.float32)
+  qa = q.quantize_array(jnp.asarray(w), method)
+  out = np.asarray(qa.dequantize())
+  assert out.shape == w.shape and out.dtype == np.float32
+  helpers.assert_trees_close(jnp.asarray(out),
+                             q.simulate_quantize(jnp.asarray(w), method))
+  # The numpy reference pads with explicit zeros and drops them: equal
+  # values mean the padding changes no scale and no value leaks out.
+  np.testing.assert_allclose(out, _reference(w, method), rtol=1e-6,
+                             atol=1e-7)
+  assert np.linalg.norm(out - w) / np.linalg.norm(w) < REL_ERROR_BOUND[
+      method]
+  # Honest bytes: one code per element (4-bit ones two per byte along the
+  # last axis), one scale per channel or per block, short ones included.
+  bits = 8 if method in (M.INT8, M.SFP8) else 4
+  last = shape[-1] if bits == 8 else -(-shape[-1] // 2)
+  assert qa.values.size == np.prod(shape[:-1]) * last
+  axes = {M.Q4_0: (len(shape) - 1,), M.Q4_0_TRANSPOSE: (len(shape) - 2,)
+          }.get(method, tuple(range(len(shape) - 1)))
+  kept = np.prod([d for i, d in enumerate(shape) if i not in axes])
+  run = np.prod([shape[i] for i in axes])
+  size = {M.NF4: 64, M.Q4_0: 32, M.Q4_0_TRANSPOSE: 32}.get(method)
+  assert qa.scales.size == kept * (1 if size is None else -(-run // size))
+  assert qa.nbytes == qa.values.size * qa.values.itemsize + (
+      qa.scales.size * qa.scales.itemsize)
+
+
+@pytest.mark.parametrize('method', [M.NF4, M.Q4_0])
+def test_a_short_block_is_the_zero_padded_block(method):
+  w = W[:3, :40]  # Blocked along axis 1: one short block of 40 per row.
+  padded = np.pad(w, [(0, 0), (0, 24)])  # Whole blocks for both methods.
+  short = q.quantize_array(jnp.asarray(w), method, 1).dequantize()
+  whole = np.asarray(q.quantize_array(jnp.asarray(padded), method,
+                                      1).dequantize())
+  # The zeros quantize to exactly 0 (NF4 has the level 0, Q4_0's code 8 is
+  # 0 * d), so padding changes nothing the short block keeps.
+  assert np.all(whole[:, 40:] == 0.0)
+  helpers.assert_trees_close(short, jnp.asarray(whole[:, :40]))
+
+
+def test_nf4_blocks_along_the_contracted_axes():
+  w = np.random.default_rng(5).normal(size=(4, 16, 8)).astype(np.float32)
+  # Contracting (0, 1), as in 'bnh,nhd->bd': blocks of 64 over n*h.
+  qa = q.quantize_array(jnp.asarray(w), 'nf4', axis_to_reduce=(0, 1))
+  assert qa.axes == (0, 1) and qa.scales.shape == (8, 1)
+  np.testing.assert_allclose(qa.dequantize(), _reference(w, M.NF4, (0, 1)),
+                             rtol=1e-6)
+  # One axis: the same blocks as the transposed array blocked along its
+  # last axis.
+  v = w.reshape(64, 8)
+  helpers.assert_trees_close(
+      q.simulate_quantize(jnp.asarray(v), 'nf4', axis_to_reduce=0),
+      q.simulate_quantize(jnp.asarray(v.T), 'nf4', axis_to_reduce=1).T)
+  # Q4_0's name fixes its axis (llama.cpp's layout), whatever is reduced.
+  for method in ('q4_0', 'q4_0_transpose'):
+    helpers.assert_trees_close(
+        q.simulate_quantize(jnp.asarray(v), method, axis_to_reduce=1),
+        q.simulate_quantize(jnp.asarray(v), method))
+
+
+def _with(value, at=(3, 5), shape=(64, 64)):
+  w = np.asarray(W[:shape[0], :shape[1]]).copy()
+  w[at] = value
+  return w
+
+
+@pytest.mark.parametrize('value,counts', [(np.nan, '1 NaN and 0 Inf'),
+                                          (-np.inf, '0 NaN and 1 Inf')])
+@pytest.mark.parametrize('method', REAL)
+def test_non_finite_weights_are_rejected(method, value, counts):
+  match = (rf"{method.name} cannot quantize the array of shape \(64, 64\) "
+           rf"at 'dec/q/kernel': it holds {counts} \(the first at index "
+           r'\(3, 5\)\)\. Quantization needs finite weights.*nan_to_num')
+  w = jnp.asarray(_with(value))
+  with pytest.raises(ValueError, match=match):
+    q.quantize_array(w, method, where='dec/q/kernel')
+  with pytest.raises(ValueError, match=match):
+    q.simulate_quantize(w, method, where='dec/q/kernel')
+
+
+@pytest.mark.parametrize('method', [M.Q4_0, M.Q4_0_TRANSPOSE])
+def test_q4_0_rejects_weights_its_float16_scale_cannot_hold(method):
+  match = (rf'{method.name} keeps each block scale \(largest \|x\| / 8\) in '
+           r'float16, so \|x\| must be at most 524032; the array of shape '
+           r"\(64, 64\) at 'k' has \|x\| = 4e\+06 at index \(3, 5\)\. "
+           r'Scale the weights down, or use NF4')
+  with pytest.raises(ValueError, match=match):
+    q.quantize_array(jnp.asarray(_with(4e6)), method, where='k')
+  with pytest.raises(ValueError, match=match):
+    q.simulate_quantize(jnp.asarray(_with(-4e6)), method, where='k')
+  # Up to the limit the scale is finite and the peak round-trips.
+  out = q.quantize_array(jnp.asarray(_with(524032.0)), method).dequantize()
+  assert np.all(np.isfinite(out)) and float(out[3, 5]) == 524032.0
+
+
+# Faults in a (64, 64) kernel, each in its own channel and block, and the
+# slices they hit: NaN at (3, 5), Inf at (40, 50), and 1e6 at (10, 20),
+# which overflows only Q4_0's float16 scales.
+_FAULTS = {(3, 5): np.nan, (40, 50): np.inf, (10, 20): 1e6}
+_HIT = {M.Q4_0: [np.s_[3, :32], np.s_[40, 32:], np.s_[10, :32]],
+        M.Q4_0_TRANSPOSE: [np.s_[:32, 5], np.s_[32:, 50], np.s_[:32, 20]]}
+
+
+@pytest.mark.parametrize('method', REAL)
+def test_traced_bad_weights_turn_their_channel_or_block_nan(method):
+  w = W[:64, :64].copy()
+  for at, value in _FAULTS.items():
+    w[at] = value
+  hit = np.zeros(w.shape, bool)
+  for where in _HIT.get(method, [np.s_[:, 5], np.s_[:, 50]]):
+    hit[where] = True
+  # Under jit there is no value to check: no error, no host sync; the
+  # fault shows as NaN, confined to its channel or block.
+  clean = np.asarray(q.simulate_quantize(jnp.asarray(np.where(hit, 0, w)),
+                                         method))
+
+  @jax.jit
+  def outputs(w):
+    return (q.simulate_quantize(w, method),
+            q.quantize_array(w, method).dequantize())
+
+  for out in outputs(jnp.asarray(w)):
+    out = np.asarray(out)
+    np.testing.assert_array_equal(np.isnan(out), hit)
+    np.testing.assert_array_equal(out[~hit], clean[~hit])
 
 
 @pytest.mark.parametrize('axes', [2, (0, -2), ('a',)])

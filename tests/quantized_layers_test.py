@@ -365,15 +365,65 @@ def test_quantized_base_bytes(method, ratio):
   for path, axes in NET_AXES.items():
     layer, name = path.split('/')
     kernel, qkernel = params[layer][name], qparams[layer][name]
-    # One float32 scale per output channel, or per block of 64 (NF4).
-    n_scales = (kernel.size // 64 if method == 'nf4' else
-                int(np.prod([d for i, d in enumerate(kernel.shape)
-                             if i not in axes])))
+    # One float32 scale per output channel, times (NF4) the blocks of 64
+    # along the contracted axes: up's 32 inputs make one short block.
+    n_scales = int(np.prod([d for i, d in enumerate(kernel.shape)
+                            if i not in axes]))
+    if method == 'nf4':
+      n_scales *= -(-int(np.prod([kernel.shape[i] for i in axes])) // 64)
     assert qkernel.nbytes == kernel.nbytes // ratio + 4 * n_scales
   bias_bytes = sum(params[k]['bias'].nbytes for k in ('up', 'heads',
                                                       'merge'))
   assert qlora.param_bytes(qparams) == bias_bytes + sum(
       qparams[p.split('/')[0]][p.split('/')[1]].nbytes for p in NET_AXES)
+
+
+@pytest.mark.parametrize('method', ['nf4', 'q4_0', 'q4_0_transpose'])
+def test_block_methods_serve_a_dense_of_any_width(method):
+  """40 inputs and 24 outputs: short blocks along either axis."""
+  layer, x = nn.Dense(24), X[:, :8].repeat(5, axis=1)  # (4, 40)
+  params = filled(shapes_of(layer, x))
+  qparams = qlora.quantize(params, method=method)
+  kernel = qparams['kernel']
+  assert kernel.dequantize().shape == (40, 24)
+  if method == 'nf4':  # Blocks run along the 40 inputs, as in QLoRA.
+    assert kernel.axes == (0,) and kernel.scales.shape == (24, 1)
+  qlayer = qlora.QLoRADense(rank=2, wrapped=layer, quant_method=method)
+  lora_shapes = shapes_of(qlayer, x)['lora']
+  lora = filled({'lora': lora_shapes}, seed=3, adapter_scale=0.3)
+
+  @jax.jit
+  def outputs(params, qparams, lora):
+    with peft.quantized(method):
+      served = Narrow().apply({'params': {'dense': qparams}}, x)
+    return (served,
+            ql.IntDense(wrapped=layer).apply({'params': qparams}, x),
+            ql.SimulateQuantizedDense(wrapped=layer, method=method).apply(
+                {'params': params}, x),
+            qlayer.apply({'params': {**qparams, **lora}}, x))
+
+  served, real, sim, adapted = outputs(params, qparams, lora)
+  want = x @ kernel.dequantize() + params['bias'][None]
+  for out in (served, real, sim):
+    helpers.assert_trees_close(out, want, rtol=1e-5, atol=1e-6)
+  update = x @ lora['lora']['a'] @ lora['lora']['b']
+  helpers.assert_trees_close(adapted, want + update, rtol=1e-5, atol=1e-5)
+
+
+class Narrow(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(24, name='dense')(x)
+
+
+@pytest.mark.parametrize('method', REAL)
+def test_quantize_names_the_path_of_bad_weights(method):
+  params = {'blk': {'w': jnp.ones((8, 64)).at[2, 7].set(jnp.nan)},
+            'ok': {'w': jnp.ones((8, 64))}}
+  with pytest.raises(ValueError, match=(
+      rf"{method.name} cannot quantize the array of shape \(8, 64\) at "
+      r"'blk/w': it holds 1 NaN and 0 Inf \(the first at index \(2, 7\)\)")):
+    qlora.quantize(params, method=method)
 
 
 class Mlp(nn.Module):
@@ -509,6 +559,27 @@ def test_fuse_quantized_kernel_and_its_errors():
                                 einsum_str='btd,dnh->btnh')
   with pytest.raises(TypeError, match='adapters must hold AdapterSpec'):
     qlora.fuse_into_quantized({}, ['dense/lora'])
+
+
+def test_fuse_keeps_the_block_axes_and_rejects_diverged_adapters():
+  rng = np.random.default_rng(0)
+  # DenseGeneral-like (in, heads, head_dim): NF4 blocks the 40 inputs only,
+  # not the default (0, 1), and the fused kernel must block alike.
+  w = q.quantize_array(jnp.asarray(rng.normal(size=(40, 2, 4)), jnp.float32),
+                       'nf4', (0,))
+  a, b = jnp.ones((40, 1)), jnp.full((1, 2, 4), 0.1)
+  new, err = qlora.fuse_quantized_kernel(w, a, b, einsum_str='btd,dnh->btnh')
+  assert new.axes == (0,) and new.scales.shape == w.scales.shape == (2, 4,
+                                                                     1)
+  exact = w.dequantize() + jnp.einsum('dr,rnh->dnh', a, b)
+  helpers.assert_trees_close(new.dequantize(),
+                             q.simulate_quantize(exact, 'nf4', (0,)))
+  assert float(err) < 0.12
+  with pytest.raises(ValueError, match=(
+      r"NF4 cannot quantize the array of shape \(40, 2, 4\) at "
+      r"'fuse_quantized_kernel': it holds 8 NaN and 0 Inf")):
+    qlora.fuse_quantized_kernel(w, a.at[3, 0].set(jnp.nan), b,
+                                einsum_str='btd,dnh->btnh')
 
 
 def test_gemma_style_qlora_layers():

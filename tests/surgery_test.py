@@ -158,11 +158,15 @@ def test_custom_model_values_at_init_and_fused():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_nested_surgery_does_not_wrap_twice():
+def test_nested_surgery_is_refused_rather_than_half_applied():
+  # The outer surgery wraps every layer first, so an inner one could only
+  # be ignored; issue 12 made that silent case an error (options_test.py
+  # has the cases and the one-surgery fix).
   x = fixtures.features((2, fixtures.D))
-  with peft.lora(rank=2), peft.lora(rank=3):
-    shapes = _shapes(fixtures.Nested(), x)
-  assert shapes['head']['lora']['a'] == (fixtures.D, 2)
+  with pytest.raises(ValueError, match='nested LoRA surgeries do not '
+                     'combine'):
+    with peft.lora(rank=2), peft.lora(rank=3):
+      _shapes(fixtures.Nested(), x)
 
 
 def test_wrapper_module_shares_scope_and_forwards():

@@ -5,6 +5,11 @@
 metadata, with the base model's config and fingerprint, so that `eval`,
 `sample` and `merge` rebuild the same surgery from the file alone and refuse
 a file made for another base.
+
+Where `--adapters` (or `finetune --init-adapters`) names a Hugging Face PEFT
+directory instead, `peft.models.load_hf_peft` reads it and the surgery is
+one rule per adapted kernel (`Settings.kernels`); the HF config travels in
+the metadata of what `finetune` saves, so `export` can write it back.
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ import numpy as np
 import peft
 from peft import models
 from peft._cli import base as base_lib
+from peft._cli import parser as parser_lib
+from peft.models import _hf_peft
 
 CliError = base_lib.CliError
 
 # The reference decoder's own einsum layer takes its param name from an
 # attribute (its feed-forward keeps two kernels in one scope).
-peft.register_einsum_layer(models.Einsum, weight_name=lambda m: m.weight_name)
+_hf_peft.register_decoder_layers()
 
 METADATA_KEY = 'peft_cli'
+# Beside the settings in METADATA_KEY: the HF PEFT config adapters were
+# read with, for `export`.
+HF_CONFIG_KEY = 'hf_peft_config'
 QUANTIZATIONS = ('int8', 'int4', 'nf4')
 
 
@@ -52,22 +62,53 @@ class Settings:
   alpha: float | None = None
   dropout: float = 0.0
   quantize: str | None = None
+  # (module path, kernel name, rank, alpha, use_rslora) of each adapted
+  # kernel, for adapters read from a Hugging Face PEFT directory (their
+  # ranks and scales vary per kernel); then `targets` is empty.
+  kernels: tuple[tuple[str, str, int, float | None, bool], ...] = ()
 
   @classmethod
   def from_args(cls, args: Any) -> Settings:
-    return cls(targets=tuple(args.targets), rank=args.rank, alpha=args.alpha,
+    return cls(targets=tuple(args.targets or parser_lib.DEFAULT_TARGETS),
+               rank=args.rank or parser_lib.DEFAULT_RANK,
+               alpha=parser_lib.DEFAULT_ALPHA if args.alpha is None
+               else args.alpha,
                dropout=args.dropout, quantize=args.quantize)
 
+  @classmethod
+  def from_hf_peft(cls, loaded: models.HFAdapters, *, dropout: float = 0.0,
+                   quantize: str | None = None) -> Settings:
+    """The surgery that rebuilds HF PEFT adapters (one rule per kernel)."""
+    kernels = tuple(
+        (rule.targets[0].path, rule.targets[0].weight_name, rule.rank,
+         rule.alpha, rule.use_rslora) for rule in loaded.rules)
+    return cls(targets=(), rank=max(k[2] for k in kernels), dropout=dropout,
+               quantize=quantize, kernels=kernels)
+
+  def rules(self) -> tuple[peft.LoRARule, ...]:
+    if not self.kernels:
+      return peft.lora(self.rank, targets=self.targets, alpha=self.alpha,
+                       dropout=self.dropout or None).rules
+    return tuple(
+        peft.LoRARule(rank=rank, alpha=alpha, use_rslora=use_rslora,
+                      dropout=self.dropout,
+                      targets=_hf_peft.KernelTarget(path, weight))
+        for path, weight, rank, alpha, use_rslora in self.kernels)
+
   def to_json(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), 'targets': list(self.targets)}
+    return {**dataclasses.asdict(self), 'targets': list(self.targets),
+            'kernels': [list(k) for k in self.kernels]}
 
   @classmethod
   def from_json(cls, data: Any, where: str) -> Settings:
     try:
-      settings = cls(**{**data, 'targets': tuple(data['targets'])})
+      settings = cls(**{**data, 'targets': tuple(data['targets']),
+                        'kernels': tuple(tuple(k) for k in data.get(
+                            'kernels', ()))})
+      settings.rules()  # The kernels' ranks and alphas are valid.
       ok = (isinstance(settings.rank, int) and settings.rank > 0
             and settings.quantize in (None, *QUANTIZATIONS))
-    except (TypeError, KeyError):
+    except (TypeError, KeyError, ValueError):
       ok = False
     if not ok:
       raise CliError(f'{where} has unreadable surgery settings {data!r}. '
@@ -80,9 +121,7 @@ class Settings:
     with contextlib.ExitStack() as stack:
       if self.quantize:
         stack.enter_context(peft.quantized(self.quantize))
-      yield stack.enter_context(peft.lora(
-          self.rank, targets=self.targets, alpha=self.alpha,
-          dropout=self.dropout or None))
+      yield stack.enter_context(peft.lora(rules=self.rules()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -102,6 +141,8 @@ class Adapted:
   frozen: dict[str, Any]
   lora: dict[str, Any]
   specs: tuple[peft.AdapterSpec, ...]
+  # The Hugging Face PEFT config the adapters came from, if they did.
+  hf_config: dict[str, Any] | None = None
 
   @property
   def params(self) -> dict[str, Any]:
@@ -112,12 +153,13 @@ class Adapted:
 
   def metadata(self, **extra: Any) -> dict[str, Any]:
     """What `finetune` stores in the adapter file."""
+    hf = {} if self.hf_config is None else {HF_CONFIG_KEY: self.hf_config}
     return {METADATA_KEY: {
         'settings': self.settings.to_json(),
         'base': {'source': self.base.source,
                  'config': dataclasses.asdict(self.base.config),
                  'fingerprint': self.base.fingerprint},
-        **extra}}
+        **hf, **extra}}
 
 
 _QUANTIZED: dict[tuple[str, str], Any] = {}
@@ -179,6 +221,16 @@ def adapt(base: base_lib.Base, settings: Settings, *, seed: int = 0,
                  specs=report.specs)
 
 
+class _Absent:
+  """A config key that one side does not have."""
+
+  def __repr__(self) -> str:
+    return '<absent>'
+
+
+_ABSENT = _Absent()
+
+
 def _check_base(meta: dict[str, Any], base: base_lib.Base, where: str) -> None:
   trained = meta.get('base')
   trained = trained if isinstance(trained, dict) else {}
@@ -186,8 +238,9 @@ def _check_base(meta: dict[str, Any], base: base_lib.Base, where: str) -> None:
   config = config if isinstance(config, dict) else {}
   ours = dataclasses.asdict(base.config)
   if config != ours:
-    diff = {k: (config.get(k), v) for k, v in ours.items()
-            if config.get(k) != v}
+    diff = {k: (config.get(k, _ABSENT), ours.get(k, _ABSENT))
+            for k in [*ours, *(k for k in config if k not in ours)]
+            if config.get(k, _ABSENT) != ours.get(k, _ABSENT)}
     raise CliError(
         f'{where} was trained on another model ({trained.get("source")!r}); '
         f'its config differs from {base.source!r} in {diff!r} (file, '
@@ -200,22 +253,45 @@ def _check_base(meta: dict[str, Any], base: base_lib.Base, where: str) -> None:
         'already contains them. Pass the base it was trained on.')
 
 
-def load(base: base_lib.Base, path: str) -> tuple[Adapted, dict[str, Any]]:
-  """Restores `finetune`'s adapter file onto `base`.
+def is_hf_peft_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, _hf_peft.CONFIG_FILE))
+
+
+def load_hf_peft(base: base_lib.Base, path: str, *, flag: str = '--adapters',
+                 **settings: Any) -> Adapted:
+  """A Hugging Face PEFT adapter directory on `base` (`settings`: dropout,
+  quantize of the surgery that runs it)."""
+  try:
+    loaded = models.load_hf_peft(path, base.config)
+  except ValueError as e:
+    raise CliError(f'{flag} {path!r}: {e}') from None
+  settings = Settings.from_hf_peft(loaded, **settings)
+  return Adapted(base=base, settings=settings,
+                 frozen=frozen_params(base, settings), lora=loaded.lora,
+                 specs=loaded.specs, hf_config=loaded.hf_config)
+
+
+def load(base: base_lib.Base, path: str, *, flag: str = '--adapters'
+         ) -> tuple[Adapted, dict[str, Any]]:
+  """Restores `finetune`'s adapter file (or an HF PEFT directory) onto
+  `base`.
 
   Returns:
-    The adapted model and the file's CLI metadata.
+    The adapted model and the file's CLI metadata (`{}` for HF PEFT).
 
   Raises:
     CliError: no such file, a file not written by `finetune`, or one made
-      for another base model.
+      for another base model; an HF PEFT directory that does not fit.
     ValueError: a corrupt file, or adapters that differ from the surgery
       its metadata describes (from `peft.load_adapters`).
   """
-  where = f'--adapters {path!r}'
+  where = f'{flag} {path!r}'
+  if os.path.isdir(path) and is_hf_peft_dir(path):
+    return load_hf_peft(base, path, flag=flag), {}
   if not os.path.isfile(path):
     raise CliError(f'{where}: no such file. Pass the adapter file that '
-                   '`python -m peft finetune` wrote (its --out).')
+                   '`python -m peft finetune` wrote (its --out), or a '
+                   'Hugging Face PEFT adapter directory.')
   loaded = peft.load_adapters(path)
   meta = loaded.metadata.get(METADATA_KEY)
   if not isinstance(meta, dict):
@@ -227,7 +303,37 @@ def load(base: base_lib.Base, path: str) -> tuple[Adapted, dict[str, Any]]:
   settings = Settings.from_json(meta.get('settings'), where)
   shapes = adapt(base, settings, shapes_only=True)
   lora = peft.load_adapters(path, expected=shapes.specs).lora
-  return shapes.with_lora(lora), meta
+  adapted = dataclasses.replace(shapes, lora=lora,
+                                hf_config=meta.get(HF_CONFIG_KEY))
+  return adapted, meta
+
+
+def initial(base: base_lib.Base, args: Any) -> Adapted:
+  """The adapters `finetune` starts from: fresh ones from the surgery flags,
+  or `--init-adapters` (whose surgery, with this run's `--dropout` and
+  `--quantize`, they bring along).
+
+  Raises:
+    CliError: `--init-adapters` with surgery flags it would override.
+  """
+  if not args.init_adapters:
+    return adapt(base, Settings.from_args(args), seed=args.seed)
+  given = [f'--{f}' for f in ('targets', 'rank', 'alpha')
+           if getattr(args, f) is not None]
+  if given:
+    raise CliError(
+        f'--init-adapters {args.init_adapters!r} brings its own surgery, '
+        f'so {", ".join(given)} would not apply. Drop them (or drop '
+        '--init-adapters to train fresh adapters).')
+  path, flag = args.init_adapters, '--init-adapters'
+  if os.path.isdir(path) and is_hf_peft_dir(path):
+    return load_hf_peft(base, path, flag=flag, dropout=args.dropout,
+                        quantize=args.quantize)
+  adapted, _ = load(base, path, flag=flag)
+  settings = dataclasses.replace(adapted.settings, dropout=args.dropout,
+                                 quantize=args.quantize)
+  return dataclasses.replace(adapted, settings=settings,
+                             frozen=frozen_params(base, settings))
 
 
 def without_adapters(lora: dict[str, Any]) -> dict[str, Any]:

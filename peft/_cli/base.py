@@ -15,14 +15,14 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from peft import _file_modes
 from peft import models
+from peft._cli import interrupt
 
 TINY = 'tiny'
 SMOLLM2 = 'smollm2'
@@ -201,23 +201,56 @@ def check_seq_len(base: Base, seq_len: int) -> None:
         f'{base.config.max_len - 1}.')
 
 
-def check_output(path: pathlib.Path, *, directory: bool, flag: str) -> None:
-  """Fails before any work if `path` cannot receive this output.
+def output(args: Any, name: str, *, flag: str | None = None,
+           directory: bool = False) -> pathlib.Path:
+  """Where one output goes, checked before any work: fails now, not later.
 
-  Creates `path`'s parent directory (the work directory) if needed.
+  It is the path `flag` (e.g. `'--out'`) gives or, when that is unset,
+  `name` in `--workdir`. Its directory is created if need be, and the first
+  step of `staged` (a scratch directory beside the output) is tried there,
+  so an output that cannot be written stops the run before a model loads,
+  not after training.
+
+  Raises:
+    CliError: a file is where a directory goes (or the reverse), or the
+      output's directory cannot be created or written in, or an old output
+      directory there cannot be moved aside.
   """
-  if directory and path.exists() and not path.is_dir():
-    raise CliError(f'{flag} {str(path)!r} is a file; this output is a '
-                   'directory. Pass another path.')
-  if not directory and path.is_dir():
-    raise CliError(f'{flag} {str(path)!r} is a directory; this output is a '
-                   'file. Pass a file path.')
+  value = getattr(args, flag.lstrip('-').replace('-', '_')) if flag else None
+  if value:
+    path, where, fix = pathlib.Path(value), f'{flag} {value!r}', flag
+  else:
+    path, where = pathlib.Path(args.workdir) / name, (
+        f'--workdir {args.workdir!r}')
+    fix = f'--workdir (or {flag})' if flag else '--workdir'
+  kind = 'directory' if directory else 'file'
+  for place, want_dir in ((path, directory), (path.parent, True)):
+    if place.exists() and place.is_dir() != want_dir:
+      raise CliError(
+          f'{where}: {str(place)!r} is a {"file" if want_dir else "directory"}'
+          f' where a {"directory" if want_dir else "file"} must go. Pass '
+          f'another {fix}.')
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise CliError(f'{flag} {str(path)!r}: cannot create its directory '
-                   f'({e.strerror}). Pass a path in a writable directory, '
-                   'or another --workdir.') from None
+    raise CliError(
+        f'{where}: cannot create the directory {str(path.parent)!r} '
+        f'({e.strerror or e}). Pass a path in a writable directory, or '
+        f'another {fix}.') from None
+  # An old directory output is moved aside, which needs it writable too
+  # (its '..' entry changes).
+  old_dir = directory and path.is_dir()
+  for place in (path.parent, path) if old_dir else (path.parent,):
+    try:
+      with interrupt.scratch(place, prefix=f'.{path.name}.'):
+        pass
+    except OSError as e:
+      what = (f'write {path.name!r} in' if place == path.parent
+              else f'replace the old {kind}')
+      raise CliError(
+          f'{where}: cannot {what} {str(place)!r} ({e.strerror or e}). '
+          f'Make it writable, or pass another {fix}.') from None
+  return path
 
 
 @contextlib.contextmanager
@@ -226,9 +259,11 @@ def staged(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
 
   The temporary path lies in `path`'s directory, so the final move is a
   rename: a reader sees the old output or the new one, never a mix, and a
-  failure leaves the old output untouched. Works for files and directories.
+  failure or a Ctrl-C (see `interrupt`) leaves the old output untouched and
+  no scratch behind. Works for files and directories.
 
   Example:
+    >>> import tempfile
     >>> out = pathlib.Path(tempfile.mkdtemp()) / 'note.txt'
     >>> with staged(out) as tmp:
     ...   _ = tmp.write_text('new')
@@ -237,22 +272,23 @@ def staged(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  scratch = pathlib.Path(tempfile.mkdtemp(dir=path.parent,
-                                          prefix=f'.{path.name}.'))
-  try:
+  with interrupt.scratch(path.parent, prefix=f'.{path.name}.') as scratch:
     new = scratch / 'new'
     yield new
     if not new.exists():
       raise RuntimeError(f'nothing was written for {str(path)!r}')
-    if new.is_dir() and path.is_dir():
-      old = scratch / 'old'
-      os.replace(path, old)  # Directories cannot be renamed over.
-      try:
+    if path.exists() and new.is_dir() == path.is_dir():
+      # A replaced output keeps its permission bits (private stays private).
+      os.chmod(new, _file_modes.mode_for(path))
+    with interrupt.deferred():  # Ctrl-C waits until the swap is done.
+      if new.is_dir() and path.is_dir():
+        old = scratch / 'old'
+        try:
+          os.replace(path, old)  # Directories cannot be renamed over.
+          os.replace(new, path)
+        except BaseException:  # Even between the two renames.
+          if old.exists() and not path.exists():
+            os.replace(old, path)
+          raise
+      else:
         os.replace(new, path)
-      except BaseException:
-        os.replace(old, path)
-        raise
-    else:
-      os.replace(new, path)
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)

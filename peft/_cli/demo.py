@@ -18,17 +18,21 @@ from typing import Any
 
 from peft._cli import base as base_lib
 
+OUTPUTS = ('adapters.safetensors', 'loss.png', 'merged')  # In --workdir.
+
 
 def run(args: Any) -> dict[str, Any]:
   """Runs the demo pipeline; fails if fine-tuning did not help."""
   from peft._cli import parser as parser_lib  # pylint: disable=g-import-not-at-top
 
   started = time.perf_counter()
+  for name in OUTPUTS:  # Checked now, not after fine-tuning.
+    base_lib.output(args, name, directory=name == 'merged')
   model = (['--tiny'] if args.tiny else ['--hf-dir', args.hf_dir]
            if args.hf_dir else ['--gguf', args.gguf] if args.gguf else [])
   common = [*model, '--workdir', args.workdir]
   data = ['--max-plays', str(args.max_plays)] if args.max_plays else []
-  adapters = os.path.join(args.workdir, 'adapters.safetensors')
+  adapters = os.path.join(args.workdir, OUTPUTS[0])
   pipeline = {
       'finetune': ['finetune', *common, *data, '--steps', str(args.steps)],
       'eval': ['eval', *common, *data, '--adapters', adapters, '--compare'],
@@ -51,8 +55,7 @@ def run(args: Any) -> dict[str, Any]:
         f'{tuned_ppl:.2f} ({100 * (1 - tuned_ppl / base_ppl):.0f}% lower)')
   print(f'merged plain model vs adapted model: max |logit diff| '
         f'{results["merge"]["max_abs_diff"]:.2e}')
-  print(f'outputs in {args.workdir}/: adapters.safetensors, loss.png, '
-        'merged/')
+  print(f'outputs in {args.workdir}/: {", ".join(OUTPUTS)}/')
   print(f'wall time: {seconds:.0f} s')
   if not tuned_ppl < base_ppl:
     raise base_lib.CliError(

@@ -29,6 +29,7 @@ import safetensors
 from safetensors import numpy as st_numpy
 
 import peft
+from peft import _file_modes
 from peft import models
 from peft._cli import adapt
 from peft._cli import base as base_lib
@@ -46,6 +47,7 @@ def write_params_file(path: pathlib.Path, config: models.DecoderConfig,
       for p, x in jax.tree_util.tree_leaves_with_path(params)}
   st_numpy.save_file(tensors, str(path), metadata={
       'format': FORMAT, 'config': json.dumps(dataclasses.asdict(config))})
+  _file_modes.as_if_opened(path)  # safetensors makes it 0600
 
 
 def read_params_file(path: str) -> tuple[models.DecoderConfig, dict[str, Any]]:
@@ -120,9 +122,8 @@ def max_logit_diff(adapted: adapt.Adapted, plain: base_lib.Base,
 
 def run(args: Any) -> dict[str, Any]:
   """Merges `--adapters` into the base and writes `--out`."""
-  out = pathlib.Path(args.out or pathlib.Path(args.workdir) / 'merged')
-  as_file = out.suffix == '.safetensors'
-  base_lib.check_output(out, directory=not as_file, flag='--out')
+  as_file = pathlib.Path(args.out or 'merged').suffix == '.safetensors'
+  out = base_lib.output(args, 'merged', flag='--out', directory=not as_file)
   base = base_lib.load_base(base_lib.source_of(args))
   adapted, _ = adapt.load(base, args.adapters)
   held = base_lib.eval_windows(base, args) if args.check else None

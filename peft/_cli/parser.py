@@ -14,6 +14,10 @@ from typing import Any, NoReturn
 PROG = 'python -m peft'
 DEFAULT_WORKDIR = 'out/demo'
 DEFAULT_TARGETS = ('.*attn/.*', '.*mlp')
+# Surgery flags default to None so that `finetune --init-adapters` can tell
+# a flag given from one left alone; `Settings.from_args` fills these in.
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16.0
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,15 +114,14 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 def _surgery_flags(p: argparse.ArgumentParser) -> None:
   group = p.add_argument_group('surgery')
-  group.add_argument('--targets', nargs='+', type=regex,
-                     default=list(DEFAULT_TARGETS), metavar='REGEX',
+  group.add_argument('--targets', nargs='+', type=regex, metavar='REGEX',
                      help='module paths to adapt, full match (default: '
-                     '%(default)s)')
-  group.add_argument('--rank', type=positive_int, default=8,
-                     help='LoRA rank (default: %(default)s)')
-  group.add_argument('--alpha', type=positive_float, default=16.0,
+                     f'{" ".join(DEFAULT_TARGETS)})')
+  group.add_argument('--rank', type=positive_int,
+                     help=f'LoRA rank (default: {DEFAULT_RANK})')
+  group.add_argument('--alpha', type=positive_float,
                      help='LoRA alpha; scale = alpha / rank (default: '
-                     '%(default)s)')
+                     f'{DEFAULT_ALPHA:g})')
   group.add_argument('--dropout', type=dropout_rate, default=0.0,
                      help='adapter-input dropout while training (default: '
                      '%(default)s)')
@@ -128,8 +131,9 @@ def _surgery_flags(p: argparse.ArgumentParser) -> None:
 
 def _variant_flags(p: argparse.ArgumentParser) -> None:
   which = p.add_mutually_exclusive_group()
-  which.add_argument('--adapters', metavar='FILE',
-                     help='run the base with this adapter file')
+  which.add_argument('--adapters', metavar='PATH',
+                     help='run the base with this adapter file (or a '
+                     'Hugging Face PEFT adapter directory)')
   which.add_argument('--merged', metavar='PATH',
                      help='run a merged model written by `merge`')
   p.add_argument('--compare', action='store_true',
@@ -149,6 +153,7 @@ def build() -> Parser:
   """The parser; each command's `run(args)` is in `args.run`."""
   from peft._cli import commands as cmd  # pylint: disable=g-import-not-at-top
   from peft._cli import demo  # pylint: disable=g-import-not-at-top
+  from peft._cli import export  # pylint: disable=g-import-not-at-top
   from peft._cli import merge  # pylint: disable=g-import-not-at-top
   from peft._cli import quickstart  # pylint: disable=g-import-not-at-top
   from peft._cli import train  # pylint: disable=g-import-not-at-top
@@ -179,12 +184,18 @@ def build() -> Parser:
                  'order and dropout seed (default: %(default)s)')
   p.add_argument('--out', help='adapter file (default: '
                  'WORKDIR/adapters.safetensors)')
+  p.add_argument('--init-adapters', metavar='PATH', help='continue '
+                 'training these adapters (a finetune adapter file or a '
+                 'Hugging Face PEFT directory) instead of fresh ones; they '
+                 'bring their own surgery, so --targets, --rank and --alpha '
+                 'do not apply')
   p.add_argument('--plot', help='loss-curve PNG (default: WORKDIR/loss.png)')
 
   p = _add(commands, 'merge', merge.run, 'fuse adapters into the base and '
            'save plain params', _model_flags, _data_flags)
-  p.add_argument('--adapters', metavar='FILE', required=True,
-                 help='the adapter file to merge')
+  p.add_argument('--adapters', metavar='PATH', required=True,
+                 help='the adapter file (or Hugging Face PEFT directory) to '
+                 'merge')
   p.add_argument('--out', help='a checkpoint directory, or a file ending in '
                  '.safetensors (default: WORKDIR/merged)')
   p.add_argument('--no-check', dest='check', action='store_false',
@@ -213,8 +224,18 @@ def build() -> Parser:
 
   p = _add(commands, 'summary', cmd.run_summary, 'what the surgery would '
            'adapt; trainable vs frozen counts', _model_flags, _surgery_flags)
-  p.add_argument('--adapters', metavar='FILE', help="summarize this file's "
-                 'surgery instead of the flags')
+  p.add_argument('--adapters', metavar='PATH', help='summarize the '
+                 'surgery of this adapter file (or Hugging Face PEFT '
+                 'directory) instead of the flags')
+
+  p = _add(commands, 'export', export.run, 'write an adapter file in '
+           'another format (Hugging Face PEFT)')
+  p.add_argument('--adapters', metavar='FILE', required=True,
+                 help='the adapter file (from finetune) to export')
+  p.add_argument('--format', choices=('hf-peft',), required=True,
+                 help='hf-peft: adapter_config.json + '
+                 'adapter_model.safetensors, for PeftModel.from_pretrained')
+  p.add_argument('OUT_DIR', help='the directory to write')
 
   p = _add(commands, 'demo', demo.run, 'finetune, eval, sample and merge in '
            'one go (what `make demo` runs)', _model_flags)

@@ -85,11 +85,11 @@ def run(args: Any) -> dict[str, Any]:
   """Fine-tunes adapters; returns the perplexities and output paths."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  workdir = pathlib.Path(args.workdir)
-  out = pathlib.Path(args.out or workdir / 'adapters.safetensors')
-  plot = pathlib.Path(args.plot or workdir / 'loss.png')
-  base_lib.check_output(out, directory=False, flag='--out')
-  base_lib.check_output(plot, directory=False, flag='--plot')
+  out = base_lib.output(args, 'adapters.safetensors', flag='--out')
+  plot = base_lib.output(args, 'loss.png', flag='--plot')
+  if out.resolve() == plot.resolve():
+    raise CliError(f'--out and --plot both name {str(out)!r}; one output '
+                   'would overwrite the other. Pass two different paths.')
   base = base_lib.load_base(base_lib.source_of(args))
   base_lib.check_seq_len(base, args.seq_len)
   train = base_lib.windows(base, split='train', length=args.seq_len + 1,
@@ -100,7 +100,7 @@ def run(args: Any) -> dict[str, Any]:
         f'windows of {args.seq_len + 1} tokens. Pass a smaller batch or '
         'more --max-plays.')
   held = base_lib.eval_windows(base, args)
-  adapted = adapt.adapt(base, adapt.Settings.from_args(args), seed=args.seed)
+  adapted = adapt.initial(base, args)
   report = peft.LoRAReport(adapters={s.key: s for s in adapted.specs})
   counted = peft.merge_params(base.params, adapted.lora)  # Float base.
   summary = report.summary(counted).splitlines()[-2:]
@@ -115,35 +115,37 @@ def run(args: Any) -> dict[str, Any]:
   lora, opt_state = adapted.lora, jax.jit(tx.init)(adapted.lora)
   evals = [(0, perplexity(lora))]
   quantized = f', {args.quantize}' if args.quantize else ''
-  print(f'step 0 (base{quantized}): held-out perplexity {evals[0][1]:.2f}')
+  start = 'init adapters' if args.init_adapters else 'base'
+  print(f'step 0 ({start}{quantized}): held-out perplexity '
+        f'{evals[0][1]:.2f}')
   stream = models.batches(train, batch_size=args.batch_size, seed=args.seed)
   tokens_per_step = args.batch_size * args.seq_len
   losses, started, began = [], None, time.perf_counter()
   eval_seconds = 0.0  # Excluded from the throughput.
-  bar = tqdm(range(1, args.steps + 1), desc='finetune', unit='step',
-             mininterval=1.0)
-  for i in bar:
-    lora, opt_state, loss = step(lora, opt_state, adapted.frozen,
-                                 jnp.asarray(next(stream)), np.int32(i))
-    losses.append(float(loss))
-    if not math.isfinite(losses[-1]):
-      raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
-                     f'--learning-rate (now {args.learning_rate}).')
-    if started is None:  # The first step includes the compile.
-      started, done = time.perf_counter(), 0
-      first_step = started - began
-    else:
-      done += tokens_per_step
-    rate = done / max(time.perf_counter() - started - eval_seconds, 1e-9)
-    bar.set_postfix(loss=f'{losses[-1]:.3f}', tok_s=f'{rate:.0f}',
-                    refresh=False)
-    if i == args.steps or (args.eval_every and i % args.eval_every == 0):
-      eval_started = time.perf_counter()
-      evals.append((i, perplexity(lora)))
-      eval_seconds += time.perf_counter() - eval_started
-      bar.write(f'step {i}: train loss {losses[-1]:.3f}, held-out '
-                f'perplexity {evals[-1][1]:.2f}')
-  bar.close()
+  # No bar where stderr is not a terminal: a log would fill with redraws.
+  with tqdm(range(1, args.steps + 1), desc='finetune', unit='step',
+            mininterval=1.0, disable=None) as bar:
+    for i in bar:
+      lora, opt_state, loss = step(lora, opt_state, adapted.frozen,
+                                   jnp.asarray(next(stream)), np.int32(i))
+      losses.append(float(loss))
+      if not math.isfinite(losses[-1]):
+        raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
+                       f'--learning-rate (now {args.learning_rate}).')
+      if started is None:  # The first step includes the compile.
+        started, done = time.perf_counter(), 0
+        first_step = started - began
+      else:
+        done += tokens_per_step
+      rate = done / max(time.perf_counter() - started - eval_seconds, 1e-9)
+      bar.set_postfix(loss=f'{losses[-1]:.3f}', tok_s=f'{rate:.0f}',
+                      refresh=False)
+      if i == args.steps or (args.eval_every and i % args.eval_every == 0):
+        eval_started = time.perf_counter()
+        evals.append((i, perplexity(lora)))
+        eval_seconds += time.perf_counter() - eval_started
+        bar.write(f'step {i}: train loss {losses[-1]:.3f}, held-out '
+                  f'perplexity {evals[-1][1]:.2f}')
   print(f'{args.steps} steps in {time.perf_counter() - began:.0f} s (the '
         f'first, which compiles, took {first_step:.0f} s; {rate:.0f} '
         'tokens/s after it)')
@@ -153,7 +155,8 @@ def run(args: Any) -> dict[str, Any]:
       'steps': args.steps, 'batch_size': args.batch_size,
       'seq_len': args.seq_len, 'learning_rate': args.learning_rate,
       'base_perplexity': evals[0][1], 'perplexity': evals[-1][1]})
-  title = (f'LoRA rank {args.rank} on {base.source.split(":")[-1]} '
+  title = (f'LoRA rank {adapted.settings.rank} on '
+           f'{base.source.split(":")[-1]} '
            f'({args.steps} steps)')
   with base_lib.staged(out) as out_tmp, base_lib.staged(plot) as plot_tmp:
     save_plot(plot_tmp, losses, evals, title)

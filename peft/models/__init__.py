@@ -48,6 +48,9 @@ from peft.models._gguf import smollm2_gguf_path
 from peft.models._gguf import unpermute_rotary_rows
 from peft.models._hf import load_hf_dir
 from peft.models._hf import save_hf_dir
+from peft.models._hf_peft import HFAdapters
+from peft.models._hf_peft import load_hf_peft
+from peft.models._hf_peft import save_hf_peft
 
 # Sampling and tokenization.
 from peft.models._sampling import Sampler
@@ -72,14 +75,17 @@ __all__ = [
   'apply_rope',
   'init_cache',
   # Loading and saving.
+  'HFAdapters',
   'Pretrained',
   'hf_shapes',
   'load_gguf',
   'load_hf_dir',
+  'load_hf_peft',
   'load_smollm2',
   'params_from_hf',
   'params_to_hf',
   'save_hf_dir',
+  'save_hf_peft',
   'smollm2_gguf_path',
   'unpermute_rotary_rows',
   # Sampling and tokenization.

@@ -29,6 +29,41 @@ _HF_ACTIVATIONS = {
 _SUPPORTED_MODEL_TYPES = ('llama', 'gemma')
 
 
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+  """The rotary base of an HF config of either generation, or an error.
+
+  transformers 4 writes a top-level `rope_theta` (and `rope_scaling` when
+  the rope is scaled); transformers 5 writes `rope_parameters:
+  {rope_type, rope_theta, ...}` and no top-level `rope_theta`. Only the
+  plain rope (`rope_type` 'default') runs here: a scaled one would load
+  with wrong positions, so it is refused.
+  """
+  thetas = {}
+  if hf.get('rope_theta') is not None:
+    thetas['rope_theta'] = hf['rope_theta']
+  for key in ('rope_scaling', 'rope_parameters'):
+    value = hf.get(key)
+    if value is None:
+      continue
+    per_layer = not isinstance(value, Mapping) or any(
+        isinstance(v, Mapping) for v in value.values())
+    kind = None if per_layer else value.get('rope_type',
+                                            value.get('type', 'default'))
+    if kind != 'default':
+      raise ValueError(
+        f'config.json sets {key}={value!r}: a {kind or "per-layer"} rope, '
+        'which the reference decoder does not implement (it runs the plain '
+        "rope, rope_type 'default'). Use a checkpoint without rope "
+        'scaling.')
+    if value.get('rope_theta') is not None:
+      thetas[f'{key}.rope_theta'] = value['rope_theta']
+  values = {float(v) for v in thetas.values()}
+  if len(values) > 1:
+    raise ValueError(
+      f'config.json gives two rotary bases: {thetas!r}. Keep one of them.')
+  return values.pop() if values else 10_000.0  # HF's Llama default
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
   """Hyper-parameters of a decoder-only transformer.
@@ -134,7 +169,8 @@ class DecoderConfig:
         f'config.json has model_type={model_type!r}; the reference decoder '
         f'runs {_SUPPORTED_MODEL_TYPES}. Convert the checkpoint to one of '
         'those architectures.')
-    for key in ('rope_scaling', 'sliding_window'):
+    rope_theta = _rope_theta(hf)
+    for key in ('sliding_window',):
       if hf.get(key) is not None:
         raise ValueError(
           f'config.json sets {key}={hf[key]!r}, which the reference decoder '
@@ -171,7 +207,7 @@ class DecoderConfig:
       head_dim=hf.get('head_dim') or d_model // n_heads,
       ffn_dim=need('intermediate_size'),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6 if gemma else 1e-5)),
-      rope_theta=float(hf.get('rope_theta', 10_000.0)),
+      rope_theta=rope_theta,
       tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)),
       activation=_HF_ACTIVATIONS[hf_act],
       scale_embeddings=gemma,

