@@ -31,6 +31,7 @@ from peft import models
 from peft._cli import base as base_lib
 from peft._cli import parser as parser_lib
 from peft.models import _hf_peft
+from peft.models import _hf_peft_format
 
 CliError = base_lib.CliError
 
@@ -41,7 +42,7 @@ _hf_peft.register_decoder_layers()
 METADATA_KEY = 'peft_cli'
 # Beside the settings in METADATA_KEY: the HF PEFT config adapters were
 # read with, for `export`.
-HF_CONFIG_KEY = 'hf_peft_config'
+HF_CONFIG_KEY = _hf_peft_format.METADATA_KEY
 QUANTIZATIONS = ('int8', 'int4', 'nf4')
 
 
@@ -254,7 +255,7 @@ def _check_base(meta: dict[str, Any], base: base_lib.Base, where: str) -> None:
 
 
 def is_hf_peft_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, _hf_peft.CONFIG_FILE))
+  return os.path.isfile(os.path.join(path, _hf_peft_format.CONFIG_FILE))
 
 
 def load_hf_peft(base: base_lib.Base, path: str, *, flag: str = '--adapters',

@@ -50,7 +50,7 @@ from peft.models._hf import load_hf_dir
 from peft.models._hf import save_hf_dir
 from peft.models._hf_peft import HFAdapters
 from peft.models._hf_peft import load_hf_peft
-from peft.models._hf_peft import save_hf_peft
+from peft.models._hf_peft_export import save_hf_peft
 
 # Sampling and tokenization.
 from peft.models._sampling import Sampler
