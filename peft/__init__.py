@@ -10,13 +10,65 @@ from peft._cli import interrupt as _interrupt  # noqa: F401
 
 # isort: split
 
-# Module surgery.
-from peft._checkpoint import LoadedAdapters
+# Surgery.
+from peft._interceptors import Interceptor
+from peft._interceptors import ModuleInterceptor
+from peft._layers import register_einsum_layer
+from peft._report import LoRAReport
+from peft._report import count_params
+from peft._report import render_params
+from peft._rules import LoRARule
+from peft._spec import AdapterSpec
+from peft._spec import recording_adapters
+from peft._surgery import LoRA
+from peft._surgery import LoRASurgery
+from peft._surgery import lora
 
-# Param trees, training and adapter files.
+# isort: split
+
+# LoRA layers (gemma.peft names, and any registered einsum-like layer).
+from peft._lora import LoRAConv
+from peft._lora import LoRADense
+from peft._lora import LoRADenseGeneral
+from peft._lora import LoRAEinsum
+from peft._lora import LoRAEinsumLike
+from peft._lora import LoRAEmbed
+
+# isort: split
+
+# LoRA adapters.
+from peft._lora_adapters import LoRAConvAdapter
+from peft._lora_adapters import LoRADenseAdapter
+from peft._lora_adapters import LoRADenseGeneralAdapter
+from peft._lora_adapters import LoRAEinsumAdapter
+from peft._lora_adapters import LoRAEmbedAdapter
+
+# isort: split
+
+# Param trees: split, merge, fuse.
+from peft._fuse import fuse_params
+from peft._fuse import fuse_state
+from peft._fuse import unfuse_params
+from peft._params import SplittedParams
+from peft._params import merge_params
+from peft._params import split_params
+
+# isort: split
+
+# Training only the adapters.
+from peft._optim import adapter_labels
+from peft._optim import adapter_mask
+from peft._optim import train_only_adapters
+
+# isort: split
+
+# Adapter files.
+from peft._checkpoint import LoadedAdapters
 from peft._checkpoint import check_adapters_match
 from peft._checkpoint import load_adapters
 from peft._checkpoint import save_adapters
+
+# isort: split
 
 # The functional API on plain arrays.
 from peft._functional import init_lora_adapter
@@ -25,40 +77,10 @@ from peft._functional import lora_linear
 from peft._functional import merge_lora_weight
 from peft._functional import tree_lora_delta
 from peft._functional import unmerge_lora_weight
-from peft._fuse import fuse_params
-from peft._fuse import fuse_state
-from peft._fuse import unfuse_params
-from peft._interceptors import Interceptor
-from peft._interceptors import ModuleInterceptor
-from peft._layers import register_einsum_layer
 
-# LoRA layers.
-from peft._lora import LoRAConv
-from peft._lora import LoRADense
-from peft._lora import LoRADenseGeneral
-from peft._lora import LoRAEinsum
-from peft._lora import LoRAEinsumLike
-from peft._lora import LoRAEmbed
-from peft._lora_adapters import LoRAConvAdapter
-from peft._lora_adapters import LoRADenseAdapter
+# isort: split
 
-# Quantization: simulated (QAT), real int8/int4/NF4, QLoRA.
-from peft._lora_adapters import LoRADenseAdapter as QLoRADenseAdapter
-from peft._lora_adapters import LoRADenseGeneralAdapter
-from peft._lora_adapters import LoRAEinsumAdapter
-from peft._lora_adapters import LoRAEinsumAdapter as QLoRAEinsumAdapter
-from peft._lora_adapters import LoRAEmbedAdapter
-from peft._optim import adapter_labels
-from peft._optim import adapter_mask
-from peft._optim import train_only_adapters
-from peft._params import SplittedParams
-from peft._params import merge_params
-from peft._params import split_params
-from peft._qlora import QLoRADense
-from peft._qlora import QLoRAEinsum
-from peft._qlora import QLoRAEinsumLike
-from peft._qlora import fuse_into_quantized
-from peft._qlora import fuse_quantized_kernel
+# Quantization: numerics and surgery.
 from peft._qlora import param_bytes
 from peft._qlora import quantize
 from peft._quantization import QuantizationMethod
@@ -71,6 +93,10 @@ from peft._quantization_surgery import QuantizationSurgery
 from peft._quantization_surgery import quantization_axes
 from peft._quantization_surgery import quantized
 from peft._quantization_surgery import simulate_quantization
+
+# isort: split
+
+# Quantized layers: simulated (QAT) and real int8/int4/NF4.
 from peft._quantized_layers import IntDense
 from peft._quantized_layers import IntDenseGeneral
 from peft._quantized_layers import IntEinsum
@@ -79,15 +105,17 @@ from peft._quantized_layers import SimulateQuantizedDense
 from peft._quantized_layers import SimulateQuantizedDenseGeneral
 from peft._quantized_layers import SimulateQuantizedEinsum
 from peft._quantized_layers import SimulateQuantizedEinsumLike
-from peft._report import LoRAReport
-from peft._report import count_params
-from peft._report import render_params
-from peft._rules import LoRARule
-from peft._spec import AdapterSpec
-from peft._spec import recording_adapters
-from peft._surgery import LoRA
-from peft._surgery import LoRASurgery
-from peft._surgery import lora
+
+# isort: split
+
+# QLoRA. The adapters are the LoRA ones under gemma.peft's QLoRA names.
+from peft._lora_adapters import LoRADenseAdapter as QLoRADenseAdapter
+from peft._lora_adapters import LoRAEinsumAdapter as QLoRAEinsumAdapter
+from peft._qlora import QLoRADense
+from peft._qlora import QLoRAEinsum
+from peft._qlora import QLoRAEinsumLike
+from peft._qlora import fuse_into_quantized
+from peft._qlora import fuse_quantized_kernel
 
 __all__ = [
     'AdapterSpec',

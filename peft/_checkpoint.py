@@ -60,6 +60,24 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 class LoadedAdapters(NamedTuple):
   """What `load_adapters` returns.
 
+  A named tuple, so `lora, specs, metadata = load_adapters(path)` works.
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model = nn.Sequential([nn.Dense(2)])
+    >>> with peft.lora(rank=1) as report:
+    ...   params = model.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+    >>> path = os.path.join(tempfile.mkdtemp(), 'adapters.safetensors')
+    >>> peft.save_adapters(path, params, report.specs, metadata={'rank': 1})
+    >>> loaded = peft.load_adapters(path)
+    >>> jax.tree.map(jnp.shape, loaded.lora)
+    {'layers_0': {'lora': {'a': (3, 1), 'b': (1, 2)}}}
+    >>> [s.key for s in loaded.specs], loaded.metadata
+    (['layers_0/lora'], {'rank': 1})
+
   Attributes:
     lora: the adapter branches as a nested dict (`merge_params`-ready).
     specs: the `AdapterSpec` of every adapter, in file order.
@@ -106,7 +124,8 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
 
   Example:
     >>> import tempfile, os
-    >>> spec = _spec.AdapterSpec(
+    >>> import peft
+    >>> spec = peft.AdapterSpec(
     ...     path=('dense',), layer_type='Dense', weight_name='kernel',
     ...     adapter_name='lora', weight_shape=(3, 2), a_shape=(3, 1),
     ...     b_shape=(1, 2), delta_str='ir,ro->io', rank=1)
@@ -314,14 +333,36 @@ def load_adapters(path: str | os.PathLike[str], *,
   (bfloat16 included). A version 1 file, whose header has no digest, is
   read with a warning.
 
+  Example:
+    >>> import os, tempfile
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model = nn.Sequential([nn.Dense(2)])
+    >>> with peft.lora(rank=1) as report:
+    ...   params = model.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+    >>> path = os.path.join(tempfile.mkdtemp(), 'adapters.safetensors')
+    >>> peft.save_adapters(path, params, report.specs)
+    >>> lora, specs, meta = peft.load_adapters(path, expected=report.specs)
+    >>> peft.check_adapters_match(lora, params)
+    >>> restored = peft.merge_params(peft.split_params(params).original, lora)
+    >>> bool(jnp.all(restored['layers_0']['lora']['a']
+    ...               == params['layers_0']['lora']['a']))
+    True
+    >>> with peft.lora(rank=2) as other:  # another rank: refused
+    ...   _ = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> peft.load_adapters(path, expected=other.specs)
+    Traceback (most recent call last):
+    ValueError: load_adapters: adapter 'layers_0/lora' in '...' differs from
+    the expected spec: {'a_shape': ((3, 1), (3, 2)), ...
+
   Args:
     path: the file.
     expected: the specs the file must hold exactly (e.g. `report.specs`
       of the model the adapters are for).
 
   Returns:
-    `LoadedAdapters(lora, specs, metadata)`; see `save_adapters` for an
-    example.
+    `LoadedAdapters(lora, specs, metadata)`.
 
   Raises:
     FileNotFoundError: no file at `path`.
@@ -401,9 +442,10 @@ def check_adapters_match(lora: Any, params: Any, *,
   (and dtypes).
 
   Example:
+    >>> import peft
     >>> params = {'d': {'kernel': jnp.ones((2, 2)),
     ...                 'lora': {'a': jnp.ones((2, 1)), 'b': jnp.ones((1, 2))}}}
-    >>> check_adapters_match(_params.split_params(params).lora, params)
+    >>> check_adapters_match(peft.split_params(params).lora, params)
 
   Raises:
     ValueError: an adapter is missing or extra, or a shape or dtype differs.

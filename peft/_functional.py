@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft import _einsum
+from peft import _options
 
 Adapter = Mapping[str, Any]
 
@@ -123,7 +124,7 @@ def lora_delta(adapter: Adapter, alpha: float = 1.0) -> jax.Array:
 
   Args:
     adapter: `{'A': (in, rank), 'B': (rank, out)}`.
-    alpha: LoRA alpha; the scale is `alpha / rank`.
+    alpha: LoRA alpha; the scale is `alpha / rank` (`None`: 1).
 
   Returns:
     The `(in, out)` update.
@@ -132,7 +133,8 @@ def lora_delta(adapter: Adapter, alpha: float = 1.0) -> jax.Array:
     ValueError: the adapter is malformed or its shapes disagree.
   """
   a, b = _factors(adapter, 'lora_delta')
-  return (alpha / a.shape[1]) * _einsum.delta('ir,ro->io', a, b)
+  return _scale(alpha, a.shape[1], 'lora_delta') * _einsum.delta(
+      'ir,ro->io', a, b)
 
 
 def lora_linear(x: jax.Array, frozen_weight: jax.Array, adapter: Adapter,
@@ -152,7 +154,7 @@ def lora_linear(x: jax.Array, frozen_weight: jax.Array, adapter: Adapter,
     x: inputs `(..., in)`.
     frozen_weight: `(in, out)`.
     adapter: `{'A': (in, rank), 'B': (rank, out)}`.
-    alpha: LoRA alpha; the scale is `alpha / rank`.
+    alpha: LoRA alpha; the scale is `alpha / rank` (`None`: 1).
 
   Returns:
     `(..., out)`.
@@ -171,7 +173,16 @@ def lora_linear(x: jax.Array, frozen_weight: jax.Array, adapter: Adapter,
         'weight (in, out), A (in, rank), B (rank, out).'
     )
   w = jax.lax.stop_gradient(frozen_weight)
-  return x @ w + (alpha / a.shape[1]) * ((x @ a) @ b)
+  return x @ w + _scale(alpha, a.shape[1], where) * ((x @ a) @ b)
+
+
+def _scale(alpha: Any, rank: int, where: str) -> Any:
+  """`alpha / rank`, with `alpha` checked as everywhere in peft (finite,
+  > 0, not a string) unless it is an array (e.g. traced under `jax.jit`)."""
+  if isinstance(alpha, (jax.Array, np.ndarray)):
+    return alpha / rank
+  _options.check_lora_options(where, alpha=alpha)
+  return 1.0 if alpha is None else float(alpha) / rank
 
 
 def _add_delta(weight, adapter, alpha, sign, where):
@@ -183,7 +194,8 @@ def _add_delta(weight, adapter, alpha, sign, where):
         f'{b.shape}. Expected A (in, rank), B (rank, out).'
     )
   return _einsum.add_delta(jnp.asarray(weight), a, b,
-                           sign * alpha / a.shape[1], delta_str='ir,ro->io')
+                           sign * _scale(alpha, a.shape[1], where),
+                           delta_str='ir,ro->io')
 
 
 def merge_lora_weight(weight: jax.Array, adapter: Adapter,

@@ -241,8 +241,8 @@ def fuse_state(kernel) -> str | None:
   unknown. The record is per process and weak (see `peft._fuse_ledger`).
 
   Example:
-    >>> from peft import _spec
-    >>> spec = _spec.AdapterSpec(
+    >>> import peft
+    >>> spec = peft.AdapterSpec(
     ...     path=('d',), layer_type='Dense', weight_name='kernel',
     ...     adapter_name='lora', weight_shape=(1, 1), a_shape=(1, 1),
     ...     b_shape=(1, 1), delta_str='ir,ro->io', rank=1)
@@ -322,8 +322,8 @@ def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
   `jax.jit(fuse_params, static_argnames='adapters')` given a tuple.
 
   Example:
-    >>> from peft import _spec
-    >>> spec = _spec.AdapterSpec(
+    >>> import peft
+    >>> spec = peft.AdapterSpec(
     ...     path=('dense',), layer_type='Dense', weight_name='kernel',
     ...     adapter_name='lora', weight_shape=(2, 2), a_shape=(2, 1),
     ...     b_shape=(1, 2), delta_str='ir,ro->io', rank=1)
@@ -371,8 +371,8 @@ def unfuse_params(fused: Params, lora: Params,
   `p` up to the rounding of the kernels' dtype (exact in the adapters).
 
   Example:
-    >>> from peft import _spec
-    >>> spec = _spec.AdapterSpec(
+    >>> import peft
+    >>> spec = peft.AdapterSpec(
     ...     path=('dense',), layer_type='Dense', weight_name='kernel',
     ...     adapter_name='lora', weight_shape=(1, 2), a_shape=(1, 1),
     ...     b_shape=(1, 2), delta_str='ir,ro->io', rank=1)

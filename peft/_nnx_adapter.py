@@ -37,6 +37,18 @@ class LoRAParam(nnx.LoRAParam):
   A subclass of `flax.nnx.LoRAParam` (itself an `nnx.Param`), so
   `nnx.state(model, LoRAParam)` holds the adapters alone and
   `nnx.Optimizer(model, tx, wrt=LoRAParam)` trains only them.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import peft.nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(1))
+    >>> type(model.layers[0].lora.a).__name__
+    'LoRAParam'
+    >>> adapters = nnx.state(model, peft.nnx.LoRAParam)  # no kernel, no bias
+    >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(adapters))
+    {'layers': {0: {'lora': {'a': (2, 1), 'b': (1, 3)}}}}
   """
 
 

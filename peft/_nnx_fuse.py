@@ -53,6 +53,25 @@ def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
 class FusedAdapters(NamedTuple):
   """What `fuse` took out of the model, for `unfuse`.
 
+  A named tuple, so `unfuse(model, *fused)` puts the adapters back.
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import peft, peft.nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(1))
+    >>> fused = peft.nnx.fuse(model)
+    >>> [s.key for s in fused.specs], jax.tree.map(jnp.shape, fused.adapters)
+    (['layers/0/lora'], {'layers': {'0': {'lora': {'a': (2, 1), 'b': (1, 3)}}}})
+    >>> # The linen layout: peft's linen functions take it as it is.
+    >>> path = os.path.join(tempfile.mkdtemp(), 'adapters.safetensors')
+    >>> peft.save_adapters(path, fused.adapters, fused.specs)
+    >>> peft.nnx.unfuse(model, *fused)
+    >>> type(model.layers[0]).__name__
+    'LoRALinear'
+
   Attributes:
     specs: the `AdapterSpec` of every fused adapter.
     adapters: `{path...: {'lora': {'a': A, 'b': B}}}`, the layout of linen
@@ -96,8 +115,9 @@ def fuse(model: nnx.Module) -> FusedAdapters:
   the unmodified model.
 
   Example:
+    >>> import peft.nnx
     >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
     >>> fused = fuse(model)
     >>> type(model.layers[0]).__name__, [s.key for s in fused.specs]
     ('Linear', ['layers/0/lora'])
@@ -181,8 +201,9 @@ def unfuse(model: nnx.Module, specs: Sequence[_spec.AdapterSpec],
   """Inverse of `fuse`: subtracts the deltas and puts the LoRA layers back.
 
   Example:
+    >>> import peft.nnx
     >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
     >>> fused = fuse(model)
     >>> unfuse(model, *fused)
     >>> type(model.layers[0]).__name__
@@ -219,8 +240,9 @@ def save_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
 
   Example:
     >>> import os, tempfile
+    >>> import peft.nnx
     >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
     >>> file = os.path.join(tempfile.mkdtemp(), 'a.safetensors')
     >>> [s.key for s in save_adapters(file, model)]
     ['layers/0/lora']
@@ -252,8 +274,9 @@ def load_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
 
   Example:
     >>> import os, tempfile
+    >>> import peft.nnx
     >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    >>> _ = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
     >>> file = os.path.join(tempfile.mkdtemp(), 'a.safetensors')
     >>> _ = save_adapters(file, model)
     >>> base = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))

@@ -449,5 +449,17 @@ def lora_class_for(module: object) -> type[_LoRALayer] | None:
 
 
 def is_lora_layer(module: object) -> bool:
-  """Whether `module` is one of the LoRA layers above."""
+  """Whether `module` is one of the LoRA layers above.
+
+  Example:
+    >>> from flax import nnx
+    >>> import peft.nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> peft.nnx.is_lora_layer(model.layers[0])
+    False
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(1))
+    >>> layer = model.layers[0]  # a LoRALinear, still an nnx.Linear
+    >>> peft.nnx.is_lora_layer(layer), isinstance(layer, nnx.Linear)
+    (True, True)
+  """
   return isinstance(module, _LoRALayer)

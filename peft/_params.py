@@ -24,6 +24,17 @@ Params = Mapping[str, Any]
 class SplittedParams(NamedTuple):
   """The two halves returned by `split_params`.
 
+  A named tuple: unpack it, or pass it whole back to `merge_params`.
+
+  Example:
+    >>> import peft
+    >>> params = {'dense': {'kernel': 1, 'lora': {'a': 2, 'b': 3}}}
+    >>> parts = peft.split_params(params)
+    >>> parts.original, parts.lora
+    ({'dense': {'kernel': 1}}, {'dense': {'lora': {'a': 2, 'b': 3}}})
+    >>> peft.merge_params(*parts) == params
+    True
+
   Attributes:
     original: the tree without adapter branches.
     lora: the adapter branches only, at their original paths.

@@ -413,6 +413,20 @@ def simulate_quantize(x: jax.Array, method: QuantizationMethod | str,
 class QuantizedArray:
   """A quantized array: codes, scales and how to read them (a pytree).
 
+  Built by `quantize_array` (or `peft.quantize` on a param tree); read back
+  by `dequantize`. Codes and scales are its pytree leaves, so it passes
+  through `jax.jit` and sits in param trees like any array.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import peft
+    >>> w = jnp.array([[1.0, -2.0], [0.5, 4.0]])  # (in, out)
+    >>> q = peft.quantize_array(w, 'int8')  # one scale per output column
+    >>> q.values.tolist(), (q.scales * 127).tolist()  # scale: absmax / 127
+    ([[127, -64], [64, 127]], [[1.0, 4.0]])
+    >>> jax.jit(lambda q: q.dequantize())(q).tolist()
+    [[1.0, -2.0157...], [0.5039..., 4.0]]
+
   Attributes:
     values: int8 codes (INT8), uint8 codes (SFP8) or two 4-bit codes per
       uint8 along the last axis (INT4, Q4_0, Q4_0_TRANSPOSE, NF4), one code
@@ -453,7 +467,11 @@ class QuantizedArray:
     return x.astype(self.dtype if dtype is None else dtype)
 
   def __repr__(self) -> str:
-    arr = lambda a: f'{np.dtype(a.dtype).name}{list(np.shape(a))}'
+    # Leaves may be anything after a `jax.tree.map` (shapes, specs...).
+    def arr(a):
+      if hasattr(a, 'dtype') and hasattr(a, 'shape'):
+        return f'{np.dtype(a.dtype).name}{list(np.shape(a))}'
+      return repr(a)
     return (f'QuantizedArray(method={self.method.name}, shape={self.shape}, '
             f'dtype={np.dtype(self.dtype).name}, values={arr(self.values)}, '
             f'scales={arr(self.scales)})')

@@ -39,6 +39,23 @@ class QuantizationSurgery(_interceptors.ModuleInterceptor):
   Entering yields a dict, filled as the model runs, from each wrapped
   kernel's path to the axes its scales reduce (what `peft.quantize` takes
   as `axes=`). On a clean exit, a target that selected no layer is an error.
+  `simulate_quantization` and `quantized` build one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((1, 4))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> surgery = peft.QuantizationSurgery(method='int4', targets='layers_0')
+    >>> with surgery as kernels:  # = peft.simulate_quantization('int4', ...)
+    ...   y = model.apply(variables, x)
+    >>> kernels
+    {'layers_0/kernel': (0,)}
+    >>> err = float(jnp.abs(y - model.apply(variables, x)).max())
+    >>> 0 < err < 0.1  # int4 rounding of layers_0's kernel
+    True
 
   Attributes:
     method: the quantization method (`None` for Int layers: as stored).

@@ -204,13 +204,47 @@ class SimulateQuantizedDense(SimulateQuantizedEinsumLike):
 
 
 class SimulateQuantizedEinsum(SimulateQuantizedEinsumLike):
-  """Quantization-aware `nn.Einsum` (see `SimulateQuantizedEinsumLike`)."""
+  """Quantization-aware `nn.Einsum` (see `SimulateQuantizedEinsumLike`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> einsum = nn.Einsum((4, 2, 3), 'btd,dnh->btnh')
+    >>> layer = peft.SimulateQuantizedEinsum(wrapped=einsum, method='int4')
+    >>> x = jnp.ones((1, 5, 4))
+    >>> params = layer.init(jax.random.key(0), x)['params']  # float kernel
+    >>> loss = lambda m: lambda p: m.apply({'params': p}, x).sum()
+    >>> float(loss(layer)(params)) != float(loss(einsum)(params))  # int4
+    True
+    >>> grad, float_grad = (jax.grad(loss(m))(params)['kernel']
+    ...                     for m in (layer, einsum))
+    >>> bool(jnp.all(grad == float_grad))  # straight-through gradient
+    True
+  """
 
   _expects = nn.Einsum
 
 
 class SimulateQuantizedDenseGeneral(SimulateQuantizedEinsumLike):
-  """Quantization-aware `nn.DenseGeneral`."""
+  """Quantization-aware `nn.DenseGeneral` (see `SimulateQuantizedEinsumLike`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> dense = nn.DenseGeneral((2, 3))
+    >>> layer = peft.SimulateQuantizedDenseGeneral(wrapped=dense,
+    ...                                            method='int8')
+    >>> x = jnp.ones((1, 4))
+    >>> params = layer.init(jax.random.key(0), x)['params']
+    >>> jax.tree.map(jnp.shape, params)  # the float layer's params
+    {'bias': (2, 3), 'kernel': (4, 2, 3)}
+    >>> y = layer.apply({'params': params}, x)
+    >>> err = float(jnp.abs(y - dense.apply({'params': params}, x)).max())
+    >>> y.shape, 0 < err < 0.01  # int8 rounding
+    ((1, 2, 3), True)
+  """
 
   _expects = nn.DenseGeneral
 
@@ -227,16 +261,19 @@ class IntEinsumLike(QuantizedEinsumLike):
   init the layer stores a freshly quantized kernel.
 
   Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
     >>> dense = nn.Dense(64)
     >>> x = jnp.ones((1, 16))
     >>> params = dense.init(jax.random.key(0), x)['params']
-    >>> qkernel = q.quantize_array(params['kernel'], 'nf4')
+    >>> qkernel = peft.quantize_array(params['kernel'], 'nf4')
     >>> qparams = {**params, 'kernel': qkernel}
     >>> qparams['kernel']  # One short block of 16 inputs per output.
     QuantizedArray(method=NF4, shape=(16, 64), dtype=float32, \
 values=uint8[16, 32], scales=float32[64, 1])
-    >>> y = IntDense(wrapped=dense).apply({'params': qparams}, x)
-    >>> want = x @ q.dequantize(qparams['kernel']) + params['bias'][None]
+    >>> y = peft.IntEinsumLike(wrapped=dense).apply({'params': qparams}, x)
+    >>> want = x @ peft.dequantize(qparams['kernel']) + params['bias'][None]
     >>> bool(jnp.allclose(y, want, rtol=1e-6))
     True
 
@@ -301,19 +338,69 @@ values=uint8[16, 32], scales=float32[64, 1])
 
 
 class IntDense(IntEinsumLike):
-  """`nn.Dense` over a quantized kernel (see `IntEinsumLike`)."""
+  """`nn.Dense` over a quantized kernel (see `IntEinsumLike`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> dense = nn.Dense(3)
+    >>> x = jnp.ones((1, 4))
+    >>> params = dense.init(jax.random.key(0), x)['params']
+    >>> qparams = peft.quantize(params, method='int8')  # the bias stays float
+    >>> qparams['kernel']
+    QuantizedArray(method=INT8, shape=(4, 3), dtype=float32, \
+values=int8[4, 3], scales=float32[1, 3])
+    >>> y = peft.IntDense(wrapped=dense).apply({'params': qparams}, x)
+    >>> float(jnp.abs(y - dense.apply({'params': params}, x)).max()) < 0.01
+    True
+  """
 
   _expects = nn.Dense
 
 
 class IntEinsum(IntEinsumLike):
-  """`nn.Einsum` over a quantized kernel (see `IntEinsumLike`)."""
+  """`nn.Einsum` over a quantized kernel (see `IntEinsumLike`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> einsum = nn.Einsum((4, 2, 3), 'btd,dnh->btnh', use_bias=False)
+    >>> layer = peft.IntEinsum(wrapped=einsum, method='nf4')
+    >>> x = jnp.ones((1, 5, 4))
+    >>> params = layer.init(jax.random.key(0), x)['params']  # stored as NF4
+    >>> params['kernel']  # NF4 blocks run along the contracted axis d
+    QuantizedArray(method=NF4, shape=(4, 2, 3), dtype=float32, \
+values=uint8[4, 2, 2], scales=float32[2, 3, 1])
+    >>> y = layer.apply({'params': params}, x)
+    >>> float_params = {'kernel': params['kernel'].dequantize()}
+    >>> bool(jnp.allclose(y, einsum.apply({'params': float_params}, x)))
+    True
+  """
 
   _expects = nn.Einsum
 
 
 class IntDenseGeneral(IntEinsumLike):
-  """`nn.DenseGeneral` over a quantized kernel (see `IntEinsumLike`)."""
+  """`nn.DenseGeneral` over a quantized kernel (see `IntEinsumLike`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> dense = nn.DenseGeneral((2, 3))
+    >>> x = jnp.ones((1, 4))
+    >>> params = dense.init(jax.random.key(0), x)['params']
+    >>> # One scale per output (2, 3): reduce the contracted axis 0 only.
+    >>> qparams = peft.quantize(params, method='int8', axes={'kernel': (0,)})
+    >>> qparams['kernel'].scales.shape
+    (1, 2, 3)
+    >>> y = peft.IntDenseGeneral(wrapped=dense).apply({'params': qparams}, x)
+    >>> err = float(jnp.abs(y - dense.apply({'params': params}, x)).max())
+    >>> y.shape, err < 0.01
+    ((1, 2, 3), True)
+  """
 
   _expects = nn.DenseGeneral
 

@@ -43,6 +43,22 @@ def _human(n: int) -> str:
 class LoRAReport:
   """What one surgery context adapted (filled while the model runs).
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> with peft.lora(rank=2, targets='layers_0') as report:
+    ...   params = model.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> report.seen  # every adaptable layer that ran
+    {'layers_0': 'Dense', 'layers_2': 'Dense'}
+    >>> print(report.summary(params))
+    path               layer  kernel  A       B       rank  scale
+    -----------------  -----  ------  ------  ------  ----  -----
+    layers_0 [kernel]  Dense  (4, 8)  (4, 2)  (2, 8)  2     1
+    1 adapted layers
+    24 trainable of 82 (29.27%)
+
   Attributes:
     adapters: `spec.key -> AdapterSpec` for every adapted kernel.
     seen: `path -> layer type name` for every adaptable layer that ran,

@@ -89,6 +89,22 @@ class AdapterSpec:
   B, and `einsum_str` fits the kernel and splits it as `delta_str` does.
   So no spec can make fuse write a NaN, infinite or negated delta.
 
+  Example:
+    >>> import dataclasses
+    >>> import peft
+    >>> spec = peft.AdapterSpec(
+    ...     path=('block', 'up'), layer_type='Dense', weight_name='kernel',
+    ...     adapter_name='lora', weight_shape=(4, 8), a_shape=(4, 2),
+    ...     b_shape=(2, 8), delta_str='ir,ro->io', rank=2, alpha=4.0)
+    >>> spec.key, spec.scale  # scale = alpha / rank
+    ('block/up/lora', 2.0)
+    >>> peft.AdapterSpec.from_json(spec.to_json()) == spec  # file metadata
+    True
+    >>> dataclasses.replace(spec, rank=3)  # A and B have rank 2
+    Traceback (most recent call last):
+    ValueError: Adapter spec 'block/up/lora' ... but the kernel is (4, 8) and
+    rank=3. ...
+
   Attributes:
     path: scope path of the adapted module, e.g. `('block', 'attn', 'q')`.
     layer_type: `'Dense'`, `'DenseGeneral'`, `'Einsum'`, `'Conv'`, `'Embed'`

@@ -46,6 +46,24 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
   re-enter it in loops. With `share_traces=True` (what `peft.LoRA` uses)
   surgeries with equal rules share traces too.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((1, 4))
+    >>> surgery = peft.lora(rank=2, targets='layers_0')  # a LoRASurgery
+    >>> [rule.rank for rule in surgery.rules]
+    [2]
+    >>> with surgery as report:  # create once, enter as often as needed
+    ...   params = model.init(jax.random.key(0), x)['params']
+    >>> [s.key for s in report.specs]
+    ['layers_0/lora']
+    >>> with peft.lora(rank=2, targets='layers_9'):
+    ...   _ = model.init(jax.random.key(0), x)
+    Traceback (most recent call last):
+    ValueError: LoRA target 'layers_9' (rule 0) matched no layer. ...
+
   Attributes:
     rules: the rules; the first rule that selects a layer decides its
       options.

@@ -189,3 +189,25 @@ def test_quantization_still_nests_with_lora():
   with peft.quantized('int8'), peft.lora(rank=2) as report:
     Mlp().init(jax.random.key(0), X)
   assert len(report.specs) == 2
+
+
+@pytest.mark.parametrize('alpha, match', [
+    (float('inf'), r"alpha must be positive or None; got inf at 'lora_delta'"),
+    ('2', r"got '2' at 'lora_delta'"),
+    (-1.0, r'got -1\.0'),
+])
+def test_the_functional_api_checks_alpha_the_same_way(alpha, match):
+  adapter = {'A': jnp.ones((2, 1)), 'B': jnp.ones((1, 3))}
+  with pytest.raises(ValueError, match=match):
+    peft.lora_delta(adapter, alpha=alpha)
+  with pytest.raises(ValueError, match=match.replace('lora_delta',
+                                                     'merge_lora_weight')):
+    peft.merge_lora_weight(jnp.zeros((2, 3)), adapter, alpha=alpha)
+
+
+def test_the_functional_api_takes_a_traced_alpha_and_none():
+  adapter = {'A': jnp.ones((2, 2)), 'B': jnp.ones((2, 3))}
+  traced = jax.jit(lambda s: peft.lora_delta(adapter, alpha=s))(4.0)
+  np.testing.assert_allclose(traced, np.full((2, 3), 4.0))  # 4/2 * 2
+  np.testing.assert_allclose(peft.lora_delta(adapter, alpha=None),
+                             np.full((2, 3), 2.0))  # scale 1

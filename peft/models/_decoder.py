@@ -150,6 +150,21 @@ class Attention(nn.Module):
   Query heads `g * G ... g * G + G - 1` share key/value head `g`, where
   `G = n_heads // n_kv_heads`.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from peft import models
+    >>> attn = models.Attention(config=models.tiny_config())  # 4 q, 2 kv heads
+    >>> x = jax.random.normal(jax.random.key(1), (1, 3, 64))
+    >>> positions = jnp.arange(3)[None]
+    >>> params = attn.init(jax.random.key(0), x, positions)['params']
+    >>> jax.tree.map(jnp.shape, params)
+    {'attn_vec_einsum': {'w': (4, 16, 64)}, 'kv_einsum': {'w': (2, 2, 64, 16)},
+     'q_einsum': {'w': (4, 64, 16)}}
+    >>> y, _ = attn.apply({'params': params}, x, positions)
+    >>> y2, _ = attn.apply({'params': params}, x.at[:, 2].set(0.), positions)
+    >>> bool(jnp.allclose(y[:, :2], y2[:, :2]))  # causal: 2 is not seen
+    True
+
   Attributes:
     config: the model's hyper-parameters.
     dtype: the computation dtype.
@@ -227,6 +242,17 @@ class FeedForward(nn.Module):
   The gate and up kernels are stacked in one `(2, D, F)` weight; both
   einsum layers share this module's scope, so the params read
   `{'gating_einsum': (2, D, F), 'linear': (F, D)}`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from peft import models
+    >>> ffw = models.FeedForward(config=models.tiny_config())  # D 64, F 128
+    >>> x = jnp.ones((1, 3, 64))
+    >>> params = ffw.init(jax.random.key(0), x)['params']
+    >>> jax.tree.map(jnp.shape, params)
+    {'gating_einsum': (2, 64, 128), 'linear': (128, 64)}
+    >>> ffw.apply({'params': params}, x).shape
+    (1, 3, 64)
   """
 
   _: dataclasses.KW_ONLY
@@ -251,7 +277,27 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: attention then feed-forward, residual."""
+  """Pre-norm transformer block: attention then feed-forward, residual.
+
+  Returns `(x, cache)`; with a cache (one layer's entry of `init_cache`)
+  the output is the same and the cache holds this chunk's keys and values.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from peft import models
+    >>> config = models.tiny_config()
+    >>> block = models.Block(config=config)
+    >>> x = jax.random.normal(jax.random.key(1), (1, 3, 64))
+    >>> positions = jnp.arange(3)[None]
+    >>> params = block.init(jax.random.key(0), x, positions)['params']
+    >>> sorted(params)
+    ['attn', 'mlp', 'pre_attention_norm', 'pre_ffw_norm']
+    >>> y, _ = block.apply({'params': params}, x, positions)
+    >>> cache = models.init_cache(config, 1, 8)['layers_0']
+    >>> y_cached, cache = block.apply({'params': params}, x, positions, cache)
+    >>> bool(jnp.allclose(y, y_cached, atol=1e-5)), cache['k'].shape
+    (True, (1, 8, 2, 16))
+  """
 
   _: dataclasses.KW_ONLY
   config: DecoderConfig

@@ -84,6 +84,22 @@ def load_hf_dir(path: str | pathlib.Path, *,
                 dtype: Any = jnp.float32) -> Pretrained:
   """Loads `config.json` + `*.safetensors` (+ `tokenizer.json`) from `path`.
 
+  Example:
+    >>> import tempfile
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from peft import models
+    >>> config = models.tiny_config()
+    >>> tensors = {name: np.zeros(shape, np.float32)
+    ...            for name, shape in models.hf_shapes(config).items()}
+    >>> directory = tempfile.mkdtemp()
+    >>> models.save_hf_dir(directory, config=config,
+    ...                    params=models.params_from_hf(tensors, config))
+    >>> pre = models.load_hf_dir(directory, dtype=jnp.bfloat16)
+    >>> pre.config == config, pre.tokenizer is None  # no tokenizer.json
+    (True, True)
+    >>> pre.params['layers_0']['attn']['q_einsum']['w'].dtype
+    dtype(bfloat16)
+
   Args:
     path: the checkpoint directory.
     dtype: dtype of the returned params.

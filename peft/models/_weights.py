@@ -43,6 +43,21 @@ class Pretrained:
     config: the model's hyper-parameters.
     params: the `Decoder` params tree (without the `'params'` wrapper).
     tokenizer: the model's tokenizer, when the checkpoint carries one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from peft import models
+    >>> config = models.tiny_config()
+    >>> tensors = {name: np.zeros(shape, np.float32)  # HF-named weights
+    ...            for name, shape in models.hf_shapes(config).items()}
+    >>> pre = models.Pretrained(config=config,
+    ...                         params=models.params_from_hf(tensors, config))
+    >>> pre.model.config == config, pre.tokenizer is None
+    (True, True)
+    >>> tokens = jnp.array([[1, 2, 3]])
+    >>> jax.eval_shape(lambda p: pre.model.apply({'params': p}, tokens),
+    ...                pre.params).shape
+    (1, 3, 320)
   """
 
   config: DecoderConfig
