@@ -103,8 +103,7 @@ def _export_config(parts, hf_config: Mapping[str, Any] | None,
     exact = re.escape(name)
     if fmt.pattern_value(config['rank_pattern'], name, config['r']) != rank:
       ranks_by_name[exact] = rank
-    if not _same_scale(fmt.hf_scale({**config, 'rank_pattern': {}}, name,
-                                 rank)[1], scale):
+    if not _same_scale(fmt.hf_scale(config, name, rank)[1], scale):
       alphas_by_name[exact] = alpha_for(rank, scale)
   config['rank_pattern'] = {**ranks_by_name, **config['rank_pattern']}
   config['alpha_pattern'] = {**alphas_by_name, **config['alpha_pattern']}
