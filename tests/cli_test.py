@@ -433,6 +433,23 @@ def test_extra_or_missing_config_fields_are_named(trained, tmp_path):
       r"'rope_scaling': \(2\.0, <absent>\)\} \(file, base\)")
 
 
+def test_files_from_before_the_gemma3_config_fields_still_load(trained,
+                                                              tmp_path):
+  workdir, _ = trained
+  loaded = peft.load_adapters(workdir / 'adapters.safetensors')
+  meta = json.loads(json.dumps(loaded.metadata))
+  config = meta['peft_cli']['base']['config']
+  for name in ('qk_norm', 'post_norms', 'sliding_window',
+               'sliding_window_pattern', 'rope_local_theta',
+               'attn_logit_softcap', 'final_logit_softcap'):
+    del config[name]
+  older = tmp_path / 'older.safetensors'
+  peft.save_adapters(older, loaded.lora, loaded.specs, metadata=meta)
+  status, out, err = run_cli('summary', '--tiny', '--adapters', older)
+  assert status == 0, err
+  assert 'trainable' in out, out
+
+
 # Outputs that cannot be written fail before any work.
 
 

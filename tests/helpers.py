@@ -50,3 +50,29 @@ def independently_fused(params, specs):
                        adapter['a'], adapter['b'])
     node[spec.weight_name] = node[spec.weight_name] + spec.scale * delta
   return out
+
+
+def padded_forward(pretrained, length: int):
+  """`ids -> logits` of a loaded model, every call padded to `length`.
+
+  One padded length means one XLA compile for all of a golden test's
+  forwards; the model is causal, so logits before the padding do not
+  depend on it.
+  """
+  model = pretrained.model
+  run = jax.jit(lambda params, tokens: model.apply({'params': params},
+                                                  tokens))
+
+  def logits(ids):
+    padded = np.zeros((1, length), np.int32)
+    padded[0, :len(ids)] = ids
+    return run(pretrained.params, jnp.asarray(padded))[0, :len(ids)]
+
+  return logits
+
+
+def perplexity(logits, ids) -> float:
+  """exp of the mean next-token negative log-likelihood of `ids`."""
+  logprobs = jax.nn.log_softmax(logits[:-1], axis=-1)
+  nll = -jnp.mean(logprobs[jnp.arange(len(ids) - 1), jnp.asarray(ids[1:])])
+  return float(jnp.exp(nll))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pathlib
 
 import jax
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 
 from peft import models
+from tests.helpers import padded_forward
+from tests.helpers import perplexity
 
 GOLDEN = json.loads(
   (pathlib.Path(__file__).parent / 'testdata' / 'smollm2_golden.json')
@@ -34,29 +35,12 @@ def smollm2():
   return models.load_smollm2()
 
 
-# Every forward here runs on one padded length: one XLA compile. The model
-# is causal, so logits before the padding do not depend on it.
 LENGTH = max(len(GOLDEN['chat_ids']), len(GOLDEN['passage_ids']))
 
 
 @pytest.fixture(scope='session')
 def forward(smollm2):
-  model = smollm2.model
-  run = jax.jit(lambda params, tokens: model.apply({'params': params},
-                                                  tokens))
-
-  def logits(ids):
-    padded = np.zeros((1, LENGTH), np.int32)
-    padded[0, :len(ids)] = ids
-    return run(smollm2.params, jnp.asarray(padded))[0, :len(ids)]
-
-  return logits
-
-
-def perplexity(logits, ids):
-  logprobs = jax.nn.log_softmax(logits[:-1], axis=-1)
-  nll = -jnp.mean(logprobs[jnp.arange(len(ids) - 1), jnp.asarray(ids[1:])])
-  return math.exp(float(nll))
+  return padded_forward(smollm2, LENGTH)
 
 
 def test_golden_fixture_is_for_the_installed_file():

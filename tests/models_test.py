@@ -164,7 +164,8 @@ def test_smollm2_config_matches_published_shape():
 
 
 @pytest.mark.parametrize('hf, match', [
-  ({'model_type': 'gpt2'}, "model_type='gpt2'.*runs \\('llama', 'gemma'\\)"),
+  ({'model_type': 'gpt2'},
+   "model_type='gpt2'.*runs \\('llama', 'gemma', 'gemma3_text'\\)"),
   ({'model_type': 'llama', 'rope_scaling': {'type': 'linear'}},
    'rope_scaling=.*does not implement'),
   ({'model_type': 'llama', 'attention_bias': True}, 'attention_bias=True'),
@@ -833,6 +834,20 @@ def test_shakespeare_windows_and_batches():
     models.token_windows([1, 2], length=9)
   with pytest.raises(ValueError, match='stride must be a positive int'):
     models.token_windows([1, 2], length=1, stride=0)
+
+
+def test_shakespeare_windows_can_start_each_window_with_bos():
+  encode = lambda text: [ord(ch) % 256 for ch in text]
+  windows = models.shakespeare_windows(encode, length=17, split='held_out',
+                                       max_plays=1, bos_id=300)
+  text = models.split_plays(models.load_plays())[1][0].text()
+  ids = encode(text)
+  n = len(ids) // 16
+  assert windows.shape == (n, 17)
+  np.testing.assert_array_equal(windows[:, 0], 300)
+  np.testing.assert_array_equal(windows[:, 1:].reshape(-1), ids[:n * 16])
+  with pytest.raises(ValueError, match='with a bos_id needs length >= 2'):
+    models.shakespeare_windows(encode, length=1, bos_id=300)
 
 
 def test_dataclasses_are_frozen_keyword_only():

@@ -232,11 +232,23 @@ class _Absent:
 _ABSENT = _Absent()
 
 
+# DecoderConfig fields added after the CLI began writing adapter files (the
+# Gemma 3 options): a file without them trained with their defaults. Any
+# other missing field is a difference.
+_ADDED_FIELDS = ('qk_norm', 'post_norms', 'sliding_window',
+                 'sliding_window_pattern', 'rope_local_theta',
+                 'attn_logit_softcap', 'final_logit_softcap')
+_CONFIG_DEFAULTS = {f.name: f.default
+                    for f in dataclasses.fields(models.DecoderConfig)
+                    if f.name in _ADDED_FIELDS}
+
+
 def _check_base(meta: dict[str, Any], base: base_lib.Base, where: str) -> None:
   trained = meta.get('base')
   trained = trained if isinstance(trained, dict) else {}
   config = trained.get('config')
   config = config if isinstance(config, dict) else {}
+  config = {**_CONFIG_DEFAULTS, **config}
   ours = dataclasses.asdict(base.config)
   if config != ours:
     diff = {k: (config.get(k, _ABSENT), ours.get(k, _ABSENT))

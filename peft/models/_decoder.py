@@ -139,16 +139,42 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
   return rotated.astype(x.dtype)
 
 
-def causal_mask(query_positions: Array, key_positions: Array) -> Array:
-  """`(B, T, S)` booleans: query `t` may see key `s` iff `s <= t`."""
-  return key_positions[:, None, :] <= query_positions[:, :, None]
+def causal_mask(query_positions: Array, key_positions: Array,
+                window: int | None = None) -> Array:
+  """`(B, T, S)` booleans: query `t` may see key `s` iff `s <= t`.
+
+  With a `window`, also iff `t - s < window` (a sliding-window layer).
+
+  Example:
+    >>> p = jnp.arange(4)[None]
+    >>> causal_mask(p, p, window=2)[0].astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+  """
+  distance = query_positions[:, :, None] - key_positions[:, None, :]
+  mask = distance >= 0
+  if window is not None:
+    mask = mask & (distance < window)
+  return mask
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """`cap * tanh(x / cap)`: squashes `x` into (-cap, cap); `x` if no cap.
+
+  Example:
+    >>> soft_cap(jnp.array([0.0, 1e6]), 30.0).tolist()
+    [0.0, 30.0]
+  """
+  return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Attention(nn.Module):
   """Causal grouped-query self-attention with rotary positions.
 
   Query heads `g * G ... g * G + G - 1` share key/value head `g`, where
-  `G = n_heads // n_kv_heads`.
+  `G = n_heads // n_kv_heads`. With `config.qk_norm` (Gemma 3) queries and
+  keys are RMS-normalised per head (`_query_norm`, `_key_norm`, gemma's
+  names) before the rotation; a `sliding` layer sees only the last
+  `config.sliding_window` positions and rotates by its own base.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -167,11 +193,13 @@ class Attention(nn.Module):
 
   Attributes:
     config: the model's hyper-parameters.
+    layer: this layer's index, which says whether it slides.
     dtype: the computation dtype.
   """
 
   _: dataclasses.KW_ONLY
   config: DecoderConfig
+  layer: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -183,6 +211,11 @@ class Attention(nn.Module):
       shape=(2, c.n_kv_heads, c.d_model, c.head_dim), dtype=self.param_dtype)
     self.attn_vec_einsum = Einsum(
       shape=(c.n_heads, c.head_dim, c.d_model), dtype=self.param_dtype)
+    if c.qk_norm:
+      norm = dict(eps=c.norm_eps, add_one=c.norm_add_one, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+      self._query_norm = RMSNorm(**norm)
+      self._key_norm = RMSNorm(**norm)
 
   def __call__(
     self,
@@ -203,8 +236,11 @@ class Attention(nn.Module):
     c = self.config
     q = self.q_einsum('BTD,NDH->BTNH', x)
     k, v = self.kv_einsum('BSD,CKDH->CBSKH', x)
-    q = apply_rope(q, positions, c.rope_theta) * c.query_scale
-    k = apply_rope(k, positions, c.rope_theta)
+    if c.qk_norm:
+      q, k = self._query_norm(q), self._key_norm(k)
+    theta = c.rope_base(self.layer)
+    q = apply_rope(q, positions, theta) * c.query_scale
+    k = apply_rope(k, positions, theta)
     key_positions = positions
     if cache is not None:
       index = (0, start_index, 0, 0)
@@ -220,8 +256,9 @@ class Attention(nn.Module):
     groups = n // c.n_kv_heads
     q = q.reshape(b, t, c.n_kv_heads, groups, h)
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k.astype(q.dtype))
-    logits = logits.astype(jnp.float32)
-    mask = causal_mask(positions, key_positions)[:, None, None]
+    logits = soft_cap(logits.astype(jnp.float32), c.attn_logit_softcap)
+    window = c.sliding_window if c.is_sliding(self.layer) else None
+    mask = causal_mask(positions, key_positions, window)[:, None, None]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v.astype(self.dtype))
@@ -279,6 +316,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
   """Pre-norm transformer block: attention then feed-forward, residual.
 
+  With `config.post_norms` (Gemma 2/3) each branch's output is normalised
+  too (`post_attention_norm`, `post_ffw_norm`) before it joins the residual.
+
   Returns `(x, cache)`; with a cache (one layer's entry of `init_cache`)
   the output is the same and the cache holds this chunk's keys and values.
 
@@ -301,6 +341,7 @@ class Block(nn.Module):
 
   _: dataclasses.KW_ONLY
   config: DecoderConfig
+  layer: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -309,18 +350,25 @@ class Block(nn.Module):
     norm = dict(eps=c.norm_eps, add_one=c.norm_add_one, dtype=self.dtype,
                 param_dtype=self.param_dtype)
     self.pre_attention_norm = RMSNorm(**norm)
-    self.attn = Attention(config=c, dtype=self.dtype,
+    self.attn = Attention(config=c, layer=self.layer, dtype=self.dtype,
                           param_dtype=self.param_dtype)
     self.pre_ffw_norm = RMSNorm(**norm)
     self.mlp = FeedForward(config=c, dtype=self.dtype,
                            param_dtype=self.param_dtype)
+    if c.post_norms:
+      self.post_attention_norm = RMSNorm(**norm)
+      self.post_ffw_norm = RMSNorm(**norm)
 
   def __call__(self, x, positions, cache=None, start_index=0):
     h, cache = self.attn(self.pre_attention_norm(x), positions, cache,
                          start_index)
+    if self.config.post_norms:
+      h = self.post_attention_norm(h)
     x = x + h
-    x = x + self.mlp(self.pre_ffw_norm(x))
-    return x, cache
+    h = self.mlp(self.pre_ffw_norm(x))
+    if self.config.post_norms:
+      h = self.post_ffw_norm(h)
+    return x + h, cache
 
 
 class Decoder(nn.Module):
@@ -359,8 +407,8 @@ class Decoder(nn.Module):
     if not c.tie_embeddings:
       self.unembedder = nn.Embed(**embed)
     self.layers = [
-      Block(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
-      for _ in range(c.n_layers)
+      Block(config=c, layer=i, dtype=self.dtype, param_dtype=self.param_dtype)
+      for i in range(c.n_layers)
     ]
     self.final_norm = RMSNorm(eps=c.norm_eps, add_one=c.norm_add_one,
                               dtype=self.dtype, param_dtype=self.param_dtype)
@@ -401,7 +449,8 @@ class Decoder(nn.Module):
         new_cache[name] = layer_cache
     x = self.final_norm(x)
     unembed = self.embedder if c.tie_embeddings else self.unembedder
-    return unembed.attend(x).astype(jnp.float32), new_cache
+    logits = unembed.attend(x).astype(jnp.float32)
+    return soft_cap(logits, c.final_logit_softcap), new_cache
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_len: int,

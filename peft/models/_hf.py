@@ -19,6 +19,7 @@ import tokenizers
 
 from peft import _file_modes
 from peft.models._config import DecoderConfig
+from peft.models._sentencepiece import read_sentencepiece_model
 from peft.models._tokenizer import Tokenizer
 from peft.models._tokenizer import system_prompt_from_template
 from peft.models._weights import Pretrained
@@ -48,11 +49,23 @@ def _first_id(value: Any) -> int | None:
 def _load_tokenizer(directory: pathlib.Path,
                     hf_config: dict[str, Any]) -> Tokenizer | None:
   path = directory / 'tokenizer.json'
-  if not path.is_file():
+  sentencepiece_path = directory / 'tokenizer.model'
+  if not path.is_file() and not sentencepiece_path.is_file():
     return None
   extra_path = directory / 'tokenizer_config.json'
   extra = _read_json(extra_path) if extra_path.is_file() else {}
   eos_id = _first_id(hf_config.get('eos_token_id'))
+  bos_id = _first_id(hf_config.get('bos_token_id'))
+  default_system_prompt = system_prompt_from_template(
+    extra.get('chat_template'))
+  if not path.is_file():
+    # Only SentencePiece's file: HF's SentencePiece tokenizers (Llama,
+    # Gemma) add BOS unless tokenizer_config.json says otherwise.
+    model = read_sentencepiece_model(sentencepiece_path)
+    return model.tokenizer(
+      eos_id=eos_id, bos_id=bos_id,
+      add_bos=bool(extra.get('add_bos_token', True)),
+      default_system_prompt=default_system_prompt)
   if eos_id is None:
     raise ValueError(
       f'{str(directory / "config.json")!r} has no eos_token_id, which the '
@@ -64,10 +77,9 @@ def _load_tokenizer(directory: pathlib.Path,
       f'{str(path)!r} is not a readable tokenizer file ({e}). Replace it '
       "with the model's own tokenizer.json.") from e
   return Tokenizer(
-    backend, eos_id=eos_id, bos_id=_first_id(hf_config.get('bos_token_id')),
+    backend, eos_id=eos_id, bos_id=bos_id,
     add_bos=bool(extra.get('add_bos_token', False)),
-    default_system_prompt=system_prompt_from_template(
-      extra.get('chat_template')))
+    default_system_prompt=default_system_prompt)
 
 
 def _read_tensors(path: pathlib.Path) -> dict[str, Any]:
@@ -82,7 +94,10 @@ def _read_tensors(path: pathlib.Path) -> dict[str, Any]:
 
 def load_hf_dir(path: str | pathlib.Path, *,
                 dtype: Any = jnp.float32) -> Pretrained:
-  """Loads `config.json` + `*.safetensors` (+ `tokenizer.json`) from `path`.
+  """Loads `config.json` + `*.safetensors` (+ a tokenizer) from `path`.
+
+  The tokenizer is `tokenizer.json` or, without one, SentencePiece's
+  `tokenizer.model` (Llama, Gemma).
 
   Example:
     >>> import tempfile
@@ -106,7 +121,7 @@ def load_hf_dir(path: str | pathlib.Path, *,
 
   Returns:
     The config, the `Decoder` params and the tokenizer (None when the
-    directory has no `tokenizer.json`).
+    directory has neither `tokenizer.json` nor `tokenizer.model`).
 
   Raises:
     FileNotFoundError: no directory, `config.json` or `*.safetensors`.

@@ -24,9 +24,29 @@ from peft.models._decoder import Decoder
 from peft.models._decoder import init_cache
 from peft.models._tokenizer import Tokenizer
 
+# Stop ids are traced as one padded vector of this length, so that any set
+# of up to this many (Gemma's chat stops at <eos> and <end_of_turn>) shares
+# the compiled loop.
+MAX_STOP_IDS = 8
+
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def _stop_ids(eos_id: int | Sequence[int] | None, vocab: int) -> list[int]:
+  """`eos_id` as a list of ids, checked against the vocabulary."""
+  if eos_id is None:
+    return []
+  ids = [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
+  bad = [i for i in ids if isinstance(i, bool)
+         or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab]
+  if bad or len(ids) > MAX_STOP_IDS:
+    raise ValueError(
+      f'eos_id must be a token id in [0, {vocab}), or a list of at most '
+      f'{MAX_STOP_IDS} of them; got {eos_id!r}. Pass e.g. '
+      'eos_id=tokenizer.stop_ids.')
+  return [int(i) for i in ids]
 
 
 class Sampler:
@@ -57,7 +77,7 @@ class Sampler:
   def __call__(self, params, prompts: Sequence[Sequence[int]], *,
                max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, seed: int = 0,
-               eos_id: int | None = None,
+               eos_id: int | Sequence[int] | None = None,
                max_len: int | None = None) -> list[list[int]]:
     """Samples up to `max_new_tokens` after each prompt.
 
@@ -68,7 +88,8 @@ class Sampler:
       temperature: 0 for greedy decoding, else the softmax temperature.
       top_k: sample only among the `top_k` likeliest tokens.
       seed: seed of the sampling key.
-      eos_id: stop a row after this token (it is not returned).
+      eos_id: stop a row after this token, or after any of these tokens
+        (it is not returned).
       max_len: the buffer length (one compile per batch size and max_len);
         default: the longest prompt plus `max_new_tokens`, rounded up to a
         multiple of 32.
@@ -98,6 +119,7 @@ class Sampler:
     if top_k is not None and not 1 <= top_k <= vocab:
       raise ValueError(f'top_k must be in [1, {vocab}] or None; got '
                        f'{top_k!r}.')
+    stop_ids = _stop_ids(eos_id, vocab)
     longest = max(len(p) for p in prompts)
     if max_len is None:
       max_len = _round_up(longest + max_new_tokens, 32)
@@ -118,21 +140,23 @@ class Sampler:
     tokens = self._sample(
       params, jnp.asarray(buffer), jnp.asarray(lengths), jnp.asarray(stops),
       jax.random.key(seed, impl='rbg'), jnp.float32(temperature),
-      jnp.int32(top_k or 0), jnp.int32(-1 if eos_id is None else eos_id))
+      jnp.int32(top_k or 0),
+      jnp.asarray(stop_ids + [-1] * (MAX_STOP_IDS - len(stop_ids)),
+                  jnp.int32))
     tokens = np.asarray(tokens)
     out = []
     for row in range(len(prompts)):
       new = tokens[row, lengths[row]:stops[row]].tolist()
-      if eos_id is not None and eos_id in new:
-        new = new[:new.index(eos_id)]
-      out.append(new)
+      ends = [i for i, t in enumerate(new) if t in stop_ids]
+      out.append(new[:ends[0]] if ends else new)
     return out
 
   def generate_text(self, params, prompts: Sequence[str], *,
                     chat: bool = False, **kwargs) -> list[str]:
     """Like `__call__` on text; `chat` wraps each prompt as a user turn.
 
-    Stops at the tokenizer's end-of-sequence token unless `eos_id` is given.
+    Stops at the tokenizer's `stop_ids` (its end-of-sequence token, and
+    the end of a turn where it has one) unless `eos_id` is given.
     """
     if self.tokenizer is None:
       raise ValueError('generate_text needs Sampler(tokenizer=...); got '
@@ -142,11 +166,11 @@ class Sampler:
                       f'{prompts!r:.60}. Wrap it in a list.')
     tok = self.tokenizer
     ids = [tok.encode_chat(p) if chat else tok.encode(p) for p in prompts]
-    kwargs.setdefault('eos_id', tok.eos_id)
+    kwargs.setdefault('eos_id', tok.stop_ids)
     return [tok.decode(new) for new in self(params, ids, **kwargs)]
 
   def _sample_impl(self, params, tokens, lengths, stops, key, temperature,
-                   top_k, eos_id):
+                   top_k, stop_ids):
     model = self.model
     batch, max_len = tokens.shape
     cache = init_cache(model.config, batch, max_len, self.cache_dtype)
@@ -180,7 +204,8 @@ class Sampler:
       token = jnp.where(in_prompt, tokens[:, i], choose(logits, step_key))
       token = jnp.where(done, 0, token)
       tokens = tokens.at[:, i].set(token)
-      done = done | (~in_prompt & (token == eos_id)) | (i + 1 >= stops)
+      stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+      done = done | (~in_prompt & stopped) | (i + 1 >= stops)
       logits, cache = model.apply(variables, token[:, None], cache, i,
                                   method='decode')
       return i + 1, tokens, cache, logits[:, 0], key, done

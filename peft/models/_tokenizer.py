@@ -1,9 +1,13 @@
-"""Byte-level BPE tokenizer (Radford et al. 2019; Sennrich et al. 2016).
+"""Tokenizers: byte-level BPE (Radford et al. 2019; Sennrich et al. 2016).
 
-Built with the `tokenizers` package from a vocabulary and merge list, as a
-GGUF file stores them, or read from a `tokenizer.json`; nothing is fetched
-from a hub. `chat_prompt` writes the ChatML turns that SmolLM2 and many
-other instruction-tuned models were trained on.
+`Tokenizer` wraps a `tokenizers.Tokenizer`: a byte-level BPE built from a
+vocabulary and merge list, as a GGUF file stores them (`Tokenizer.from_bpe`),
+one read from a `tokenizer.json`, or a SentencePiece BPE
+(`peft.models._sentencepiece`); nothing is fetched from a hub. The chat
+format follows the vocabulary: `chat_prompt` writes the ChatML turns that
+SmolLM2 and many other instruction-tuned models were trained on when the
+vocabulary has `<|im_start|>`, and Gemma's turns when it has
+`<start_of_turn>`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ PRE_TOKENIZERS = _BYTES_ONLY + _DIGITS_THEN_BYTES
 _IM_START, _IM_END = '<|im_start|>', '<|im_end|>'
 _SYSTEM_IN_TEMPLATE = re.compile(
   re.escape(_IM_START) + r'system\n(.*?)' + re.escape(_IM_END), re.DOTALL)
+_START_OF_TURN, _END_OF_TURN = '<start_of_turn>', '<end_of_turn>'
+# The default system prompt `gemma_template` writes into its else branch.
+_GEMMA_SYSTEM_IN_TEMPLATE = re.compile(
+  r"set first_user_prefix = '((?:[^'\\]|\\.)*)' \+ '\\n\\n'", re.DOTALL)
 
 Message = Mapping[str, str]
 
@@ -45,18 +53,27 @@ def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
 
 
 def system_prompt_from_template(template: str | None) -> str | None:
-  """The system turn a ChatML chat template inserts by default, if any.
+  """The system turn a chat template inserts by default, if any.
+
+  Reads ChatML templates and those `gemma_template` writes.
 
   Example:
     >>> system_prompt_from_template(
     ...     "{{ '<|im_start|>system\\nBe brief.<|im_end|>\\n' }}")
     'Be brief.'
+    >>> system_prompt_from_template(gemma_template('Be brief.'))
+    'Be brief.'
   """
   if not template:
     return None
-  match = _SYSTEM_IN_TEMPLATE.search(template)
-  # Undo the escapes `chatml_template` writes inside the Jinja string.
+  match = (_SYSTEM_IN_TEMPLATE.search(template)
+           or _GEMMA_SYSTEM_IN_TEMPLATE.search(template))
+  # Undo the escapes the templates write inside the Jinja string.
   return re.sub(r"\\([\\'])", r'\1', match.group(1)) if match else None
+
+
+def _jinja_quote(text: str) -> str:
+  return text.replace('\\', '\\\\').replace("'", "\\'")
 
 
 def chatml_template(default_system_prompt: str | None = None) -> str:
@@ -72,7 +89,7 @@ def chatml_template(default_system_prompt: str | None = None) -> str:
   """
   system = ''
   if default_system_prompt is not None:
-    quoted = default_system_prompt.replace('\\', '\\\\').replace("'", "\\'")
+    quoted = _jinja_quote(default_system_prompt)
     system = ("{% if loop.first and messages[0]['role'] != 'system' %}"
               f"{{{{ '{_IM_START}system\n{quoted}{_IM_END}\n' }}}}"
               '{% endif %}')
@@ -83,8 +100,61 @@ def chatml_template(default_system_prompt: str | None = None) -> str:
           f"{{{{ '{_IM_START}assistant\n' }}}}{{% endif %}}")
 
 
+def gemma_template(default_system_prompt: str | None = None,
+                   bos_token: str | None = '<bos>') -> str:
+  """A Jinja chat template (HF `tokenizer_config.json`) for Gemma's turns.
+
+  Rendered by Hugging Face's `apply_chat_template`, it writes the text of
+  Gemma 3's official template (and of `Tokenizer.chat_prompt`): `bos_token`,
+  then `<start_of_turn>{role}\\n{content}<end_of_turn>\\n` per message with
+  'assistant' written 'model' and the content stripped, a system message
+  (or else `default_system_prompt`) folded into the first user turn as
+  `system + '\\n\\n' + user`, and `<start_of_turn>model\\n` to prompt a
+  reply. Roles must alternate user/assistant after the system message.
+
+  Example:
+    >>> import jinja2
+    >>> print(jinja2.Template(gemma_template()).render(
+    ...     messages=[{'role': 'system', 'content': 'Be brief.'},
+    ...               {'role': 'user', 'content': ' Hi '}],
+    ...     add_generation_prompt=True))
+    <bos><start_of_turn>user
+    Be brief.
+    <BLANKLINE>
+    Hi<end_of_turn>
+    <start_of_turn>model
+    <BLANKLINE>
+  """
+  default = ("''" if default_system_prompt is None
+             else f"'{_jinja_quote(default_system_prompt)}' + '\\n\\n'")
+  return (
+    (f"{{{{ '{_jinja_quote(bos_token)}' }}}}" if bos_token else '')
+    + "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    '{%- else -%}'
+    f'{{%- set first_user_prefix = {default} -%}}'
+    '{%- set loop_messages = messages -%}'
+    '{%- endif -%}'
+    '{%- for message in loop_messages -%}'
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}"
+    '{%- endif -%}'
+    f"{{{{ '{_START_OF_TURN}' + ('model' if message['role'] == 'assistant' "
+    "else message['role']) + '\\n' + (first_user_prefix if loop.first "
+    f"else '') + (message['content'] | trim) + '{_END_OF_TURN}\\n' }}}}"
+    '{%- endfor -%}'
+    f"{{%- if add_generation_prompt -%}}{{{{ '{_START_OF_TURN}model\\n' }}}}"
+    '{%- endif -%}')
+
+
 class Tokenizer:
   """Text <-> token ids, with special tokens kept whole.
+
+  The chat format (`chat_format`, `chat_prompt`, `chat_template`) follows
+  the vocabulary: ChatML with `<|im_start|>`, Gemma with `<start_of_turn>`;
+  `stop_ids` are the ids that end a generated reply.
 
   Args:
     backend: the `tokenizers.Tokenizer` doing the work.
@@ -192,13 +262,53 @@ class Tokenizer:
     return self.backend.decode([int(i) for i in ids],
                                skip_special_tokens=skip_special_tokens)
 
+  @property
+  def chat_format(self) -> str | None:
+    """The chat format of the vocabulary: 'chatml', 'gemma' or None.
+
+    ChatML when it has `<|im_start|>`, else Gemma's when it has
+    `<start_of_turn>`.
+    """
+    if self.token_to_id(_IM_START) is not None:
+      return 'chatml'
+    if self.token_to_id(_START_OF_TURN) is not None:
+      return 'gemma'
+    return None
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Ids that end generation: `eos_id`, then the end of a chat turn.
+
+    The end of a turn is `<|im_end|>` (ChatML) or `<end_of_turn>` (Gemma),
+    when the vocabulary has it and it is not `eos_id` already.
+    """
+    ids = [self.eos_id]
+    end = {'chatml': _IM_END, 'gemma': _END_OF_TURN}.get(self.chat_format)
+    end_id = None if end is None else self.token_to_id(end)
+    if end_id is not None and end_id != self.eos_id:
+      ids.append(end_id)
+    return tuple(ids)
+
   def chat_prompt(self, messages: str | Sequence[Message], *,
                   add_generation_prompt: bool = True) -> str:
-    """The ChatML text of a conversation, ready for the assistant's turn.
+    """The text of a conversation in the vocabulary's chat format.
+
+    ChatML (`chat_format == 'chatml'`) writes
+    `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, after the
+    default system turn when the conversation has none. Gemma writes
+    `<bos><start_of_turn>{role}\\n{content}<end_of_turn>\\n` per message,
+    as Gemma 3's official template does: 'assistant' becomes 'model', the
+    content is stripped, and the system message (or the default one) is
+    folded into the first user turn as `system + '\\n\\n' + user`.
 
     Args:
       messages: a user message, or `{'role': ..., 'content': ...}` dicts.
       add_generation_prompt: end with an open assistant turn.
+
+    Raises:
+      ValueError: a vocabulary with no chat format, a message that is not a
+        `{'role', 'content'}` dict of strings, or (Gemma) roles that do not
+        alternate user/assistant.
 
     Example:
       >>> alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -210,20 +320,42 @@ class Tokenizer:
       Hi<|im_end|>
       <|im_start|>assistant
       <BLANKLINE>
+      >>> gemma = Tokenizer.from_bpe(
+      ...     tokens=['<bos>', '<start_of_turn>', '<end_of_turn>']
+      ...     + sorted(alphabet), merges=[], special_ids=[0, 1, 2], eos_id=2,
+      ...     bos_id=0)
+      >>> print(gemma.chat_prompt([{'role': 'user', 'content': 'Hi'},
+      ...                          {'role': 'assistant', 'content': 'Yo'}],
+      ...                         add_generation_prompt=False))
+      <bos><start_of_turn>user
+      Hi<end_of_turn>
+      <start_of_turn>model
+      Yo<end_of_turn>
+      <BLANKLINE>
     """
-    if self.token_to_id(_IM_START) is None:
+    chat_format = self.chat_format
+    if chat_format is None:
       raise ValueError(
-        f'chat_prompt writes ChatML, but this tokenizer has no {_IM_START!r} '
-        'token. Format the prompt yourself and call encode.')
+        f'chat_prompt writes ChatML or Gemma turns, but this tokenizer has '
+        f'no {_IM_START!r} token (ChatML) nor {_START_OF_TURN!r} (Gemma). '
+        'Format the prompt yourself and call encode.')
     if isinstance(messages, str):
       messages = [{'role': 'user', 'content': messages}]
     messages = list(messages)
-    for message in messages:
+    for i, message in enumerate(messages):
       if not isinstance(message, Mapping) or set(message) != {'role',
                                                               'content'}:
         raise ValueError(
           f"chat_prompt messages must be {{'role', 'content'}} dicts; got "
-          f'{message!r}.')
+          f'{message!r} at messages[{i}].')
+      bad = [k for k in ('role', 'content') if not isinstance(message[k], str)]
+      if bad:
+        raise ValueError(
+          f'chat_prompt message {bad[0]} must be a str; got '
+          f'{type(message[bad[0]]).__name__} {message[bad[0]]!r:.60} at '
+          f'messages[{i}]. Pass text (images are not supported).')
+    if chat_format == 'gemma':
+      return self._gemma_prompt(messages, add_generation_prompt)
     if (self.default_system_prompt is not None
         and (not messages or messages[0]['role'] != 'system')):
       messages.insert(0, {'role': 'system',
@@ -234,12 +366,67 @@ class Tokenizer:
       text += f'{_IM_START}assistant\n'
     return text
 
+  def _bos_text(self) -> str:
+    if self.bos_id is None:
+      return ''
+    return self.backend.id_to_token(self.bos_id)
+
+  def _gemma_prompt(self, messages: list[Message],
+                    add_generation_prompt: bool) -> str:
+    first = 0
+    prefix = ''
+    if messages and messages[0]['role'] == 'system':
+      if len(messages) == 1:
+        raise ValueError(
+          f'a Gemma chat folds the system message into the first user turn, '
+          f'but none follows it: got only {messages[0]!r}. Add the user '
+          'message after it.')
+      prefix = messages[0]['content'] + '\n\n'
+      first = 1
+    elif self.default_system_prompt is not None:
+      prefix = self.default_system_prompt + '\n\n'
+    parts = [self._bos_text()]
+    for turn, message in enumerate(messages[first:]):
+      role = message['role']
+      if (role == 'user') != (turn % 2 == 0):
+        raise ValueError(
+          f'Gemma chat turns must alternate user/assistant/user/... after '
+          f'an optional system message; got role {role!r} at '
+          f'messages[{first + turn}]. Merge consecutive turns of one role.')
+      parts.append(
+        f'{_START_OF_TURN}{"model" if role == "assistant" else role}\n'
+        f'{prefix if turn == 0 else ""}{message["content"].strip()}'
+        f'{_END_OF_TURN}\n')
+    if add_generation_prompt:
+      parts.append(f'{_START_OF_TURN}model\n')
+    return ''.join(parts)
+
   def chat_template(self) -> str | None:
-    """The HF Jinja template of `chat_prompt`; None without ChatML tokens."""
-    if self.token_to_id(_IM_START) is None:
-      return None
-    return chatml_template(self.default_system_prompt)
+    """The HF Jinja template of `chat_prompt`; None without a chat format.
+
+    Example:
+      >>> alphabet = pre_tokenizers.ByteLevel.alphabet()
+      >>> gemma = Tokenizer.from_bpe(
+      ...     tokens=['<bos>', '<start_of_turn>', '<end_of_turn>']
+      ...     + sorted(alphabet), merges=[], special_ids=[0, 1, 2], eos_id=2,
+      ...     bos_id=0)
+      >>> gemma.chat_template() == gemma_template(bos_token='<bos>')
+      True
+    """
+    if self.chat_format == 'chatml':
+      return chatml_template(self.default_system_prompt)
+    if self.chat_format == 'gemma':
+      return gemma_template(self.default_system_prompt,
+                            bos_token=self._bos_text() or None)
+    return None
 
   def encode_chat(self, messages: str | Sequence[Message]) -> list[int]:
-    """`encode(chat_prompt(messages))`."""
-    return self.encode(self.chat_prompt(messages))
+    """`encode(chat_prompt(messages))`, without a second BOS.
+
+    When the prompt starts with the BOS token (Gemma's does), `add_bos` is
+    not applied again.
+    """
+    text = self.chat_prompt(messages)
+    bos = self._bos_text()
+    return self.encode(text, add_bos=False if bos and text.startswith(bos)
+                       else None)

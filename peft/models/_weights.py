@@ -14,6 +14,11 @@ layouts (HF linear weights are `(out, in)`):
   model.layers.N.mlp.down_proj             (D, F)  -> linear (F, D)
   model.norm.weight                        (D,)    final_norm/scale
   lm_head.weight                           (V, D)  unembedder (untied only)
+
+Gemma 3 renames the norms around each branch (`post_attention_layernorm` is
+then the norm *after* attention, `pre_feedforward_layernorm` the one before
+the feed-forward) and adds `self_attn.{q,k}_norm` (H,): `_norm_names` keeps
+that table in one place for both directions.
 """
 
 from __future__ import annotations
@@ -70,6 +75,22 @@ class Pretrained:
     return Decoder(config=self.config)
 
 
+def _norm_names(config: DecoderConfig) -> dict[str, tuple[str, ...]]:
+  """Per-layer HF norm name suffix -> its path in the layer's params."""
+  if config.post_norms:
+    names = {'input_layernorm': ('pre_attention_norm',),
+             'post_attention_layernorm': ('post_attention_norm',),
+             'pre_feedforward_layernorm': ('pre_ffw_norm',),
+             'post_feedforward_layernorm': ('post_ffw_norm',)}
+  else:
+    names = {'input_layernorm': ('pre_attention_norm',),
+             'post_attention_layernorm': ('pre_ffw_norm',)}
+  if config.qk_norm:
+    names.update({'self_attn.q_norm': ('attn', '_query_norm'),
+                  'self_attn.k_norm': ('attn', '_key_norm')})
+  return names
+
+
 def hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
   """Every tensor name a Hugging Face checkpoint of `config` holds, by shape.
 
@@ -86,9 +107,10 @@ def hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     shapes['lm_head.weight'] = (c.vocab_size, c.d_model)
   for i in range(c.n_layers):
     p = f'model.layers.{i}.'
+    for suffix, path in _norm_names(c).items():
+      width = c.head_dim if path[0] == 'attn' else c.d_model
+      shapes[f'{p}{suffix}.weight'] = (width,)
     shapes.update({
-      p + 'input_layernorm.weight': (c.d_model,),
-      p + 'post_attention_layernorm.weight': (c.d_model,),
       p + 'self_attn.q_proj.weight': (c.n_heads * c.head_dim, c.d_model),
       p + 'self_attn.k_proj.weight': (c.n_kv_heads * c.head_dim, c.d_model),
       p + 'self_attn.v_proj.weight': (c.n_kv_heads * c.head_dim, c.d_model),
@@ -165,9 +187,7 @@ def params_from_hf(tensors: Mapping[str, Any], config: DecoderConfig, *,
   for i in range(c.n_layers):
     p = f'model.layers.{i}.'
     o = get(p + 'self_attn.o_proj.weight')
-    params[f'layers_{i}'] = {
-      'pre_attention_norm': {'scale': get(p + 'input_layernorm.weight')},
-      'pre_ffw_norm': {'scale': get(p + 'post_attention_layernorm.weight')},
+    layer = params[f'layers_{i}'] = {
       'attn': {
         'q_einsum': {'w': heads(get(p + 'self_attn.q_proj.weight'),
                                 c.n_heads)},
@@ -183,6 +203,11 @@ def params_from_hf(tensors: Mapping[str, Any], config: DecoderConfig, *,
         'linear': get(p + 'mlp.down_proj.weight').T,
       },
     }
+    for suffix, path in _norm_names(c).items():
+      node = layer
+      for key in path:
+        node = node.setdefault(key, {})
+      node['scale'] = get(f'{p}{suffix}.weight')
   return _to_jax(params, dtype)
 
 
@@ -226,11 +251,9 @@ def params_to_hf(params: Params, config: DecoderConfig) -> dict[str,
     kv = get(params, layer, 'attn', 'kv_einsum', 'w')
     gate_up = get(params, layer, 'mlp', 'gating_einsum')
     o = get(params, layer, 'attn', 'attn_vec_einsum', 'w')
+    for suffix, path in _norm_names(c).items():
+      hf[f'{p}{suffix}.weight'] = get(params, layer, *path, 'scale')
     hf.update({
-      p + 'input_layernorm.weight': get(params, layer, 'pre_attention_norm',
-                                        'scale'),
-      p + 'post_attention_layernorm.weight': get(params, layer,
-                                                 'pre_ffw_norm', 'scale'),
       p + 'self_attn.q_proj.weight': flat(get(params, layer, 'attn',
                                               'q_einsum', 'w')),
       p + 'self_attn.k_proj.weight': flat(kv[0]),
