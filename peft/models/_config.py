@@ -226,11 +226,6 @@ class DecoderConfig:
             for i in range(self.n_layers)]
 
   @property
-  def is_gemma3(self) -> bool:
-    """Whether this is Gemma 3's layout (QK-norm and post-norms)."""
-    return self.qk_norm or self.post_norms
-
-  @property
   def query_scale(self) -> float:
     """The factor applied to queries before the dot product."""
     scalar = self.query_pre_attn_scalar or self.head_dim

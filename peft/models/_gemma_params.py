@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft.models._config import DecoderConfig
+from peft.models._weights import layer_norm_shapes
 
 Params = dict[str, Any]
 _Path = tuple[str, ...]
@@ -122,20 +123,15 @@ def _rules(config: DecoderConfig, transpose_gating_einsum: bool) -> list[
                  ('embedder', 'input_embedding'), 'same'),
            _Rule((('final_norm', 'scale'),), ((d,),),
                  ('final_norm', 'scale'), 'same')]
-  norms = ['pre_attention_norm', 'pre_ffw_norm']
-  if c.post_norms:
-    norms += ['post_attention_norm', 'post_ffw_norm']
+  norms = layer_norm_shapes(c)  # gemma names its norms as we do.
   for i in range(c.n_layers):
     ours, theirs = f'layers_{i}', f'layer_{i}'
 
     def add(path, shape, kind='same', ours=ours, theirs=theirs):
       rules.append(_Rule(((ours, *path),), (shape,), (theirs, *path), kind))
 
-    for norm in norms:
-      add((norm, 'scale'), (d,))
-    if c.qk_norm:
-      add(('attn', '_query_norm', 'scale'), (h,))
-      add(('attn', '_key_norm', 'scale'), (h,))
+    for path, shape in norms.items():
+      add((*path, 'scale'), shape)
     q, kv = ('attn', 'q_einsum', 'w'), ('attn', 'kv_einsum', 'w')
     if k == n:  # gemma fuses the three projections of full multi-head.
       rules.append(_Rule(((ours, *q), (ours, *kv)), ((n, d, h), (2, k, d, h)),

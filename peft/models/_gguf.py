@@ -169,8 +169,7 @@ def _gemma3_options(fields: _Fields, d_model: int, n_heads: int,
     attn_logit_softcap=fields.get('gemma3.attn_logit_softcapping', None))
 
 
-def _config(fields: _Fields, has_output: bool) -> DecoderConfig:
-  arch = _architecture(fields)
+def _config(fields: _Fields, arch: str, has_output: bool) -> DecoderConfig:
   scaling = fields.get(f'{arch}.rope.scaling.type', 'none')
   if scaling != 'none':
     raise ValueError(
@@ -308,7 +307,7 @@ def load_gguf(path: str | pathlib.Path, *,
   fields = _Fields(reader, str(path))
   names = [t.name for t in reader.tensors]
   arch = _architecture(fields)
-  config = _config(fields, has_output='output.weight' in names)
+  config = _config(fields, arch, has_output='output.weight' in names)
   tensors = {}
   for tensor in reader.tensors:
     name = _hf_name(tensor.name, str(path), arch)

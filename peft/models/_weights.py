@@ -91,6 +91,17 @@ def _norm_names(config: DecoderConfig) -> dict[str, tuple[str, ...]]:
   return names
 
 
+def layer_norm_shapes(config: DecoderConfig) -> dict[tuple[str, ...],
+                                                     tuple[int, ...]]:
+  """Path (within a layer's params) -> shape of each norm scale a layer has.
+
+  QK-norm scales are per head (`head_dim`); the others span `d_model`.
+  """
+  return {path: ((config.head_dim,) if path[0] == 'attn'
+                 else (config.d_model,))
+          for path in _norm_names(config).values()}
+
+
 def hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
   """Every tensor name a Hugging Face checkpoint of `config` holds, by shape.
 
@@ -105,11 +116,11 @@ def hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
             'model.norm.weight': (c.d_model,)}
   if not c.tie_embeddings:
     shapes['lm_head.weight'] = (c.vocab_size, c.d_model)
+  norm_shapes = layer_norm_shapes(c)
   for i in range(c.n_layers):
     p = f'model.layers.{i}.'
     for suffix, path in _norm_names(c).items():
-      width = c.head_dim if path[0] == 'attn' else c.d_model
-      shapes[f'{p}{suffix}.weight'] = (width,)
+      shapes[f'{p}{suffix}.weight'] = norm_shapes[path]
     shapes.update({
       p + 'self_attn.q_proj.weight': (c.n_heads * c.head_dim, c.d_model),
       p + 'self_attn.k_proj.weight': (c.n_kv_heads * c.head_dim, c.d_model),
