@@ -50,6 +50,7 @@ gemma3: $(GEMMA3_STAMP)
 
 test: $(STAMP) $(GEMMA3_STAMP) $(ISTAMP)
 	$(VENV)/bin/ruff check peft tests examples
+	$(VENV)/bin/pyrefly check
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(IPY) -m pytest -q -n 2 \
 	  --dist loadfile tests/integration
@@ -59,8 +60,10 @@ test: $(STAMP) $(GEMMA3_STAMP) $(ISTAMP)
 demo: $(STAMP)
 	$(PY) -m peft demo --workdir out/demo
 
+# pyrefly type-checks peft/ as [tool.pyrefly] in pyproject.toml says.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peft tests benchmarks examples
+	$(VENV)/bin/pyrefly check
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 import peft
-from peft import _qlora as qlora
-from peft import _quantization as q
+from peft._quant import numerics as q
+from peft._quant import tree as qtree
 
 
 class Block(nn.Module):
@@ -82,7 +82,7 @@ def main() -> None:
   params = jax.jit(model.init)(jax.random.key(0), x)['params']
   axes = peft.quantization_axes(model, x)
   float_fwd = _forward(model, None)
-  float_bytes = qlora.param_bytes(params)
+  float_bytes = qtree.param_bytes(params)
   reference = float_fwd(params, x)
   print(f'device={jax.devices()[0].platform} dim={args.dim} '
         f'layers={args.layers} batch={args.batch}x{args.seq} '
@@ -94,7 +94,7 @@ def main() -> None:
       continue
     # Every method takes every kernel shape (short blocks are padded).
     # Eager, not jitted, so bad weights raise instead of turning to NaN.
-    qparams = qlora.quantize(params, method=method, axes=axes)
+    qparams = qtree.quantize(params, method=method, axes=axes)
     int_fwd = _forward(model, lambda m=method: peft.quantized(m))
     sim_fwd = _forward(model, lambda m=method: peft.simulate_quantization(m))
     runs = {'float': (float_fwd, params), 'int': (int_fwd, qparams),
@@ -108,7 +108,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     out = int_fwd(qparams, x)
     err = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
-    nbytes = qlora.param_bytes(qparams)
+    nbytes = qtree.param_bytes(qparams)
     print(f'{method.name:>15} {nbytes / 2**20:7.2f} '
           f'{nbytes / float_bytes:6.3f} '
           f'{median["int"] / median["float"]:7.2f}x '

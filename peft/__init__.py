@@ -11,111 +11,111 @@ from peft._cli import interrupt as _interrupt  # noqa: F401
 # isort: split
 
 # Surgery.
-from peft._interceptors import Interceptor
-from peft._interceptors import ModuleInterceptor
-from peft._layers import register_einsum_layer
-from peft._report import LoRAReport
-from peft._report import count_params
-from peft._report import render_params
-from peft._rules import LoRARule
-from peft._spec import AdapterSpec
-from peft._spec import recording_adapters
-from peft._surgery import LoRA
-from peft._surgery import LoRASurgery
-from peft._surgery import lora
+from peft._core.report import LoRAReport
+from peft._core.report import count_params
+from peft._core.report import render_params
+from peft._core.spec import AdapterSpec
+from peft._core.spec import recording_adapters
+from peft._linen.interceptors import Interceptor
+from peft._linen.interceptors import ModuleInterceptor
+from peft._linen.registry import register_einsum_layer
+from peft._linen.rules import LoRARule
+from peft._linen.surgery import LoRA
+from peft._linen.surgery import LoRASurgery
+from peft._linen.surgery import lora
 
 # isort: split
 
 # LoRA layers (gemma.peft names, and any registered einsum-like layer).
-from peft._lora import LoRAConv
-from peft._lora import LoRADense
-from peft._lora import LoRADenseGeneral
-from peft._lora import LoRAEinsum
-from peft._lora import LoRAEinsumLike
-from peft._lora import LoRAEmbed
+from peft._linen.lora_layers import LoRAConv
+from peft._linen.lora_layers import LoRADense
+from peft._linen.lora_layers import LoRADenseGeneral
+from peft._linen.lora_layers import LoRAEinsum
+from peft._linen.lora_layers import LoRAEinsumLike
+from peft._linen.lora_layers import LoRAEmbed
 
 # isort: split
 
 # LoRA adapters.
-from peft._lora_adapters import LoRAConvAdapter
-from peft._lora_adapters import LoRADenseAdapter
-from peft._lora_adapters import LoRADenseGeneralAdapter
-from peft._lora_adapters import LoRAEinsumAdapter
-from peft._lora_adapters import LoRAEmbedAdapter
+from peft._linen.lora_adapters import LoRAConvAdapter
+from peft._linen.lora_adapters import LoRADenseAdapter
+from peft._linen.lora_adapters import LoRADenseGeneralAdapter
+from peft._linen.lora_adapters import LoRAEinsumAdapter
+from peft._linen.lora_adapters import LoRAEmbedAdapter
 
 # isort: split
 
 # Param trees: split, merge, fuse.
-from peft._fuse import fuse_params
-from peft._fuse import fuse_state
-from peft._fuse import unfuse_params
-from peft._params import SplittedParams
-from peft._params import merge_params
-from peft._params import split_params
+from peft._core.fuse import fuse_params
+from peft._core.fuse import fuse_state
+from peft._core.fuse import unfuse_params
+from peft._core.params import SplittedParams
+from peft._core.params import merge_params
+from peft._core.params import split_params
 
 # isort: split
 
 # Training only the adapters.
-from peft._optim import adapter_labels
-from peft._optim import adapter_mask
-from peft._optim import train_only_adapters
+from peft._core.optim import adapter_labels
+from peft._core.optim import adapter_mask
+from peft._core.optim import train_only_adapters
 
 # isort: split
 
 # Adapter files.
-from peft._checkpoint import LoadedAdapters
-from peft._checkpoint import check_adapters_match
-from peft._checkpoint import load_adapters
-from peft._checkpoint import save_adapters
+from peft._core.checkpoint import LoadedAdapters
+from peft._core.checkpoint import check_adapters_match
+from peft._core.checkpoint import load_adapters
+from peft._core.checkpoint import save_adapters
 
 # isort: split
 
 # The functional API on plain arrays.
-from peft._functional import init_lora_adapter
-from peft._functional import lora_delta
-from peft._functional import lora_linear
-from peft._functional import merge_lora_weight
-from peft._functional import tree_lora_delta
-from peft._functional import unmerge_lora_weight
+from peft._core.functional import init_lora_adapter
+from peft._core.functional import lora_delta
+from peft._core.functional import lora_linear
+from peft._core.functional import merge_lora_weight
+from peft._core.functional import tree_lora_delta
+from peft._core.functional import unmerge_lora_weight
 
 # isort: split
 
 # Quantization: numerics and surgery.
-from peft._qlora import param_bytes
-from peft._qlora import quantize
-from peft._quantization import QuantizationMethod
-from peft._quantization import QuantizedArray
-from peft._quantization import dequantize
-from peft._quantization import get_axis_to_reduce_from_einsum_str
-from peft._quantization import quantize_array
-from peft._quantization import simulate_quantize
-from peft._quantization_surgery import QuantizationSurgery
-from peft._quantization_surgery import quantization_axes
-from peft._quantization_surgery import quantized
-from peft._quantization_surgery import simulate_quantization
+from peft._quant.numerics import QuantizationMethod
+from peft._quant.numerics import QuantizedArray
+from peft._quant.numerics import dequantize
+from peft._quant.numerics import get_axis_to_reduce_from_einsum_str
+from peft._quant.numerics import quantize_array
+from peft._quant.numerics import simulate_quantize
+from peft._quant.surgery import QuantizationSurgery
+from peft._quant.surgery import quantization_axes
+from peft._quant.surgery import quantized
+from peft._quant.surgery import simulate_quantization
+from peft._quant.tree import param_bytes
+from peft._quant.tree import quantize
 
 # isort: split
 
 # Quantized layers: simulated (QAT) and real int8/int4/NF4.
-from peft._quantized_layers import IntDense
-from peft._quantized_layers import IntDenseGeneral
-from peft._quantized_layers import IntEinsum
-from peft._quantized_layers import IntEinsumLike
-from peft._quantized_layers import SimulateQuantizedDense
-from peft._quantized_layers import SimulateQuantizedDenseGeneral
-from peft._quantized_layers import SimulateQuantizedEinsum
-from peft._quantized_layers import SimulateQuantizedEinsumLike
+from peft._quant.layers import IntDense
+from peft._quant.layers import IntDenseGeneral
+from peft._quant.layers import IntEinsum
+from peft._quant.layers import IntEinsumLike
+from peft._quant.layers import SimulateQuantizedDense
+from peft._quant.layers import SimulateQuantizedDenseGeneral
+from peft._quant.layers import SimulateQuantizedEinsum
+from peft._quant.layers import SimulateQuantizedEinsumLike
 
 # isort: split
 
 # QLoRA. The adapters are the LoRA ones under gemma.peft's QLoRA names.
-from peft._lora_adapters import LoRADenseAdapter as QLoRADenseAdapter
-from peft._lora_adapters import LoRAEinsumAdapter as QLoRAEinsumAdapter
-from peft._qlora import QLoRADense
-from peft._qlora import QLoRAEinsum
-from peft._qlora import QLoRAEinsumLike
-from peft._qlora import fuse_into_quantized
-from peft._qlora import fuse_quantized_kernel
+from peft._linen.lora_adapters import LoRADenseAdapter as QLoRADenseAdapter
+from peft._linen.lora_adapters import LoRAEinsumAdapter as QLoRAEinsumAdapter
+from peft._quant.fuse import fuse_into_quantized
+from peft._quant.fuse import fuse_quantized_kernel
+from peft._quant.qlora import QLoRADense
+from peft._quant.qlora import QLoRAEinsum
+from peft._quant.qlora import QLoRAEinsumLike
 
 __all__ = [
     'AdapterSpec',

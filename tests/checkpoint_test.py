@@ -14,10 +14,10 @@ import pytest
 import safetensors
 
 import peft
-from peft import _checkpoint
-from peft import _file_modes
-from peft import _params
-from peft import _spec
+from peft._core import checkpoint as _checkpoint
+from peft._core import file_modes as _file_modes
+from peft._core import params as _params
+from peft._core import spec as _spec
 from tests import fixtures
 from tests.helpers import assert_trees_close
 

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peft._einsum import EinsumEquation
-from peft._einsum import add_delta
-from peft._einsum import delta
-from peft._einsum import dense_general_call
+from peft._core.einsum import EinsumEquation
+from peft._core.einsum import add_delta
+from peft._core.einsum import delta
+from peft._core.einsum import dense_general_call
 
 
 @pytest.mark.parametrize('eq, shape, expected', [

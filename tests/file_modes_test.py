@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from peft import _file_modes
 from peft import models
+from peft._core import file_modes as _file_modes
 from tests.cli_test import DATA
 from tests.cli_test import run_cli
 

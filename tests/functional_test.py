@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peft import _functional as F
+from peft._core import functional as F
 from tests.helpers import assert_trees_close
 
 

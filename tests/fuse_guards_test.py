@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import peft
-from peft import _spec
+from peft._core import spec as _spec
 import peft.nnx as pnnx
 
 SPEC = _spec.AdapterSpec(

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import peft
-from peft import _fuse
-from peft import _params
-from peft import _spec
+from peft._core import fuse as _fuse
+from peft._core import params as _params
+from peft._core import spec as _spec
 from tests import fixtures
 from tests.helpers import assert_trees_close
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 import peft
-from peft import _einsum
-from peft import _interceptors
-from peft import _layers
-from peft import _spec
+from peft._core import einsum as _einsum
+from peft._core import spec as _spec
+from peft._linen import interceptors as _interceptors
+from peft._linen import registry as _registry
 from tests import fixtures
 
 
@@ -26,7 +26,7 @@ class OneArg(nn.Module):
 
 
 def test_registration_with_named_arguments():
-  kind = _layers.register_einsum_layer(
+  kind = _registry.register_einsum_layer(
       TwoArgs, weight_name='kernel', einsum_str_arg='eqn', inputs_arg='x',
       shape_attr='shape')
   x = jnp.ones((2, 4))
@@ -44,17 +44,17 @@ def test_registration_with_named_arguments():
 ])
 def test_registration_errors(args, match):
   with pytest.raises(TypeError, match=match):
-    _layers.register_einsum_layer(**args)
+    _registry.register_einsum_layer(**args)
 
 
 def test_register_kind_type_is_checked():
   with pytest.raises(TypeError, match='expects an EinsumLayerKind; got 3'):
-    _layers.register_einsum_kind(3)
+    _registry.register_einsum_kind(3)
 
 
 def test_custom_layer_kind_describes_its_call():
   module = fixtures.MyEinsum((4, 5), weight_name='gate')
-  call = _layers.einsum_kind_of(module).describe(
+  call = _registry.einsum_kind_of(module).describe(
       module, ('btd,de->bte', jnp.ones((1, 2, 4))), {})
   assert (call.weight_name, call.adapter_name, call.weight_shape) == (
       'gate', 'lora_gate', (4, 5))

@@ -641,6 +641,8 @@ def test_tokenizer_errors():
     tiny_tokenizer().chat_prompt([{'role': 'user'}])
   with pytest.raises(TypeError, match='encode takes a str; got list'):
     plain.encode(['a'])
+  with pytest.raises(ValueError, match='add_bos=True needs a bos_id'):
+    plain.encode('a', add_bos=True)  # Once gave [None, ...].
   with pytest.raises(FileNotFoundError, match='no tokenizer file at'):
     models.Tokenizer.from_file('/nonexistent/tokenizer.json', eos_id=0)
 

@@ -10,9 +10,9 @@ import optax
 import pytest
 
 import peft
-from peft import _fuse
-from peft import _optim
-from peft import _params
+from peft._core import fuse as _fuse
+from peft._core import optim as _optim
+from peft._core import params as _params
 from tests import fixtures
 from tests.helpers import assert_trees_close
 

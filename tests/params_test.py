@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import jax
 import pytest
 
-from peft import _params
+from peft._core import params as _params
 
 split_params = _params.split_params
 merge_params = _params.merge_params

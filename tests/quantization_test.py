@@ -1,4 +1,4 @@
-"""Tests of array-level quantization (peft/_quantization.py).
+"""Tests of array-level quantization (peft/_quant/numerics.py).
 
 Values are checked against independent numpy references (brute-force nearest
 level instead of the library's midpoint search), real against simulated
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peft import _quantization as q
+from peft._quant import numerics as q
 from tests import helpers
 
 M = q.QuantizationMethod

@@ -16,11 +16,13 @@ import optax
 import pytest
 
 import peft
-from peft import _fuse
-from peft import _params
-from peft import _qlora as qlora
-from peft import _quantization as q
-from peft import _quantized_layers as ql
+from peft._core import fuse as _fuse
+from peft._core import params as _params
+from peft._quant import fuse as qfuse
+from peft._quant import layers as ql
+from peft._quant import numerics as q
+from peft._quant import qlora
+from peft._quant import tree as qtree
 from tests import fixtures
 from tests import helpers
 
@@ -156,7 +158,7 @@ def test_wrappers_init_like_the_layer_and_compute_with_quantized_kernel(
 
   @jax.jit
   def outputs(params):
-    qparams = qlora.quantize(params, method='int8', axes={kernel_name: axes})
+    qparams = qtree.quantize(params, method='int8', axes={kernel_name: axes})
     return (_call(layer, params, x, none), _call(layer, params, x),
             _call(layer, params, x, sim), _call(layer, qparams, x, real))
 
@@ -190,7 +192,7 @@ def test_single_int8_layer_is_well_under_one_percent():
   params = filled(shapes_of(OneDense(), X))
   want = OneDense().apply({'params': params}, X)
   got = run(peft.quantized('int8'), OneDense(),
-            qlora.quantize(params, method='int8'))
+            qtree.quantize(params, method='int8'))
   assert rel_err(got, want) < 0.008
 
 
@@ -201,7 +203,7 @@ def test_quantization_axes_come_from_the_equations():
 @functools.partial(jax.jit, static_argnums=1)
 def _net_outputs(params, method):
   """Real, simulated and float outputs of Net, in one compile per method."""
-  qparams = qlora.quantize(params, method=method, axes=NET_AXES)
+  qparams = qtree.quantize(params, method=method, axes=NET_AXES)
   with peft.quantized(method):
     real = Net().apply({'params': qparams}, X)
   with peft.simulate_quantization(method):
@@ -225,7 +227,7 @@ def test_int_init_stores_the_quantized_float_init():
     return init, Mlp().init(jax.random.key(0), X)['params']
 
   init, float_init = inits()
-  want = qlora.quantize(float_init, method='nf4')
+  want = qtree.quantize(float_init, method='nf4')
   assert jax.tree.structure(init) == jax.tree.structure(want)
   helpers.assert_trees_close(q.dequantize(init), q.dequantize(want))
 
@@ -241,7 +243,7 @@ def test_custom_layers_in_a_shared_scope():
 
   @jax.jit
   def outputs(params):
-    qparams = qlora.quantize(params, method='int8', axes=kernels)
+    qparams = qtree.quantize(params, method='int8', axes=kernels)
     with peft.simulate_quantization('int8'):
       sim = model.apply({'params': params}, x)
     with peft.quantized():
@@ -287,7 +289,7 @@ def test_int_layer_errors():
   with pytest.raises(TypeError, match=r"expects a QuantizedArray at "
                      r"'dense/kernel'; got float32\[32, 64\]\. Quantize"):
     run(peft.quantized(), OneDense(), {'dense': params})
-  qparams = {'dense': qlora.quantize(params, method='int8')}
+  qparams = {'dense': qtree.quantize(params, method='int8')}
   with pytest.raises(ValueError, match="expects INT4 but 'dense/kernel' was "
                      "quantized with INT8. Pass method='INT8'"):
     run(peft.quantized('int4'), OneDense(), qparams)
@@ -324,21 +326,21 @@ def test_quantize_selects_by_regex_predicate_key_axes_and_shape():
       '/'.join(str(k.key) for k in path)
       for path, x in jax.tree_util.tree_leaves_with_path(
           tree, is_leaf=q.is_quantized) if q.is_quantized(x)}
-  assert quantized(qlora.quantize(params, method='int8')) == {
+  assert quantized(qtree.quantize(params, method='int8')) == {
       'emb/embedding', 'blk/w'}
-  assert quantized(qlora.quantize(params, method='int8',
+  assert quantized(qtree.quantize(params, method='int8',
                                   targets='blk/.*')) == {'blk/w', 'blk/b'}
-  assert quantized(qlora.quantize(params, method='int8',
+  assert quantized(qtree.quantize(params, method='int8',
                                   checkpoint_kernel_key='w')) == {'blk/w'}
-  assert quantized(qlora.quantize(
+  assert quantized(qtree.quantize(
       params, method='int8',
       targets=lambda p, x: x.ndim == 2 and x.shape[0] == 64)) == {
           'emb/embedding'}
-  assert quantized(qlora.quantize(params, method='int8', axes={
+  assert quantized(qtree.quantize(params, method='int8', axes={
       'blk/w': (0,)})) == {'blk/w'}
-  assert quantized(qlora.quantize(params, method='int8',
+  assert quantized(qtree.quantize(params, method='int8',
                                   min_size=1000)) == set()
-  assert qlora.quantize(params, method='none') is params
+  assert qtree.quantize(params, method='none') is params
 
 
 @pytest.mark.parametrize('kwargs,error,match', [
@@ -354,14 +356,14 @@ def test_quantize_selects_by_regex_predicate_key_axes_and_shape():
 def test_quantize_errors(kwargs, error, match):
   kwargs = {'method': 'int8', **kwargs}
   with pytest.raises(error, match=match):
-    qlora.quantize({'blk': {'w': jnp.ones((8, 64))}}, **kwargs)
+    qtree.quantize({'blk': {'w': jnp.ones((8, 64))}}, **kwargs)
 
 
 @pytest.mark.parametrize('method,ratio', [('int8', 4), ('int4', 8),
                                           ('nf4', 8)])
 def test_quantized_base_bytes(method, ratio):
   params = net_params()
-  qparams = qlora.quantize(params, method=method, axes=NET_AXES)
+  qparams = qtree.quantize(params, method=method, axes=NET_AXES)
   for path, axes in NET_AXES.items():
     layer, name = path.split('/')
     kernel, qkernel = params[layer][name], qparams[layer][name]
@@ -374,7 +376,7 @@ def test_quantized_base_bytes(method, ratio):
     assert qkernel.nbytes == kernel.nbytes // ratio + 4 * n_scales
   bias_bytes = sum(params[k]['bias'].nbytes for k in ('up', 'heads',
                                                       'merge'))
-  assert qlora.param_bytes(qparams) == bias_bytes + sum(
+  assert qtree.param_bytes(qparams) == bias_bytes + sum(
       qparams[p.split('/')[0]][p.split('/')[1]].nbytes for p in NET_AXES)
 
 
@@ -383,7 +385,7 @@ def test_block_methods_serve_a_dense_of_any_width(method):
   """40 inputs and 24 outputs: short blocks along either axis."""
   layer, x = nn.Dense(24), X[:, :8].repeat(5, axis=1)  # (4, 40)
   params = filled(shapes_of(layer, x))
-  qparams = qlora.quantize(params, method=method)
+  qparams = qtree.quantize(params, method=method)
   kernel = qparams['kernel']
   assert kernel.dequantize().shape == (40, 24)
   if method == 'nf4':  # Blocks run along the 40 inputs, as in QLoRA.
@@ -423,7 +425,7 @@ def test_quantize_names_the_path_of_bad_weights(method):
   with pytest.raises(ValueError, match=(
       rf"{method.name} cannot quantize the array of shape \(8, 64\) at "
       r"'blk/w': it holds 1 NaN and 0 Inf \(the first at index \(2, 7\)\)")):
-    qlora.quantize(params, method=method)
+    qtree.quantize(params, method=method)
 
 
 class Mlp(nn.Module):
@@ -440,7 +442,7 @@ def _qlora_setup(method):
   shapes, report = shapes_and_report(model, X, outer=peft.quantized(method))
   assert all(q.is_quantized(shapes[k]['kernel']) for k in ('up', 'down'))
   _, lora = _params.split_params(filled(shapes, seed=2))
-  base = qlora.quantize(filled(shapes_of(model, X)), method=method)
+  base = qtree.quantize(filled(shapes_of(model, X)), method=method)
   return model, base, lora, report
 
 
@@ -526,7 +528,7 @@ def test_fuse_into_quantized_base(method, bound):
   model, base, lora, report = _qlora_setup(method)
   lora = filled(lora, seed=3, adapter_scale=0.05)
   adapted = _qlora_apply(model, method)(base, lora, X)
-  fused, errors = qlora.fuse_into_quantized(
+  fused, errors = qfuse.fuse_into_quantized(
       _params.merge_params(base, lora), report.specs)
   assert set(errors) == {'up/lora', 'down/lora'}
   assert _params.split_params(fused).lora == {}
@@ -547,7 +549,7 @@ def test_fuse_quantized_kernel_and_its_errors():
   w = q.quantize_array(jnp.asarray(np.random.default_rng(0).normal(
       size=(8, 2, 4)), jnp.float32), 'int8', (0,))
   a, b = jnp.ones((8, 1)), jnp.full((1, 2, 4), 0.5)
-  new, err = qlora.fuse_quantized_kernel(w, a, b, einsum_str='btd,dnh->btnh',
+  new, err = qfuse.fuse_quantized_kernel(w, a, b, einsum_str='btd,dnh->btnh',
                                          scale=2.0)
   exact = w.dequantize() + 2.0 * jnp.einsum('dr,rnh->dnh', a, b)
   helpers.assert_trees_close(new.dequantize(),
@@ -555,10 +557,10 @@ def test_fuse_quantized_kernel_and_its_errors():
   assert new.axes == (0,) and float(err) < 0.01
   with pytest.raises(ValueError, match=r'A \(8, 1\) and B \(1, 4\) do not '
                      r"fit einsum_str 'btd,dnh->btnh'.*\(1, 2, 4\)"):
-    qlora.fuse_quantized_kernel(w, a, jnp.ones((1, 4)),
+    qfuse.fuse_quantized_kernel(w, a, jnp.ones((1, 4)),
                                 einsum_str='btd,dnh->btnh')
   with pytest.raises(TypeError, match='adapters must hold AdapterSpec'):
-    qlora.fuse_into_quantized({}, ['dense/lora'])
+    qfuse.fuse_into_quantized({}, ['dense/lora'])
 
 
 def test_fuse_keeps_the_block_axes_and_rejects_diverged_adapters():
@@ -568,7 +570,7 @@ def test_fuse_keeps_the_block_axes_and_rejects_diverged_adapters():
   w = q.quantize_array(jnp.asarray(rng.normal(size=(40, 2, 4)), jnp.float32),
                        'nf4', (0,))
   a, b = jnp.ones((40, 1)), jnp.full((1, 2, 4), 0.1)
-  new, err = qlora.fuse_quantized_kernel(w, a, b, einsum_str='btd,dnh->btnh')
+  new, err = qfuse.fuse_quantized_kernel(w, a, b, einsum_str='btd,dnh->btnh')
   assert new.axes == (0,) and new.scales.shape == w.scales.shape == (2, 4,
                                                                      1)
   exact = w.dequantize() + jnp.einsum('dr,rnh->dnh', a, b)
@@ -578,7 +580,7 @@ def test_fuse_keeps_the_block_axes_and_rejects_diverged_adapters():
   with pytest.raises(ValueError, match=(
       r"NF4 cannot quantize the array of shape \(40, 2, 4\) at "
       r"'fuse_quantized_kernel': it holds 8 NaN and 0 Inf")):
-    qlora.fuse_quantized_kernel(w, a.at[3, 0].set(jnp.nan), b,
+    qfuse.fuse_quantized_kernel(w, a.at[3, 0].set(jnp.nan), b,
                                 einsum_str='btd,dnh->btnh')
 
 
@@ -592,7 +594,7 @@ def test_gemma_style_qlora_layers():
   helpers.assert_trees_close(qlayer.apply({'params': params}, X),
                              sim.apply({'params': base}, X) + update,
                              rtol=1e-5, atol=1e-6)
-  qbase = qlora.quantize(base, method='int8')
+  qbase = qtree.quantize(base, method='int8')
   helpers.assert_trees_close(
       qlayer.apply({'params': {**qbase, **lora}}, X),
       ql.IntDense(wrapped=layer).apply({'params': qbase}, X) + update,

@@ -14,7 +14,7 @@ the metadata of what `finetune` saves, so `export` can write it back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 import contextlib
 import dataclasses
 import functools
@@ -102,16 +102,19 @@ class Settings:
 
   @classmethod
   def from_json(cls, data: Any, where: str) -> Settings:
+    settings = None
     try:
-      settings = cls(**{**data, 'targets': tuple(data['targets']),
-                        'kernels': tuple(tuple(k) for k in data.get(
-                            'kernels', ()))})
-      settings.rules()  # The kernels' ranks and alphas are valid.
-      ok = (isinstance(settings.rank, int) and settings.rank > 0
-            and settings.quantize in (None, *QUANTIZATIONS))
+      fields: dict[str, Any] = {
+          **data, 'targets': tuple(data['targets']),
+          'kernels': tuple(tuple(k) for k in data.get('kernels', ()))}
+      read = cls(**fields)
+      read.rules()  # The kernels' ranks and alphas are valid.
+      if (isinstance(read.rank, int) and read.rank > 0
+          and read.quantize in (None, *QUANTIZATIONS)):
+        settings = read
     except (TypeError, KeyError, ValueError):
-      ok = False
-    if not ok:
+      pass
+    if settings is None:
       raise CliError(f'{where} has unreadable surgery settings {data!r}. '
                      'Re-create the file with `python -m peft finetune`.')
     return settings
@@ -146,7 +149,7 @@ class Adapted:
   hf_config: dict[str, Any] | None = None
 
   @property
-  def params(self) -> dict[str, Any]:
+  def params(self) -> Mapping[str, Any]:
     return peft.merge_params(self.frozen, self.lora)
 
   def with_lora(self, lora: dict[str, Any]) -> Adapted:
@@ -278,9 +281,9 @@ def load_hf_peft(base: base_lib.Base, path: str, *, flag: str = '--adapters',
     loaded = models.load_hf_peft(path, base.config)
   except ValueError as e:
     raise CliError(f'{flag} {path!r}: {e}') from None
-  settings = Settings.from_hf_peft(loaded, **settings)
-  return Adapted(base=base, settings=settings,
-                 frozen=frozen_params(base, settings), lora=loaded.lora,
+  surgery = Settings.from_hf_peft(loaded, **settings)
+  return Adapted(base=base, settings=surgery,
+                 frozen=frozen_params(base, surgery), lora=loaded.lora,
                  specs=loaded.specs, hf_config=loaded.hf_config)
 
 
@@ -390,9 +393,9 @@ def perplexity(config: models.DecoderConfig, settings: Settings | None,
   The logits come from `logits_fn`, whose compile every evaluation of the
   same model and shape shares (training, `eval`, `merge`'s check).
   """
-  held = jnp.asarray(held)
-  logits = logits_fn(config, settings)(params, held[:, :-1])
-  return float(np.exp(float(_mean_nll(logits, held[:, 1:]))))
+  tokens = jnp.asarray(held)
+  logits = logits_fn(config, settings)(params, tokens[:, :-1])
+  return float(np.exp(float(_mean_nll(logits, tokens[:, 1:]))))
 
 
 _mean_nll = jax.jit(mean_nll)

@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from peft import _file_modes
 from peft import models
 from peft._cli import interrupt
+from peft._core import file_modes as _file_modes
 
 TINY = 'tiny'
 SMOLLM2 = 'smollm2'

@@ -16,6 +16,7 @@ check passes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
@@ -29,10 +30,10 @@ import safetensors
 from safetensors import numpy as st_numpy
 
 import peft
-from peft import _file_modes
 from peft import models
 from peft._cli import adapt
 from peft._cli import base as base_lib
+from peft._core import file_modes as _file_modes
 
 CliError = base_lib.CliError
 
@@ -100,7 +101,7 @@ def load_merged(path: str, fallback: Any) -> base_lib.Base:
                        fingerprint=base_lib.fingerprint(params))
 
 
-def fused_params(adapted: adapt.Adapted) -> dict[str, Any]:
+def fused_params(adapted: adapt.Adapted) -> Mapping[str, Any]:
   """The plain params: adapters folded into the (dequantized) base."""
   float_base = peft.dequantize(adapted.frozen)
   return peft.fuse_params(peft.merge_params(float_base, adapted.lora),
@@ -135,7 +136,7 @@ def run(args: Any) -> dict[str, Any]:
     else:
       models.save_hf_dir(tmp, config=base.config, params=fused,
                          tokenizer=base.tokenizer)
-    if args.check:
+    if held is not None:  # --check
       plain = load_merged(str(tmp), lambda: base)
       diff = max_logit_diff(adapted, plain, held)
       result['max_abs_diff'] = diff

@@ -7,6 +7,7 @@ matches the adapted model.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from peft._cli import base as base_lib
@@ -35,9 +36,14 @@ def run(args: Any) -> dict[str, Any]:
     fresh = model.init(jax.random.key(1), x)['params']
   params = peft.merge_params(base, peft.split_params(fresh).lora)
 
+  def predict(p) -> jax.Array:
+    # Without `mutable`, apply returns the output alone (flax's return type
+    # also allows an (output, variables) pair).
+    return typing.cast(jax.Array, model.apply({'params': p}, x))
+
   def loss_fn(p):
     with surgery:
-      return jnp.mean((model.apply({'params': p}, x) - target) ** 2)
+      return jnp.mean((predict(p) - target) ** 2)
 
   tx = peft.train_only_adapters(optax.adam(args.learning_rate))
   opt_state = tx.init(params)
@@ -54,8 +60,8 @@ def run(args: Any) -> dict[str, Any]:
   last = float(loss_fn(params))
   fused = peft.fuse_params(params, report.specs)
   with surgery:
-    adapted = model.apply({'params': params}, x)
-  gap = float(jnp.abs(model.apply({'params': fused}, x) - adapted).max())
+    adapted = predict(params)
+  gap = float(jnp.abs(predict(fused) - adapted).max())
   print(report.summary(params))
   print(f'loss {first:.4f} -> {last:.4f} after {args.steps} adapter steps')
   print(f'fused plain model vs adapted model: max |diff| = {gap:.2e}')

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import pathlib
 import time
+import typing
 from typing import Any
 
 import jax
@@ -38,8 +39,11 @@ def _step_fn(adapted: adapt.Adapted, tx: optax.GradientTransformation,
     rngs = ({'dropout': jax.random.fold_in(key, step)} if settings.dropout
             else {})
     with settings.applied():
-      logits = model.apply({'params': peft.merge_params(frozen, lora)},
-                           batch[:, :-1], rngs=rngs)
+      # Without `mutable`, apply returns the output alone (flax's return
+      # type also allows an (output, variables) pair).
+      logits = typing.cast(jax.Array, model.apply(
+          {'params': peft.merge_params(frozen, lora)}, batch[:, :-1],
+          rngs=rngs))
     return adapt.mean_nll(logits, batch[:, 1:])
 
   @jax.jit
@@ -120,7 +124,11 @@ def run(args: Any) -> dict[str, Any]:
         f'{evals[0][1]:.2f}')
   stream = models.batches(train, batch_size=args.batch_size, seed=args.seed)
   tokens_per_step = args.batch_size * args.seq_len
-  losses, started, began = [], None, time.perf_counter()
+  losses: list[float] = []
+  began = time.perf_counter()
+  # The first step includes the compile: the throughput counts from its end.
+  started = first_step = rate = 0.0
+  done = 0  # Tokens trained on since the first step.
   eval_seconds = 0.0  # Excluded from the throughput.
   # No bar where stderr is not a terminal: a log would fill with redraws.
   with tqdm(range(1, args.steps + 1), desc='finetune', unit='step',
@@ -132,8 +140,8 @@ def run(args: Any) -> dict[str, Any]:
       if not math.isfinite(losses[-1]):
         raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
                        f'--learning-rate (now {args.learning_rate}).')
-      if started is None:  # The first step includes the compile.
-        started, done = time.perf_counter(), 0
+      if i == 1:
+        started = time.perf_counter()
         first_step = started - began
       else:
         done += tokens_per_step

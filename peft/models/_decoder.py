@@ -60,12 +60,12 @@ class Einsum(nn.Module):
     operands = eqn.split('->')[0].split(',')
     if len(operands) != 2:
       raise ValueError(
-        f'Einsum at {"/".join(self.scope.path)!r} needs a two-operand '
+        f'Einsum at {"/".join(self.path)!r} needs a two-operand '
         f"equation 'inputs,weights->outputs'; got {eqn!r}.")
     weight_spec = operands[1].strip()
     if '...' not in weight_spec and len(weight_spec) != len(self.shape):
       raise ValueError(
-        f'Einsum at {"/".join(self.scope.path)!r}: the weight term '
+        f'Einsum at {"/".join(self.path)!r}: the weight term '
         f'{weight_spec!r} of {eqn!r} has {len(weight_spec)} axes but the '
         f'weight has shape {self.shape!r}. Make the equation match the '
         'shape.')
@@ -434,18 +434,20 @@ class Decoder(nn.Module):
     positions = jnp.broadcast_to(positions, tokens.shape)
     return self._run(tokens, positions, cache, start_index)
 
-  def _run(self, tokens, positions, cache, start_index):
+  def _run(self, tokens: Array, positions: Array, cache: Cache | None,
+           start_index: Array | int) -> tuple[Array, Cache]:
+    """Logits and the updated cache (`{}` without one)."""
     c = self.config
     x = self.embedder(tokens)
     if c.scale_embeddings:
       x = x * jnp.sqrt(jnp.asarray(c.d_model, self.dtype))
-    new_cache = {} if cache is not None else None
+    new_cache: Cache = {}
     for i, layer in enumerate(self.layers):
       name = f'layers_{i}'
       x, layer_cache = layer(x, positions,
                              None if cache is None else cache[name],
                              start_index)
-      if cache is not None:
+      if layer_cache is not None:  # Given a cache, each layer updates it.
         new_cache[name] = layer_cache
     x = self.final_norm(x)
     unembed = self.embedder if c.tie_embeddings else self.unembedder

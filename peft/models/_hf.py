@@ -7,6 +7,7 @@ Llama/Gemma tensor names, and optionally `tokenizer.json` (plus
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import pathlib
 from typing import Any
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 import tokenizers
 
-from peft import _file_modes
+from peft._core import file_modes as _file_modes
 from peft.models._config import DecoderConfig
 from peft.models._sentencepiece import read_sentencepiece_model
 from peft.models._tokenizer import Tokenizer
@@ -152,7 +153,7 @@ def load_hf_dir(path: str | pathlib.Path, *,
 
 
 def save_hf_dir(path: str | pathlib.Path, *, config: DecoderConfig,
-                params: dict[str, Any],
+                params: Mapping[str, Any],
                 tokenizer: Tokenizer | None = None) -> None:
   """Writes a checkpoint directory that `load_hf_dir` (and HF) can read.
 

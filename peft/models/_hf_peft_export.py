@@ -23,8 +23,8 @@ import numpy as np
 import safetensors.numpy
 
 import peft
-from peft import _file_modes
-from peft import _fuse
+from peft._core import adapter_tree as _adapter_tree
+from peft._core import file_modes as _file_modes
 from peft.models import _hf_peft_format as fmt
 
 _OURS_TO_HF = {}
@@ -160,10 +160,10 @@ def save_hf_peft(directory: str | os.PathLike[str], lora: Any,
   Raises:
     ValueError: an adapter is not on a decoder projection.
   """
-  specs = _fuse.check_specs(specs, 'save_hf_peft')
+  specs = _adapter_tree.check_specs(specs, 'save_hf_peft')
   parts = []
   for spec in specs:
-    a, b = _fuse.get_adapter(lora, spec, 'save_hf_peft')
+    a, b = _adapter_tree.get_adapter(lora, spec, 'save_hf_peft')
     parts += _hf_parts(spec, np.asarray(a, np.float32),
                        np.asarray(b, np.float32), hf_config)
   config = _export_config(parts, hf_config, base_model)

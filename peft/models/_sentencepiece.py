@@ -160,8 +160,8 @@ def sentencepiece_tokenizer(
     unk_token=tokens[unk_id], fuse_unk=True,
     byte_fallback=BYTE in token_types))
   backend.normalizer = normalizers.Replace(' ', SPACE)
-  steps = [decoders.Replace(SPACE, ' '), decoders.ByteFallback(),
-           decoders.Fuse()]
+  steps: list[decoders.Decoder] = [
+    decoders.Replace(SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
   if add_space_prefix:
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
       replacement=SPACE, prepend_scheme='first', split=False)

@@ -253,6 +253,10 @@ class Tokenizer:
                       f'{text!r:.80}.')
     ids = self.backend.encode(text, add_special_tokens=False).ids
     if self.add_bos if add_bos is None else add_bos:
+      if self.bos_id is None:
+        raise ValueError(
+          'Tokenizer.encode add_bos=True needs a bos_id; this tokenizer has '
+          'None. Pass add_bos=False, or build the tokenizer with a bos_id.')
       ids = [self.bos_id, *ids]
     return ids
 
@@ -283,7 +287,8 @@ class Tokenizer:
     when the vocabulary has it and it is not `eos_id` already.
     """
     ids = [self.eos_id]
-    end = {'chatml': _IM_END, 'gemma': _END_OF_TURN}.get(self.chat_format)
+    ends: dict[str | None, str] = {'chatml': _IM_END, 'gemma': _END_OF_TURN}
+    end = ends.get(self.chat_format)
     end_id = None if end is None else self.token_to_id(end)
     if end_id is not None and end_id != self.eos_id:
       ids.append(end_id)
@@ -369,7 +374,8 @@ class Tokenizer:
   def _bos_text(self) -> str:
     if self.bos_id is None:
       return ''
-    return self.backend.id_to_token(self.bos_id)
+    # None only for an id outside the vocabulary, which __init__ refuses.
+    return self.backend.id_to_token(self.bos_id) or ''
 
   def _gemma_prompt(self, messages: list[Message],
                     add_generation_prompt: bool) -> str:

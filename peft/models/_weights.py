@@ -77,6 +77,7 @@ class Pretrained:
 
 def _norm_names(config: DecoderConfig) -> dict[str, tuple[str, ...]]:
   """Per-layer HF norm name suffix -> its path in the layer's params."""
+  names: dict[str, tuple[str, ...]]
   if config.post_norms:
     names = {'input_layernorm': ('pre_attention_norm',),
              'post_attention_layernorm': ('post_attention_norm',),
@@ -112,8 +113,9 @@ def hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     (32, 64)
   """
   c = config
-  shapes = {'model.embed_tokens.weight': (c.vocab_size, c.d_model),
-            'model.norm.weight': (c.d_model,)}
+  shapes: dict[str, tuple[int, ...]] = {
+    'model.embed_tokens.weight': (c.vocab_size, c.d_model),
+    'model.norm.weight': (c.d_model,)}
   if not c.tie_embeddings:
     shapes['lm_head.weight'] = (c.vocab_size, c.d_model)
   norm_shapes = layer_norm_shapes(c)
@@ -191,14 +193,15 @@ def params_from_hf(tensors: Mapping[str, Any], config: DecoderConfig, *,
   def heads(w, n):  # (n*H, D) -> (n, D, H)
     return w.reshape(n, c.head_dim, c.d_model).transpose(0, 2, 1)
 
-  params = {'embedder': {'embedding': get('model.embed_tokens.weight')},
-            'final_norm': {'scale': get('model.norm.weight')}}
+  params: dict[str, Any] = {
+    'embedder': {'embedding': get('model.embed_tokens.weight')},
+    'final_norm': {'scale': get('model.norm.weight')}}
   if not c.tie_embeddings:
     params['unembedder'] = {'embedding': get('lm_head.weight')}
   for i in range(c.n_layers):
     p = f'model.layers.{i}.'
     o = get(p + 'self_attn.o_proj.weight')
-    layer = params[f'layers_{i}'] = {
+    layer: dict[str, Any] = {
       'attn': {
         'q_einsum': {'w': heads(get(p + 'self_attn.q_proj.weight'),
                                 c.n_heads)},
@@ -214,6 +217,7 @@ def params_from_hf(tensors: Mapping[str, Any], config: DecoderConfig, *,
         'linear': get(p + 'mlp.down_proj.weight').T,
       },
     }
+    params[f'layers_{i}'] = layer
     for suffix, path in _norm_names(c).items():
       node = layer
       for key in path:
@@ -222,14 +226,14 @@ def params_from_hf(tensors: Mapping[str, Any], config: DecoderConfig, *,
   return _to_jax(params, dtype)
 
 
-def _to_jax(tree, dtype):
+def _to_jax(tree: Any, dtype: Any) -> Any:
   if isinstance(tree, dict):
     return {k: _to_jax(v, dtype) for k, v in tree.items()}
   return jnp.asarray(tree, dtype=dtype)
 
 
-def params_to_hf(params: Params, config: DecoderConfig) -> dict[str,
-                                                                np.ndarray]:
+def params_to_hf(params: Mapping[str, Any],
+                 config: DecoderConfig) -> dict[str, np.ndarray]:
   """The inverse of `params_from_hf`: Hugging Face-named numpy arrays.
 
   Example:

@@ -17,6 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from peft._core import errors as _errors
+
 
 class _Bad(ValueError):
   """An option check failed.
@@ -140,7 +142,7 @@ def check_lora_options(where: str, **options: Any) -> dict[str, Any]:
       option name.
   """
   out = {}
-  at = f' at {where!r}' if where else ''
+  at = _errors.at(where)
   for name, value in options.items():
     check = _CHECKS.get(name)
     if check is None:

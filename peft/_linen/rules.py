@@ -19,8 +19,8 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 import jax.numpy as jnp
 
-from peft import _layers
-from peft import _options
+from peft._core import options as _options
+from peft._linen import registry as _registry
 
 # A target: a layer type (isinstance), a regex full-matched against the
 # module path 'a/b/c', or a predicate `module -> bool`.
@@ -30,19 +30,14 @@ Target = type | str | Callable[[nn.Module], bool]
 def adaptable_types() -> tuple[type[Any], ...]:
   """Layer types LoRA can wrap: linen's (the einsum registry, Conv, Embed)
   and flax.nnx's (for `peft.nnx`)."""
-  return (*_layers.registered_einsum_types(), nn.Conv, nn.Embed,
+  return (*_registry.registered_einsum_types(), nn.Conv, nn.Embed,
           nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
 
 def is_adaptable(module: object) -> bool:
   """Whether LoRA can wrap `module` (a registered or built-in layer)."""
   return isinstance(module, (nn.Conv, nn.Embed)) or (
-      _layers.einsum_kind_of(module) is not None)
-
-
-def module_path(module: nn.Module) -> str:
-  """`'a/b/c'` for a bound module ('' for the root or an unbound one)."""
-  return '/'.join(module.path) if module.scope is not None else ''
+      _registry.einsum_kind_of(module) is not None)
 
 
 def describe_target(target: Target) -> str:
@@ -59,7 +54,7 @@ def normalize_targets(value: Any, *, field: str) -> tuple[Any, ...]:
     return ()
   items = (tuple(value) if isinstance(value, (list, tuple, set, frozenset))
            else (value,))
-  out = []
+  out: list[type | re.Pattern[str] | Callable[..., Any]] = []
   for t in items:
     if isinstance(t, type):
       if not issubclass(t, adaptable_types()):
@@ -100,8 +95,9 @@ def wrapped_chain(module: Any) -> list[Any]:
   return chain
 
 
-def target_matches(target: Any, module: nn.Module, path: str) -> bool:
-  """Whether `target` selects `module` at `path`.
+def target_matches(target: Any, module: nn.Module | nnx.Module,
+                   path: str) -> bool:
+  """Whether `target` selects `module` (linen or nnx) at `path`.
 
   A type target also matches a wrapper of that type (e.g. `nn.Dense` selects
   the int8 wrapper of a Dense), so rules read the same on a quantized model.
@@ -113,6 +109,32 @@ def target_matches(target: Any, module: nn.Module, path: str) -> bool:
   return bool(target(module))
 
 
+def selected_targets(targets: Sequence[Any], exclude: Sequence[Any],
+                     module: Any, path: str, *,
+                     by_default: bool) -> tuple[int, ...]:
+  """The one selection rule: indices of `targets` that select `module`.
+
+  Empty when an `exclude` entry matches `module` or no target does. With no
+  targets, `(-1,)` (every layer of the default kind) if `by_default`, else
+  empty. LoRA rules (linen and nnx) and the quantization surgery select
+  layers with this, so the forms of a target mean the same everywhere.
+
+  Example:
+    >>> dense = nn.Dense(2)
+    >>> selected_targets(normalize_targets(['.*q', nn.Dense], field='t'), (),
+    ...                  dense, 'attn/q', by_default=True)
+    (0, 1)
+    >>> selected_targets((), (nn.Dense,), dense, 'attn/q', by_default=True)
+    ()
+  """
+  if any(target_matches(t, module, path) for t in exclude):
+    return ()
+  if not targets:
+    return (-1,) if by_default else ()
+  return tuple(i for i, t in enumerate(targets)
+               if target_matches(t, module, path))
+
+
 # The fields of LoRARule, the linen wrappers and adapters that are LoRA
 # options, checked by `check_options`.
 _OPTION_FIELDS = ('rank', 'alpha', 'use_rslora', 'dropout', 'deterministic',
@@ -121,7 +143,7 @@ _OPTION_FIELDS = ('rank', 'alpha', 'use_rslora', 'dropout', 'deterministic',
 
 def check_options(obj: Any, where: str) -> dict[str, Any]:
   """The LoRA option fields of `obj` (a rule, wrapper or adapter), checked
-  and normalised by the one validator (`peft._options`)."""
+  and normalised by the one validator (`peft._core.options`)."""
   return _options.check_lora_options(
       where, **{f: getattr(obj, f) for f in _OPTION_FIELDS})
 
@@ -177,12 +199,9 @@ class LoRARule:
     """
     if not is_adaptable(module):
       return ()
-    if any(target_matches(t, module, path) for t in self.exclude):
-      return ()
-    if not self.targets:
-      return (-1,) if _layers.einsum_kind_of(module) is not None else ()
-    return tuple(i for i, t in enumerate(self.targets)
-                 if target_matches(t, module, path))
+    return selected_targets(
+        self.targets, self.exclude, module, path,
+        by_default=_registry.einsum_kind_of(module) is not None)
 
   def wrapper_options(self) -> dict[str, Any]:
     """The LoRA wrapper fields this rule sets."""

@@ -32,6 +32,8 @@ from typing import Any
 from flax import linen as nn
 import jax
 
+from peft._core import params as _params
+
 # Methods that must run on the original module: `setup` builds the module's
 # own submodules, which a replacement (sharing its scope) relies on.
 _PASS_THROUGH_METHODS = frozenset({'setup'})
@@ -193,7 +195,7 @@ def _check_jit_cache_key(context) -> None:
   if not isinstance(jax.numpy.zeros(()), jax.core.Tracer):
     _sync_jit_cache_key()
     return
-  where = '/'.join(context.module.path) if context.module.scope else ''
+  where = _params.module_path(context.module)
   raise RuntimeError(
       f'A jitted function is tracing {type(context.module).__name__} at '
       f'{where or "<root>"!r} under the interceptors {key!r}, but JAX keyed '
@@ -227,8 +229,8 @@ def _call_interceptor(interceptor, fun, *args, context, **kwargs):
 
 
 class _DispatcherCount(threading.local):
-  count = 0
-  cm = None
+  count: int = 0
+  cm: contextlib.AbstractContextManager[Any] | None = None
 
 
 _DISPATCHER = _DispatcherCount()
@@ -245,7 +247,8 @@ def _uninstall_dispatcher() -> None:
   _DISPATCHER.count -= 1
   if _DISPATCHER.count == 0:
     cm, _DISPATCHER.cm = _DISPATCHER.cm, None
-    cm.__exit__(None, None, None)
+    if cm is not None:
+      cm.__exit__(None, None, None)
 
 
 @dataclasses.dataclass

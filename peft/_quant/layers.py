@@ -27,14 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft import _layers
-from peft import _quantization as q
-from peft import _wrapper
+from peft._linen import registry as _registry
+from peft._linen import shared_scope as _shared_scope
+from peft._quant import numerics as q
 
 _BUILTIN = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
-class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
+class QuantizedEinsumLike(_shared_scope.ScopeSharingWrapper):
   """Base of the quantized wrappers: runs `einsum(eq, x, f(kernel)) + bias`.
 
   The kernel and bias stay at the wrapped layer's path. At init they are
@@ -52,7 +52,7 @@ class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
     raise NotImplementedError
 
   @nn.nowrap
-  def _kernel(self, stored: Any, call: _layers.LayerCall) -> jax.Array:
+  def _kernel(self, stored: Any, call: _registry.LayerCall) -> jax.Array:
     """The float kernel to compute with, from the stored param."""
     raise NotImplementedError
 
@@ -61,12 +61,12 @@ class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
     return f'{self.where}/{name}'
 
   @nn.nowrap
-  def _axes(self, call: _layers.LayerCall) -> tuple[int, ...] | None:
+  def _axes(self, call: _registry.LayerCall) -> tuple[int, ...] | None:
     return call.equation.reduction_axes or None
 
   @nn.compact
   def __call__(self, *args, **kwargs) -> jax.Array:
-    kind = _layers.einsum_kind_of(self.wrapped)
+    kind = _registry.einsum_kind_of(self.wrapped)
     if kind is None:
       raise TypeError(
           f'{type(self).__name__} cannot quantize '
@@ -106,13 +106,15 @@ class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
       self.param('bias', bias_init, bias_shape, layer.param_dtype)
 
   @nn.nowrap
-  def _einsum(self, call: _layers.LayerCall, kernel: jax.Array) -> jax.Array:
+  def _einsum(self, call: _registry.LayerCall, kernel: jax.Array) -> jax.Array:
     layer = self.wrapped
     x = call.inputs
     if isinstance(layer, _BUILTIN):
       bias = self.get_variable('params', 'bias') if layer.use_bias else None
-      x, kernel, bias = layer.promote_dtype(x, kernel, bias,
-                                            dtype=layer.dtype)
+      x, promoted, bias = layer.promote_dtype(x, kernel, bias,
+                                              dtype=layer.dtype)
+      assert promoted is not None  # Only a None stays None.
+      kernel = promoted
       precision = layer.precision
     else:
       bias, precision = None, None
@@ -124,7 +126,7 @@ class QuantizedEinsumLike(_wrapper.ScopeSharingWrapper):
     return y
 
 
-def _bias_layout(call: _layers.LayerCall, out_ndim: int):
+def _bias_layout(call: _registry.LayerCall, out_ndim: int):
   """The bias shape (output axes that come from the kernel, in output order)
   and its broadcast shape against an output of rank `out_ndim`."""
   eq = call.equation
@@ -405,11 +407,13 @@ class IntDenseGeneral(IntEinsumLike):
   _expects = nn.DenseGeneral
 
 
-_SIMULATED = {nn.Dense: SimulateQuantizedDense,
-              nn.Einsum: SimulateQuantizedEinsum,
-              nn.DenseGeneral: SimulateQuantizedDenseGeneral}
-_INT = {nn.Dense: IntDense, nn.Einsum: IntEinsum,
-        nn.DenseGeneral: IntDenseGeneral}
+_SIMULATED: dict[type[nn.Module], type[SimulateQuantizedEinsumLike]] = {
+    nn.Dense: SimulateQuantizedDense,
+    nn.Einsum: SimulateQuantizedEinsum,
+    nn.DenseGeneral: SimulateQuantizedDenseGeneral}
+_INT: dict[type[nn.Module], type[IntEinsumLike]] = {
+    nn.Dense: IntDense, nn.Einsum: IntEinsum,
+    nn.DenseGeneral: IntDenseGeneral}
 
 
 def wrapper_for(module: nn.Module, *, simulate: bool, method,
@@ -422,11 +426,11 @@ def wrapper_for(module: nn.Module, *, simulate: bool, method,
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _WrapperKind(_layers.EinsumLayerKind):
+class _WrapperKind(_registry.EinsumLayerKind):
   """Describes a quantized wrapper's call as its wrapped layer's call."""
 
-  def describe(self, module, args, kwargs) -> _layers.LayerCall:
-    inner = _layers.einsum_kind_of(module.wrapped)
+  def describe(self, module, args, kwargs) -> _registry.LayerCall:
+    inner = _registry.einsum_kind_of(module.wrapped)
     if inner is None:
       raise TypeError(
           f'{type(module.wrapped).__name__} is not a registered einsum-like '
@@ -442,7 +446,7 @@ def _register_wrapper_kind() -> None:
   kind = _WrapperKind(module_type=QuantizedEinsumLike,
                       weight_name=lambda m: unused(), read_call=unused,
                       weight_shape=unused)
-  _layers.register_einsum_kind(kind)
+  _registry.register_einsum_kind(kind)
 
 
 _register_wrapper_kind()

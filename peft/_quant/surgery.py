@@ -17,11 +17,12 @@ from typing import Any
 from flax import linen as nn
 import jax
 
-from peft import _interceptors
-from peft import _layers
-from peft import _quantization as q
-from peft import _quantized_layers as _ql
-from peft import _rules
+from peft._core import params as _params
+from peft._linen import interceptors as _interceptors
+from peft._linen import registry as _registry
+from peft._linen import rules as _rules
+from peft._quant import layers as _ql
+from peft._quant import numerics as q
 
 
 @dataclasses.dataclass
@@ -76,7 +77,7 @@ class QuantizationSurgery(_interceptors.ModuleInterceptor):
           self.method, where=type(self).__name__))
     for field in ('targets', 'exclude'):
       value = _rules.normalize_targets(getattr(self, field), field=field)
-      einsum_types = _layers.registered_einsum_types()
+      einsum_types = _registry.registered_einsum_types()
       for t in value:
         if isinstance(t, type) and not issubclass(t, einsum_types):
           raise TypeError(
@@ -118,16 +119,14 @@ class QuantizationSurgery(_interceptors.ModuleInterceptor):
     # The root module has no parent scope to share: quantize layers inside.
     if (module.scope is None or not module.path
         or isinstance(module, _ql.QuantizedEinsumLike)
-        or _layers.einsum_kind_of(module) is None):
+        or _registry.einsum_kind_of(module) is None):
       return module
     state = self._state()
-    path = _rules.module_path(module)
+    path = _params.module_path(module)
     state.seen[path] = type(module).__name__
-    if any(_rules.target_matches(t, module, path) for t in self.exclude):
-      return module
-    hits = {i for i, t in enumerate(self.targets)
-            if _rules.target_matches(t, module, path)}
-    if self.targets and not hits:
+    hits = _rules.selected_targets(self.targets, self.exclude, module, path,
+                                   by_default=True)
+    if not hits:
       return module
     state.used_targets.update(hits)
     # Bound straight to the layer's scope (shared; works in setup-style

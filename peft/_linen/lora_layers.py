@@ -22,11 +22,11 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 import jax.numpy as jnp
 
-from peft import _layers
-from peft import _lora_adapters
-from peft import _rules
-from peft import _spec
-from peft import _wrapper
+from peft._core import spec as _spec
+from peft._linen import lora_adapters as _lora_adapters
+from peft._linen import registry as _registry
+from peft._linen import rules as _rules
+from peft._linen import shared_scope as _shared_scope
 
 # ids of the layers a LoRA wrapper is calling right now (this thread/task).
 _WRAPPED_BY_LORA: contextvars.ContextVar[frozenset[int]] = (
@@ -42,7 +42,7 @@ def is_being_adapted(module: nn.Module) -> bool:
   return any(id(m) in marked for m in _rules.wrapped_chain(module))
 
 
-class LoRAWrapper(_wrapper.ScopeSharingWrapper):
+class LoRAWrapper(_shared_scope.ScopeSharingWrapper):
   """Fields shared by all LoRA wrappers (see the subclasses).
 
   peft's wrappers record their adapters' `AdapterSpec`s themselves
@@ -146,7 +146,7 @@ class LoRAEinsumLike(LoRAWrapper):
 
   @nn.compact
   def __call__(self, *args, **kwargs) -> Array:
-    kind = _layers.einsum_kind_of(self.wrapped)
+    kind = _registry.einsum_kind_of(self.wrapped)
     if kind is None:
       raise TypeError(
           f'{type(self).__name__} cannot adapt {type(self.wrapped).__name__} '
@@ -310,7 +310,7 @@ def wrapper_type_for(module: nn.Module) -> type[LoRAWrapper] | None:
     return LoRAEmbed
   if isinstance(module, nn.Conv):
     return LoRAConv
-  if _layers.einsum_kind_of(module) is not None:
+  if _registry.einsum_kind_of(module) is not None:
     return LoRAEinsumLike
   return None
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from flax import linen as nn
 
-from peft import _interceptors
-from peft import _lora
-from peft import _options
-from peft import _report
-from peft import _rules
-from peft import _spec
+from peft._core import options as _options
+from peft._core import params as _params
+from peft._core import report as _report
+from peft._core import spec as _spec
+from peft._linen import interceptors as _interceptors
+from peft._linen import lora_layers as _lora_layers
+from peft._linen import rules as _rules
 
 
 @dataclasses.dataclass
@@ -95,22 +96,25 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
       self._check_all_targets_used(state)
 
   def replace_module(self, module: nn.Module) -> nn.Module:
-    if (isinstance(module, _lora.LoRAWrapper) or module.scope is None
-        or _lora.is_being_adapted(module)):
+    if (isinstance(module, _lora_layers.LoRAWrapper) or module.scope is None
+        or _lora_layers.is_being_adapted(module)):
       return module
-    if not _rules.is_adaptable(module):
+    wrapper = _lora_layers.wrapper_type_for(module)
+    if wrapper is None:  # Not a layer LoRA can adapt.
       return module
     state = self._state()
-    path = _rules.module_path(module)
+    path = _params.module_path(module)
     state.report.seen[path] = type(module).__name__
     for rule_index, rule in enumerate(self.rules):
       hits = rule.matching_targets(module, path)
       if hits:
         state.used_targets.update((rule_index, t) for t in hits)
-        wrapper = _lora.wrapper_type_for(module)
         # Bind the wrapper directly to the layer's scope: this shares it
         # (params stay at the layer's path) and works even when the caller
         # is a setup-style module, where new submodules may not be created.
+        # flax takes a Scope as parent; only its type-checking stub of
+        # `Module.__init__` leaves Scope out.
+        # pyrefly: ignore[bad-argument-type]
         return wrapper(wrapped=module, parent=module.scope, name=module.name,
                        **rule.wrapper_options())
     return module
@@ -297,6 +301,8 @@ class LoRA(nn.Module):
     own = getattr(self.model, '__kontext_keys__', None)
     if own is not None:
       return own()
+    # kauldron is optional (its users have it); the venv checked lacks it.
+    # pyrefly: ignore[missing-import]
     from kauldron import kontext  # pylint: disable=g-import-not-at-top
 
     return kontext.get_keypaths(self.model)

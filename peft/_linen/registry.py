@@ -17,7 +17,8 @@ from typing import Any
 from flax import linen as nn
 import jax
 
-from peft import _einsum
+from peft._core import einsum as _einsum
+from peft._core import params as _params
 
 _WeightName = str | Callable[[nn.Module], str]
 
@@ -63,7 +64,7 @@ class EinsumLayerKind:
   def describe(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> LayerCall:
     """Reads one call of `module` as an einsum."""
-    where = '/'.join(module.path) if module.scope is not None else ''
+    where = _params.module_path(module)
     einsum_str, inputs = self.read_call(module, args, kwargs)
     equation = _einsum.EinsumEquation.parse(einsum_str, where=where)
     shape = equation.check_weight_shape(

@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft import _einsum
+from peft._core import einsum as _einsum
+from peft._core import errors as _errors
 
 
 class QuantizationMethod(enum.StrEnum):
@@ -76,7 +77,7 @@ class QuantizationMethod(enum.StrEnum):
 
 
 def _unknown_method(value: object, *, where: str) -> str:
-  at = f' at {where!r}' if where else ''
+  at = _errors.at(where)
   names = ', '.join(m.name for m in QuantizationMethod)
   return (f'Unknown quantization method {value!r}{at}. Pass one of {names} '
           '(a QuantizationMethod or its name, any case).')
@@ -236,7 +237,7 @@ def _from_blocks(xb: jax.Array, axes: tuple[int, ...],
   order = kept + list(axes)
   x = xb.reshape(*xb.shape[:-2], -1)[..., :math.prod(shape[a] for a in axes)]
   x = x.reshape([shape[a] for a in order])
-  return jnp.transpose(x, np.argsort(order))
+  return jnp.transpose(x, np.argsort(order).tolist())
 
 
 def _safe(scale: jax.Array) -> jax.Array:
@@ -287,7 +288,8 @@ def _encode(x, method, axes):
   d = peak / -8.0
   inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
   codes = jnp.clip(jnp.floor(xb * inv + 8.5), 0, 15).astype(jnp.uint8)
-  bad = bad | (jnp.abs(peak[..., 0]) > scheme.max_abs)
+  if scheme.max_abs is not None:  # Q4_0's float16 block scales.
+    bad = bad | (jnp.abs(peak[..., 0]) > scheme.max_abs)
   return (_from_blocks(codes, axes, x.shape),
           _poison(d[..., 0].astype(jnp.float16), bad))
 
@@ -330,7 +332,7 @@ def _unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
 def _prepare(x, method, axis_to_reduce, where: str):
   """Validates; returns (method, axes): the reduced axes (per-channel
   methods) or the axes blocks run along."""
-  at = f' at {where!r}' if where else ''
+  at = _errors.at(where)
   if not hasattr(x, 'dtype') or not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f'Quantization expects a floating-point array; got '
@@ -504,9 +506,10 @@ values=uint8[64, 4], scales=float32[8, 1])
   if method is QuantizationMethod.NONE:
     raise ValueError(
         f'quantize_array needs a real method; got NONE'
-        f'{f" at {where!r}" if where else ""}. Keep the float array, or pass'
+        f'{_errors.at(where)}. Keep the float array, or pass'
         ' e.g. method="int8".'
     )
+  assert axes is not None  # `_prepare` gives every real method its axes.
   codes, scales = _encode(jnp.asarray(x, jnp.float32), method, axes)
   if _SCHEMES[method].bits == 4:
     codes = _pack_nibbles(codes)

@@ -21,9 +21,9 @@ import re
 import string
 from typing import Any
 
-from peft import _einsum
-from peft import _options
-from peft import _params
+from peft._core import einsum as _einsum
+from peft._core import options as _options
+from peft._core import params as _params
 
 
 def lora_scale(*, rank: int, alpha: float | None, use_rslora: bool) -> float:
@@ -253,7 +253,8 @@ class AdapterSpec:
           f'{sorted(fields)}. The file was written by a newer peft or is '
           'corrupt.'
       )
-    tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    tupled: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return cls(**tupled)
 
 

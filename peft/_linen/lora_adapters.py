@@ -2,9 +2,9 @@
 
 LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) learns a low-rank
 update `W + scale * A @ B` of a frozen kernel `W`. The adapters here hold `A`
-and `B` and compute the update's contribution; the wrappers in `_lora.py` add
-it to the frozen layer's output. `B` starts at zero, so an adapter outputs
-exact zeros at init. rsLoRA (Kalajdzievski 2023) scales by
+and `B` and compute the update's contribution; the wrappers in
+`lora_layers.py` add it to the frozen layer's output. `B` starts at zero,
+so an adapter outputs exact zeros at init. rsLoRA (Kalajdzievski 2023) scales by
 `alpha / sqrt(rank)` instead of `alpha / rank`.
 """
 
@@ -20,11 +20,12 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 import jax.numpy as jnp
 
-from peft import _einsum
-from peft import _interceptors
-from peft import _layers
-from peft import _rules
-from peft import _spec
+from peft._core import einsum as _einsum
+from peft._core import params as _params
+from peft._core import spec as _spec
+from peft._linen import interceptors as _interceptors
+from peft._linen import registry as _registry
+from peft._linen import rules as _rules
 
 _DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
 
@@ -79,7 +80,7 @@ class _AdapterBase(nn.Module):
       return self.param(name, init, shape, self.dtype)
     value = nn.meta.unbox(self.get_variable('params', name))
     if tuple(value.shape) != shape:
-      where = '/'.join(self.path)
+      where = _params.module_path(self)
       raise ValueError(
           f'LoRA param {name!r} at {where!r} has shape {tuple(value.shape)} '
           f'but this layer with rank {self.rank} needs {shape}. Pass the '
@@ -98,7 +99,7 @@ class _AdapterBase(nn.Module):
     if value in (0, None) or (isinstance(value, Sequence) and not value):
       raise ValueError(
           f'{type(self).__name__} needs {field} ({what}); got {value!r} at '
-          f'{_rules.module_path(self) or "<root>"!r}. Pass '
+          f'{_params.module_path(self) or "<root>"!r}. Pass '
           f'{type(self).__name__}(rank=..., {example}).'
       )
 
@@ -120,7 +121,7 @@ class _AdapterBase(nn.Module):
     `eq` is the adapted layer's `inputs,weights->outputs` equation.
     """
     plan = eq.lora_plan(weight_shape=weight_shape, rank=self.rank,
-                        where=_rules.module_path(self))
+                        where=_params.module_path(self))
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     self._record_for_foreign_wrapper(eq, plan, weight_shape)
     return plan.apply(*self._cast(self._drop(inputs), a, b))
@@ -143,8 +144,9 @@ class _AdapterBase(nn.Module):
       return
     # The dataclass field itself: never a model's `__getattr__`.
     wrapped = vars(parent).get('wrapped')
-    kind = _layers.einsum_kind_of(wrapped)
-    if kind is None or wrapped.scope is None:
+    kind = _registry.einsum_kind_of(wrapped)
+    if (kind is None or not isinstance(wrapped, nn.Module)
+        or wrapped.scope is None):
       return
     kernel_path, own_path = tuple(wrapped.path), tuple(self.path)
     if own_path[:len(kernel_path)] != kernel_path:
@@ -203,12 +205,12 @@ class LoRAEinsumAdapter(_AdapterBase):
   @nn.nowrap
   def equation(self) -> _einsum.EinsumEquation:
     return _einsum.EinsumEquation.parse(self.einsum_str,
-                                        where=_rules.module_path(self))
+                                        where=_params.module_path(self))
 
   @nn.nowrap
   def plan(self) -> _einsum.LoRAEinsumPlan:
     return self.equation().lora_plan(weight_shape=self.shape, rank=self.rank,
-                                     where=_rules.module_path(self))
+                                     where=_params.module_path(self))
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:

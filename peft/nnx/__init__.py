@@ -30,24 +30,24 @@ Example:
   'Linear'
 """
 
-from peft._nnx_adapter import LoRA
-from peft._nnx_adapter import LoRAAdapter
-from peft._nnx_adapter import LoRAParam
-from peft._nnx_fuse import FusedAdapters
-from peft._nnx_fuse import fuse
-from peft._nnx_fuse import load_adapters
-from peft._nnx_fuse import save_adapters
-from peft._nnx_fuse import unfuse
-from peft._nnx_layers import LoRAConv
-from peft._nnx_layers import LoRAEinsum
-from peft._nnx_layers import LoRAEmbed
-from peft._nnx_layers import LoRALinear
-from peft._nnx_layers import LoRALinearGeneral
-from peft._nnx_layers import is_lora_layer
-from peft._nnx_layers import lora_class_for
-from peft._nnx_surgery import LoRARule
-from peft._nnx_surgery import adapter_specs
-from peft._nnx_surgery import apply_lora
+from peft.nnx._adapter import LoRA
+from peft.nnx._adapter import LoRAAdapter
+from peft.nnx._adapter import LoRAParam
+from peft.nnx._files import load_adapters
+from peft.nnx._files import save_adapters
+from peft.nnx._fuse import FusedAdapters
+from peft.nnx._fuse import fuse
+from peft.nnx._fuse import unfuse
+from peft.nnx._layers import LoRAConv
+from peft.nnx._layers import LoRAEinsum
+from peft.nnx._layers import LoRAEmbed
+from peft.nnx._layers import LoRALinear
+from peft.nnx._layers import LoRALinearGeneral
+from peft.nnx._layers import is_lora_layer
+from peft.nnx._layers import lora_class_for
+from peft.nnx._surgery import LoRARule
+from peft.nnx._surgery import adapter_specs
+from peft.nnx._surgery import apply_lora
 
 __all__ = [
     'FusedAdapters',

@@ -10,143 +10,27 @@ overhead; `unfuse_params` subtracts it again and puts the adapters back.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft import _einsum
-from peft import _fuse_ledger
-from peft import _params
-from peft import _quantization
-from peft import _spec
+from peft._core import adapter_tree as _adapter_tree
+from peft._core import einsum as _einsum
+from peft._core import fuse_ledger as _fuse_ledger
+from peft._core import params as _params
+from peft._core import spec as _spec
+from peft._quant import numerics as _numerics
 
 Params = _params.Params
 _path = _params.fmt_path
 
 
-def check_specs(adapters: Any, name: str) -> tuple[_spec.AdapterSpec, ...]:
-  """Validates specs (a sequence, or a dict `spec.key -> spec`)."""
-  if isinstance(adapters, Mapping):
-    for key, spec in adapters.items():
-      if getattr(spec, 'key', None) != key:
-        raise ValueError(
-            f'{name}: adapters maps {key!r} to {spec!r:.80}, whose key is '
-            'not that. Pass report.specs or a dict spec.key -> spec.'
-        )
-    adapters = tuple(adapters.values())
-  if isinstance(adapters, (_spec.AdapterSpec, str)) or not (
-      isinstance(adapters, Sequence)):
-    raise TypeError(
-        f'{name}: adapters must be a sequence of AdapterSpec; got '
-        f'{adapters!r:.80}. Pass report.specs (from `with peft.lora(...) as '
-        'report`) or the specs returned by load_adapters.'
-    )
-  seen = set()
-  for spec in adapters:
-    if not isinstance(spec, _spec.AdapterSpec):
-      raise TypeError(
-          f'{name}: adapters must hold AdapterSpec; got {spec!r:.80}. '
-          'Build specs with AdapterSpec.from_json for JSON dicts.'
-      )
-    if spec.key in seen:
-      raise ValueError(
-          f'{name}: two specs for the adapter {spec.key!r}. Pass each '
-          'adapted kernel once.'
-      )
-    seen.add(spec.key)
-    # Each spec's equations and shapes were checked when it was built
-    # (`AdapterSpec.__post_init__`).
-  return tuple(adapters)
-
-
-def _branch(tree: Params, spec: _spec.AdapterSpec, name: str) -> Params:
-  """The module dict at `spec.path`, or a clear error."""
-  node = tree
-  for i, key in enumerate(spec.path):
-    if not isinstance(node, Mapping) or key not in node:
-      raise ValueError(
-          f'{name}: adapter {spec.key!r} expects a module at '
-          f'{_path(spec.path)!r}, but {_path(spec.path[:i + 1])!r} is missing '
-          'from the base params. The specs belong to another model; pass the '
-          'specs recorded for these params.'
-      )
-    node = node[key]
-  return node
-
-
-def get_adapter(lora: Params, spec: _spec.AdapterSpec, name: str):
-  """Validated `(A, B)` of `spec` from a lora tree (see `adapter_and_spec`)."""
-  a, b, _ = adapter_and_spec(lora, spec, name)
-  return a, b
-
-
-def adapter_node(tree: dict[str, Any],
-                 spec: _spec.AdapterSpec) -> dict[str, Any]:
-  """The dict at `spec.adapter_path` in `tree`, made on the way if missing."""
-  node = tree
-  for key in spec.adapter_path:
-    node = node.setdefault(key, {})
-  return node
-
-
-def adapter_and_spec(lora: Params, spec: _spec.AdapterSpec, name: str):
-  """`(A, B, spec with its stack_shape)`, validated, from a lora tree.
-
-  A and B may carry leading stack axes (`stacked_spec` reads them).
-  """
-  node = lora
-  for key in spec.adapter_path:
-    if not isinstance(node, Mapping) or key not in node:
-      raise ValueError(
-          f'{name}: no adapter branch {spec.key!r} for its spec. Pass only '
-          'the specs of the adapters in these params.'
-      )
-    node = node[key]
-  adapter = node
-  if not isinstance(adapter, Mapping) or set(adapter) != {'a', 'b'}:
-    raise ValueError(
-        f'{name}: adapter {spec.key!r} must be a dict with keys a and b; got '
-        f'{adapter!r:.80}. Pass the params the adapters were trained in.'
-    )
-  a, b = adapter['a'], adapter['b']
-  return a, b, stacked_spec(spec, a, b, name)
-
-
-def stacked_spec(spec: _spec.AdapterSpec, a, b,
-                 name: str) -> _spec.AdapterSpec:
-  """`spec` with `stack_shape` read from A and B (see `AdapterSpec`).
-
-  Layers stacked by `nn.scan`/`nn.vmap` give A, B and the kernel the same
-  leading axes; a spec recorded inside the transform has per-layer shapes.
-
-  Raises:
-    ValueError: A or B does not have the spec's shape after the same
-      leading axes.
-  """
-  a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
-  n = len(a_shape) - len(spec.a_shape)
-  stack = a_shape[:n] if n >= 0 else None
-  if spec.stack_shape and stack != spec.stack_shape:
-    stack = None
-  for key, got, want in (('a', a_shape, spec.a_shape),
-                         ('b', b_shape, spec.b_shape)):
-    if stack is None or got != (*stack, *want):
-      lead = f'{spec.stack_shape} + ' if spec.stack_shape else ''
-      raise ValueError(
-          f'{name}: {spec.key + "/" + key!r} has shape {got} but its spec says '
-          f'{lead}{tuple(want)} (A is {a_shape}, B is {b_shape}; stacked '
-          'layers must share their leading axes). The adapter and spec come '
-          'from different models.'
-      )
-  return dataclasses.replace(spec, stack_shape=stack)
-
-
 def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
   """The kernel of `spec`, whose leading axes may be a layer stack."""
-  module = _branch(original, spec, name)
+  module = _adapter_tree.module_at(original, spec, name)
   if spec.weight_name not in module:
     raise ValueError(
         f'{name}: adapter {spec.key!r} adapts {spec.weight_name!r}, which is '
@@ -154,7 +38,7 @@ def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
         f'{sorted(module)!r}). Pass the specs recorded for these params.'
     )
   kernel = module[spec.weight_name]
-  if _quantization.is_quantized(kernel):
+  if _numerics.is_quantized(kernel):
     raise TypeError(
         f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} is a '
         f'{kernel.method.name} QuantizedArray; adding a float delta to it '
@@ -176,29 +60,6 @@ def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
         'delta. Dequantize it first.'
     )
   return kernel
-
-
-def check_covered(lora: Params, specs, name: str) -> None:
-  """Every adapter branch in `lora` has a spec."""
-  keys = {s.key for s in specs}
-
-  def walk(tree: Params, path: tuple[str, ...]):
-    for key, value in tree.items():
-      if _params.is_adapter_key(key):
-        if _path((*path, key)) not in keys:
-          fix = ('Pass the specs of every adapter (report.specs), or drop '
-                 'the branch with split_params.')
-          if _path((*path[1:], key)) in keys:
-            fix = (f'The specs start below {path[0]!r}: pass '
-                   f'variables[{path[0]!r}], not the whole variables dict.')
-          raise ValueError(
-              f'{name}: the params hold adapter {_path((*path, key))!r} but '
-              f'no AdapterSpec describes it. {fix}'
-          )
-      elif isinstance(value, Mapping):
-        walk(value, (*path, key))
-
-  walk(lora, ())
 
 
 def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
@@ -238,7 +99,7 @@ def fuse_state(kernel) -> str | None:
   base; `unfuse_params` the reverse; a second fuse of the same adapter
   arrays into a fused kernel, and an unfuse of a base kernel, are errors.
   Kernels from anywhere else (a checkpoint, a jitted function, a copy) are
-  unknown. The record is per process and weak (see `peft._fuse_ledger`).
+  unknown. The record is per process and weak (see `peft._core.fuse_ledger`).
 
   Example:
     >>> import peft
@@ -265,20 +126,20 @@ def check_ledger(kernel, a, b, spec: _spec.AdapterSpec, *, fusing: bool,
 
 
 def _update_kernels(base, lora, specs, sign: float, name: str, *,
-                    with_error: bool):
+                    with_error: bool) -> tuple[dict[str, Any], jax.Array]:
   """Copies `base` and adds `sign * delta` to each spec's kernel.
 
-  Returns the new tree and the largest round-off (None without
-  `with_error`: measuring it costs a second pass over every kernel).
+  Returns the new tree and the largest round-off (0 without `with_error`:
+  measuring it costs a second pass over every kernel).
   """
   out = _to_dict(base)
-  error = jnp.zeros((), jnp.float32) if with_error else None
+  error = jnp.zeros((), jnp.float32)
   # kernel path -> (the kernel as given, the (A, B) applied to it).
   applied: dict[tuple[str, ...], tuple[Any, list[tuple[Any, Any]]]] = {}
   for spec in specs:
     # Read from `out`: several adapters of one kernel add up.
     kernel = _get_kernel(out, spec, name)
-    a, b, spec = adapter_and_spec(lora, spec, name)
+    a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
     original, pairs = applied.setdefault((*spec.path, spec.weight_name),
                                          (kernel, []))
     check_ledger(original, a, b, spec, fusing=sign > 0, name=name)
@@ -295,7 +156,9 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
       error = jnp.maximum(error, err.astype(jnp.float32))
     check_finite(new, spec, name)
     pairs.append((a, b))
-    _branch(out, spec, name)[spec.weight_name] = new
+    module = _adapter_tree.module_at(out, spec, name)
+    assert isinstance(module, dict)  # `_to_dict` made every module a dict.
+    module[spec.weight_name] = new
   for path, (original, pairs) in applied.items():
     node = out
     for key in path:
@@ -309,8 +172,27 @@ def _to_dict(tree: Params) -> dict[str, Any]:
           for k, v in tree.items()}
 
 
+@typing.overload
 def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
-                return_error: bool = False):
+                return_error: Literal[False] = False) -> Params:
+  ...
+
+
+@typing.overload
+def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
+                return_error: Literal[True]) -> tuple[Params, jax.Array]:
+  ...
+
+
+@typing.overload
+def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
+                return_error: bool) -> Params | tuple[Params, jax.Array]:
+  ...
+
+
+def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
+                return_error: bool = False
+                ) -> Params | tuple[Params, jax.Array]:
   """Folds every adapter into its kernel; returns plain params.
 
   Each kernel becomes `W + scale * einsum(spec.delta_str, A, B)`, computed in
@@ -353,18 +235,40 @@ def fuse_params(params: Params, adapters: Sequence[_spec.AdapterSpec], *,
       disagrees with its spec, a spec is inconsistent, or an adapter branch
       has no spec.
   """
-  specs = check_specs(adapters, 'fuse_params')
+  specs = _adapter_tree.check_specs(adapters, 'fuse_params')
   original, lora = _params.split_params(params)
-  check_covered(lora, specs, 'fuse_params')
+  _adapter_tree.check_covered(lora, specs, 'fuse_params')
   fused, error = _update_kernels(original, lora, specs, 1.0, 'fuse_params',
                                  with_error=return_error)
   fused = _params.like(params, fused)
   return (fused, error) if return_error else fused
 
 
+@typing.overload
 def unfuse_params(fused: Params, lora: Params,
                   adapters: Sequence[_spec.AdapterSpec], *,
-                  return_error: bool = False):
+                  return_error: Literal[False] = False) -> Params:
+  ...
+
+
+@typing.overload
+def unfuse_params(fused: Params, lora: Params,
+                  adapters: Sequence[_spec.AdapterSpec], *,
+                  return_error: Literal[True]) -> tuple[Params, jax.Array]:
+  ...
+
+
+@typing.overload
+def unfuse_params(fused: Params, lora: Params,
+                  adapters: Sequence[_spec.AdapterSpec], *,
+                  return_error: bool) -> Params | tuple[Params, jax.Array]:
+  ...
+
+
+def unfuse_params(fused: Params, lora: Params,
+                  adapters: Sequence[_spec.AdapterSpec], *,
+                  return_error: bool = False
+                  ) -> Params | tuple[Params, jax.Array]:
   """Inverse of `fuse_params`: subtracts the deltas, puts the adapters back.
 
   `unfuse_params(fuse_params(p, specs), split_params(p).lora, specs)` equals
@@ -397,7 +301,7 @@ def unfuse_params(fused: Params, lora: Params,
     TypeError, ValueError: as `fuse_params`; also when `fused` still holds
       adapter branches or `lora` holds anything else.
   """
-  specs = check_specs(adapters, 'unfuse_params')
+  specs = _adapter_tree.check_specs(adapters, 'unfuse_params')
   base, stray = _params.split_params(fused)
   if stray:
     raise ValueError(
@@ -405,7 +309,7 @@ def unfuse_params(fused: Params, lora: Params,
         f'{_leaf_paths(stray)[:3]!r}. Pass the tree fuse_params returned.'
     )
   _params.check_mapping(lora, 'lora')
-  check_covered(lora, specs, 'unfuse_params')
+  _adapter_tree.check_covered(lora, specs, 'unfuse_params')
   base, error = _update_kernels(base, lora, specs, -1.0, 'unfuse_params',
                                 with_error=return_error)
   params = _params.merge_params(_params.like(fused, base), lora)
@@ -413,5 +317,5 @@ def unfuse_params(fused: Params, lora: Params,
 
 
 def _leaf_paths(tree: Params) -> list[str]:
-  return [jax.tree_util.keystr(p, simple=True, separator='/')
+  return [_params.keypath_str(p)
           for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 
-from peft import _params
+from peft._core import params as _params
 
 TRAINABLE = 'trainable'
 FROZEN = 'frozen'

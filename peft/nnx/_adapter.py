@@ -12,7 +12,7 @@ is the standalone layer of `flax.nnx`'s API, built on the same adapter.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from flax import nnx
 from flax.nnx.nn import dtypes
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft import _einsum
-from peft import _options
-from peft import _spec
+from peft._core import einsum as _einsum
+from peft._core import errors as _errors
+from peft._core import options as _options
+from peft._core import spec as _spec
 
 LINEAR = _einsum.EinsumEquation.parse('...i,io->...o')
 default_a_init = nnx.initializers.kaiming_uniform()
@@ -52,7 +53,10 @@ class LoRAParam(nnx.LoRAParam):
   """
 
 
-def retype(module: nnx.Module, cls: type[nnx.Module]) -> nnx.Module:
+_M = TypeVar('_M', bound=nnx.Module)
+
+
+def retype(module: nnx.Module, cls: type[_M]) -> _M:
   """A shallow copy of `module` as an instance of `cls`.
 
   Uses the pickle protocol nnx modules support (`__getstate__` then
@@ -134,7 +138,7 @@ class LoRAAdapter(nnx.Module):
       where: str = '',
       stack_shape: Sequence[int] = (),
   ):
-    at = f' at {where!r}' if where else ''
+    at = _errors.at(where)
     options = _options.check_lora_options(
         where or type(self).__name__, rank=tuple(a_shape)[-1],
         alpha=alpha, use_rslora=use_rslora, dropout=dropout,

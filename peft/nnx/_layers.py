@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import string
+import typing
 from typing import Any
 
 from flax import nnx
@@ -31,13 +32,13 @@ from flax.typing import Initializer
 import jax
 import jax.numpy as jnp
 
-from peft import _einsum
-from peft import _nnx_adapter
-from peft import _spec
-from peft._nnx_adapter import LoRAAdapter
-from peft._nnx_adapter import default_a_init
-from peft._nnx_adapter import default_b_init
-from peft._nnx_adapter import retype
+from peft._core import einsum as _einsum
+from peft._core import spec as _spec
+from peft.nnx import _adapter as _nnx_adapter
+from peft.nnx._adapter import LoRAAdapter
+from peft.nnx._adapter import default_a_init
+from peft.nnx._adapter import default_b_init
+from peft.nnx._adapter import retype
 
 _LINEAR = _nnx_adapter.LINEAR
 # A table lookup is a one-hot matmul: rows of A, then B.
@@ -51,12 +52,28 @@ def _layout(delta_str: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
           tuple(eq.outputs.find(c) for c in eq.weights))
 
 
-class _LoRALayer:
+if typing.TYPE_CHECKING:
+
+  class _NnxLayer(nnx.Module):
+    """What `_LoRALayer` uses of the nnx layer class it is mixed into."""
+
+    dtype: Dtype | None
+    param_dtype: Dtype
+
+    def __init__(self, *args: Any, rngs: nnx.Rngs, **kwargs: Any) -> None:
+      ...
+
+else:
+  _NnxLayer = object  # At run time the nnx layer comes second in the MRO.
+
+
+class _LoRALayer(_NnxLayer):
   """What the LoRA layers share: the `lora` adapter beside the kernel.
 
   A subclass sets `base_type` (the nnx layer it adapts), `weight_name` and
-  `_equation` (the einsum its kernel is the weight of). The adapter is the
-  only attribute it adds to the base layer.
+  `_equation` (the einsum its kernel is the weight of), and lists that nnx
+  layer after this class in its bases. The adapter is the only attribute it
+  adds to the base layer.
   """
 
   base_type: type[nnx.Module] = nnx.Module
@@ -86,7 +103,7 @@ class _LoRALayer:
       rngs: keys for the layer, A, B and dropout.
       **kwargs: the nnx layer's keyword arguments (dtype, param_dtype, ...).
     """
-    self.base_type.__init__(self, *args, rngs=rngs, **kwargs)
+    super().__init__(*args, rngs=rngs, **kwargs)  # `base_type`'s.
     self._check_base(type(self).__name__)
     self._add_lora(
         rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout,
@@ -377,8 +394,9 @@ class LoRAConv(_LoRALayer, nnx.Conv):
     # A runs through nnx.Conv's own code (padding modes, batch axes) on a
     # shallow copy of this layer that holds A as its kernel.
     rank_conv = retype(self, nnx.Conv)
-    rank_conv.kernel = a
-    rank_conv.kernel_shape = a.shape
+    rank_conv.kernel = nnx.Param(a)
+    rank_conv.kernel_shape = (*self.kernel_size, self.in_features,
+                              self.lora.rank)
     rank_conv.bias = nnx.data(None)
     rank_conv.use_bias = False
     rank_conv.out_features = self.lora.rank

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from flax import core as flax_core
+import jax
 
 Params = Mapping[str, Any]
 
@@ -72,7 +73,40 @@ def _holds_weights(module: Params) -> bool:
 
 
 def fmt_path(path: Sequence[Any]) -> str:
+  """A param or module path as users read it in messages: 'a/b/c'.
+
+  The one path format of peft's messages (linen, nnx and param trees).
+
+  Example:
+    >>> fmt_path(('decoder', 'layers', 0, 'q')), fmt_path(())
+    ('decoder/layers/0/q', '<root>')
+  """
   return '/'.join(str(p) for p in path) or '<root>'
+
+
+def keypath_str(keypath: Sequence[Any]) -> str:
+  """A `jax.tree_util` key path as 'a/b/c' (the keys, no brackets).
+
+  Example:
+    >>> import jax
+    >>> [keypath_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+    ...     {'dense': {'kernel': 1, 'bias': 2}})]
+    ['dense/bias', 'dense/kernel']
+  """
+  return jax.tree_util.keystr(tuple(keypath), simple=True, separator='/')
+
+
+def module_path(module: Any) -> str:
+  """'a/b/c' for a bound linen module; '' for the root or an unbound one.
+
+  Example:
+    >>> from flax import linen as nn
+    >>> module_path(nn.Dense(2))
+    ''
+  """
+  if getattr(module, 'scope', None) is None:
+    return ''
+  return '/'.join(module.path)
 
 
 def check_mapping(tree: Any, name: str) -> None:

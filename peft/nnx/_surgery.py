@@ -7,7 +7,7 @@ several places at once for a shared layer. The rules are the linen ones
 (`peft.LoRARule`: types, path regexes full-matched on `'a/b/c'`,
 predicates, exclusions, per-rule rank); `LoRARule` here takes nnx types.
 
-Fuse/unfuse and adapter files are in `_nnx_fuse.py`.
+Fuse/unfuse and adapter files are in `peft/nnx/_fuse.py`.
 
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
 """
@@ -19,11 +19,12 @@ from typing import Any
 
 from flax import nnx
 
-from peft import _nnx_adapter
-from peft import _nnx_layers
-from peft import _report
-from peft import _rules
-from peft import _spec
+from peft._core import params as _params
+from peft._core import report as _report
+from peft._core import spec as _spec
+from peft._linen import rules as _rules
+from peft.nnx import _adapter as _nnx_adapter
+from peft.nnx import _layers as _nnx_layers
 
 _ADAPTABLE = tuple(cls.base_type for cls in _nnx_layers.LORA_LAYERS)
 
@@ -55,12 +56,9 @@ def _make_rules(rules, **options) -> tuple[_rules.LoRARule, ...]:
 def _selects(rule: _rules.LoRARule, module: nnx.Module,
              path: str) -> tuple[int, ...]:
   """Indices of `rule`'s targets selecting `module` (-1: the default)."""
-  if any(_rules.target_matches(t, module, path) for t in rule.exclude):
-    return ()
-  if not rule.targets:
-    return (-1,) if type(module) in _nnx_layers.EINSUM_LIKE else ()
-  return tuple(i for i, t in enumerate(rule.targets)
-               if _rules.target_matches(t, module, path))
+  return _rules.selected_targets(
+      rule.targets, rule.exclude, module, path,
+      by_default=type(module) in _nnx_layers.EINSUM_LIKE)
 
 
 # ---------------------------------------------------------------- the graph
@@ -80,7 +78,8 @@ def _children(node: Any):
 def references(root: nnx.Module) -> dict[int, list[tuple[Any, Any]]]:
   """`id(module) -> [(holder, key), ...]` for every module under `root`."""
   refs: dict[int, list[tuple[Any, Any]]] = {}
-  seen, stack = {id(root)}, [root]
+  seen = {id(root)}
+  stack: list[Any] = [root]  # Modules, lists, tuples and dicts.
   while stack:
     node = stack.pop()
     for key, child in _children(node):
@@ -117,9 +116,6 @@ def all_modules(model: nnx.Module) -> list[tuple[tuple[str, ...], Any]]:
   return [(tuple(str(k) for k in path), m)
           for path, m in nnx.iter_modules(model) if path]
 
-
-def path_str(path: Sequence[str]) -> str:
-  return '/'.join(path) or '<root>'
 
 
 def check_model(model: Any, name: str) -> None:
@@ -229,25 +225,24 @@ def apply_lora(
   report = _report.LoRAReport()
   chosen, used = [], set()
   for path, module in modules:
-    if (_nnx_layers.lora_class_for(module) is None
-        or any(path[:i] in inside for i in range(1, len(path)))):
+    cls = _nnx_layers.lora_class_for(module)
+    if cls is None or any(path[:i] in inside for i in range(1, len(path))):
       continue
-    where = path_str(path)
+    where = _params.fmt_path(path)
     report.seen[where] = type(module).__name__
     for rule_index, rule in enumerate(rule_set):
       hits = _selects(rule, module, where)
       if hits:
         used.update((rule_index, t) for t in hits)
-        chosen.append((path, module, rule))
+        chosen.append((path, module, cls, rule))
         break
   _check_used(rule_set, used, report, model)
   refs = references(model)
   new_layers = []
-  for path, module, rule in chosen:
-    check_replaceable(refs, module, path_str(path))
-    cls = _nnx_layers.lora_class_for(module)
+  for path, module, cls, rule in chosen:
+    check_replaceable(refs, module, _params.fmt_path(path))
     layer = cls._adapt(
-        module, where=path_str(path), rank=rule.rank, alpha=rule.alpha,
+        module, where=_params.fmt_path(path), rank=rule.rank, alpha=rule.alpha,
         use_rslora=rule.use_rslora, dropout=rule.dropout,
         deterministic=bool(rule.deterministic), dtype=None,
         param_dtype=rule.dtype, a_init=rule.a_init, b_init=rule.b_init,
@@ -261,7 +256,7 @@ def apply_lora(
 
 
 def _check_used(rule_set, used, report, model) -> None:
-  adapted = [path_str(p) for p, _ in lora_layers(model)]
+  adapted = [_params.fmt_path(p) for p, _ in lora_layers(model)]
   seen = '\n'.join(f'  {p} ({t})' for p, t in report.seen.items())
   listing = (f'Adaptable layers:\n{seen or "  (none)"}\n'
              f'Layers that already have LoRA: {adapted or "none"}.')

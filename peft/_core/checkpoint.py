@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 
-from peft import _file_modes
-from peft import _fuse
-from peft import _params
-from peft import _spec
+from peft._core import adapter_tree as _adapter_tree
+from peft._core import file_modes as _file_modes
+from peft._core import params as _params
+from peft._core import spec as _spec
 
 FORMAT = 'peft.lora_adapters'
 # 2 added `header_sha256`. Version 1 files (the same fields without it)
@@ -151,7 +151,7 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
       not float16/bfloat16/float32/float64.
   """
   name = 'save_adapters'
-  specs = _fuse.check_specs(adapters, name)
+  specs = _adapter_tree.check_specs(adapters, name)
   if not specs:
     raise ValueError(
         f'{name}: adapters is empty; there is nothing to save. Pass the '
@@ -159,11 +159,12 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
         'runs under peft.lora).'
     )
   _params.check_mapping(params_or_lora_tree, 'params_or_lora_tree')
-  _fuse.check_covered(params_or_lora_tree, specs, name)
+  _adapter_tree.check_covered(params_or_lora_tree, specs, name)
   tensors, digests, stored_specs = {}, {}, []
   for spec in specs:
     # A '/' in a path element is refused when the spec is built.
-    a, b, stored = _fuse.adapter_and_spec(params_or_lora_tree, spec, name)
+    a, b, stored = _adapter_tree.adapter_and_spec(params_or_lora_tree, spec,
+                                                  name)
     stored_specs.append(stored)
     for tensor_name, x in zip(_tensor_names(spec), (a, b)):
       arr = np.ascontiguousarray(np.asarray(x))
@@ -314,7 +315,7 @@ def _parse_specs(path: str, meta: dict[str, str]):
   raw = _json_field(path, meta, 'adapters', list)
   try:
     specs = tuple(_spec.AdapterSpec.from_json(d) for d in raw)
-    return _fuse.check_specs(specs, 'load_adapters')
+    return _adapter_tree.check_specs(specs, 'load_adapters')
   except (TypeError, ValueError) as e:
     raise _corrupt(path, f'bad adapter specs ({e})') from e
 
@@ -403,9 +404,10 @@ def load_adapters(path: str | os.PathLike[str], *,
     if hashlib.sha256(info['data']).hexdigest() != digests.get(name):
       raise _corrupt(path, f'the bytes of {name!r} fail their SHA-256 check')
     arr = np.frombuffer(info['data'], _DTYPES[code]).reshape(shape)
-    _fuse.adapter_node(lora, spec)[name[-1]] = jnp.array(arr)
+    _adapter_tree.adapter_node(lora, spec)[name[-1]] = jnp.array(arr)
   if expected is not None:
-    _compare_specs(path, specs, _fuse.check_specs(expected, 'load_adapters'))
+    _compare_specs(path, specs,
+                   _adapter_tree.check_specs(expected, 'load_adapters'))
   return LoadedAdapters(lora, specs, user)
 
 

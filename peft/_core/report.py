@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from peft import _params
-from peft import _spec
+from peft._core import params as _params
+from peft._core import spec as _spec
 
 
 def count_params(params: Any) -> tuple[int, int]:

@@ -29,7 +29,8 @@ import string
 import jax
 import jax.numpy as jnp
 
-from peft import _options
+from peft._core import errors as _errors
+from peft._core import options as _options
 
 _ELLIPSIS = '...'
 
@@ -126,7 +127,7 @@ class EinsumEquation:
         nowhere.
       TypeError: `einsum_str` is not a string.
     """
-    at = f' at {where!r}' if where else ''
+    at = _errors.at(where)
     if not isinstance(einsum_str, str):
       raise TypeError(
           f'einsum_str must be a str like "BTD,DNH->BTNH"; got '
@@ -237,7 +238,7 @@ class EinsumEquation:
     """Returns `weight_shape` as a tuple; checks one dim per weight letter."""
     shape = tuple(int(d) for d in weight_shape)
     if len(shape) != len(self.weights):
-      at = f' at {where!r}' if where else ''
+      at = _errors.at(where)
       raise ValueError(
           f'Weight shape {shape} has {len(shape)} axes but the weights term '
           f'{self.weights!r} of einsum_str {self.einsum_str!r}{at} names '

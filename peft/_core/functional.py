@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft import _einsum
-from peft import _options
+from peft._core import einsum as _einsum
+from peft._core import options as _options
 
 Adapter = Mapping[str, Any]
 
