@@ -296,6 +296,18 @@ def _axes(term: str) -> list[str]:
   return re.findall(r'\.\.\.|[A-Za-z]', term)
 
 
+def split_delta(delta_str: str) -> tuple[str, str, str]:
+  """`(a_axes, b_axes, weights)` of a delta equation `a,b->weights`.
+
+  Example:
+    >>> split_delta('Dr,rNH->DNH')
+    ('Dr', 'rNH', 'DNH')
+  """
+  lhs, weights = delta_str.split('->')
+  a_axes, b_axes = lhs.split(',')
+  return a_axes, b_axes, weights
+
+
 def delta(delta_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """`einsum(delta_str, a, b)`: a kernel-shaped delta, as a sum over the rank.
 
@@ -312,8 +324,7 @@ def delta(delta_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
     >>> delta('Dr,rNH->NDH', jnp.ones((4, 2)), jnp.ones((2, 3, 5))).shape
     (3, 4, 5)
   """
-  lhs, weights = delta_str.split('->')
-  a_axes, b_axes = lhs.split(',')
+  a_axes, b_axes, weights = split_delta(delta_str)
   (rank,) = set(a_axes) - set(weights)
   full = weights + rank
 
@@ -349,8 +360,7 @@ def stacked_delta_str(delta_str: str, n_stack: int) -> str:
     return delta_str
   free = [c for c in string.ascii_letters if c not in delta_str][:n_stack]
   lead = ''.join(free)
-  lhs, weights = delta_str.split('->')
-  a_axes, b_axes = lhs.split(',')
+  a_axes, b_axes, weights = split_delta(delta_str)
   return f'{lead}{a_axes},{lead}{b_axes}->{lead}{weights}'
 
 
@@ -403,8 +413,7 @@ def delta_partition_names(
     >>> delta_partition_names('Dr,rNH->DNH', ('embed', 'heads', 'kv'))
     (('embed', None), (None, 'heads', 'kv'))
   """
-  lhs, weights = delta_str.split('->')
-  a_axes, b_axes = lhs.split(',')
+  a_axes, b_axes, weights = split_delta(delta_str)
   if len(kernel_names) != len(weights):
     raise ValueError(
         f'The kernel has {len(kernel_names)} partition names '

@@ -199,8 +199,8 @@ class LoRAAdapter(nnx.Module):
 
   def plan(self, einsum_str: str) -> _einsum.LoRAEinsumPlan:
     """The LoRA plan of `einsum_str` for this adapter's kernel and rank."""
-    lhs, weights = self.delta_str.split('->')
-    dims = dict(zip(lhs.replace(',', ''), (*self.a.shape, *self.b.shape)))
+    a_axes, b_axes, weights = _einsum.split_delta(self.delta_str)
+    dims = dict(zip(a_axes + b_axes, (*self.a.shape, *self.b.shape)))
     eq = _einsum.EinsumEquation.parse(einsum_str, where='LoRAAdapter.plan')
     return eq.lora_plan(weight_shape=tuple(dims[c] for c in weights),
                         rank=self.rank, where='LoRAAdapter.plan')
