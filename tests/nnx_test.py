@@ -466,7 +466,7 @@ def test_regex_target_on_a_list_index_and_layers_inside_lora_are_skipped():
 def test_unmatched_target_is_an_error_listing_adaptable_layers():
   net = Net(nnx.Rngs(0))
   with pytest.raises(ValueError, match=(
-      r"(?s)LoRA target 'blocks/attn' \(rule 0\) selected no layer\. "
+      r"(?s)LoRA target 'blocks/attn' \(rule 0\) matched no layer\. "
       r'Adaptable layers:\n  blocks/0/attn \(Linear\).*heads/out \(Linear\)'
       r'.*regexes must match the whole path')):
     pnnx.apply_lora(net, rank=RANK, targets=('extra/0', 'blocks/attn'),

@@ -135,6 +135,35 @@ def selected_targets(targets: Sequence[Any], exclude: Sequence[Any],
                if target_matches(t, module, path))
 
 
+def layer_listing(title: str, seen: dict[str, str]) -> str:
+  """`title:` then one `  path (Type)` line per layer, for error messages.
+
+  Example:
+    >>> print(layer_listing('Adaptable layers that ran', {'mlp': 'Dense'}))
+    Adaptable layers that ran:
+      mlp (Dense)
+  """
+  rows = '\n'.join(f'  {p or "<root>"} ({t})' for p, t in sorted(seen.items()))
+  return f'{title}:\n{rows or "  (none)"}'
+
+
+def unmatched_target(kind: str, target: Any, rule_index: int | None,
+                     listing: str) -> ValueError:
+  """The error for a target that selected no layer (LoRA or quantization).
+
+  Example:
+    >>> print(unmatched_target('LoRA', 'attn', 0, 'Layers: (none)'))
+    LoRA target 'attn' (rule 0) matched no layer. Layers: (none)
+    Fix the target (regexes must match the whole path, e.g. "layers/0/attn").
+  """
+  rule = '' if rule_index is None else f' (rule {rule_index})'
+  return ValueError(
+      f'{kind} target {describe_target(target)}{rule} matched no layer. '
+      f'{listing}\nFix the target (regexes must match the whole path, e.g. '
+      '"layers/0/attn").'
+  )
+
+
 # The fields of LoRARule, the linen wrappers and adapters that are LoRA
 # options, checked by `check_options`.
 _OPTION_FIELDS = ('rank', 'alpha', 'use_rslora', 'dropout', 'deterministic',

@@ -141,13 +141,9 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
     for rule_index, rule in enumerate(self.rules):
       for target_index, target in enumerate(rule.targets):
         if (rule_index, target_index) not in state.used_targets:
-          seen = '\n'.join(f'  {p or "<root>"} ({t})'
-                           for p, t in sorted(state.report.seen.items()))
-          raise ValueError(
-              f'LoRA target {_rules.describe_target(target)} (rule '
-              f'{rule_index}) matched no layer. Adaptable layers that ran:\n'
-              f'{seen}\nFix the target (regexes must match the whole path).'
-          )
+          raise _rules.unmatched_target(
+              'LoRA', target, rule_index, _rules.layer_listing(
+                  'Adaptable layers that ran', state.report.seen))
 
 
 def describe_rules(rules: Sequence[_rules.LoRARule]) -> str:

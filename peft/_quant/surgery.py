@@ -107,13 +107,9 @@ class QuantizationSurgery(_interceptors.ModuleInterceptor):
       return
     for i, target in enumerate(self.targets):
       if i not in state.used_targets:
-        seen = '\n'.join(f'  {p or "<root>"} ({t})'
-                         for p, t in sorted(state.seen.items()))
-        raise ValueError(
-            f'Quantization target {_rules.describe_target(target)} matched '
-            f'no layer. Einsum-like layers that ran:\n{seen}\nFix the '
-            'target (regexes must match the whole path).'
-        )
+        raise _rules.unmatched_target(
+            'Quantization', target, None, _rules.layer_listing(
+                'Einsum-like layers that ran', state.seen))
 
   def replace_module(self, module: nn.Module) -> nn.Module:
     # The root module has no parent scope to share: quantize layers inside.

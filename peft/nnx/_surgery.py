@@ -257,9 +257,8 @@ def apply_lora(
 
 def _check_used(rule_set, used, report, model) -> None:
   adapted = [_params.fmt_path(p) for p, _ in lora_layers(model)]
-  seen = '\n'.join(f'  {p} ({t})' for p, t in report.seen.items())
-  listing = (f'Adaptable layers:\n{seen or "  (none)"}\n'
-             f'Layers that already have LoRA: {adapted or "none"}.')
+  listing = (_rules.layer_listing('Adaptable layers', report.seen)
+             + f'\nLayers that already have LoRA: {adapted or "none"}.')
   root = _nnx_layers.lora_class_for(model)
   if root is not None:
     listing += (f' The root (an nnx.{root.base_type.__name__}) cannot be '
@@ -268,11 +267,7 @@ def _check_used(rule_set, used, report, model) -> None:
   for rule_index, rule in enumerate(rule_set):
     for target_index, target in enumerate(rule.targets):
       if (rule_index, target_index) not in used:
-        raise ValueError(
-            f'LoRA target {_rules.describe_target(target)} (rule '
-            f'{rule_index}) selected no layer. {listing}\nFix the target '
-            '(regexes must match the whole path, e.g. "layers/0/attn").'
-        )
+        raise _rules.unmatched_target('LoRA', target, rule_index, listing)
   if not used:
     raise ValueError(
         f'apply_lora selected no layer in {type(model).__name__}. {listing}'
