@@ -763,3 +763,8 @@ def test_a_file_for_another_layer_kind_is_refused(tmp_path):
                      r"is for an nnx.Linear at 'emb', but the model holds "
                      r'Embed there'):
     pnnx.load_adapters(file, _NnxTwin({}))
+
+
+def test_nnx_lora_rule_is_the_one_rule_type():
+  # Documented in docs/api/nnx.md: nnx and linen share one rule language.
+  assert pnnx.LoRARule is peft.LoRARule

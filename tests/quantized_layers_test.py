@@ -645,3 +645,9 @@ def test_qlora_on_custom_layers_sharing_one_scope(simulate):
                                    'lora_gating_einsum', 'lora_linear']
   assert sorted(s.key for s in report.specs) == [
       'mlp/lora_gating_einsum', 'mlp/lora_linear']
+
+
+def test_gemma_qlora_adapter_names_are_aliases_of_the_lora_adapters():
+  # Documented in docs/api/peft.md: one class each, two names.
+  assert peft.QLoRADenseAdapter is peft.LoRADenseAdapter
+  assert peft.QLoRAEinsumAdapter is peft.LoRAEinsumAdapter

@@ -30,7 +30,7 @@ peft.register_einsum_layer(gm.nn.Einsum, weight_name=lambda m: m.weight_name)
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 8)),
                      jnp.int32)
-# Dims that are multiples of 64 along every contraction, so NF4's blocks fit.
+# Multiples of 64 along every contraction: whole NF4 blocks, no short one.
 TINY = dataclasses.replace(
     gm.nn.Gemma3_270M.config, num_embed=64, embed_dim=64, hidden_dim=128,
     num_heads=2, head_dim=64, num_kv_heads=1, sliding_window_size=4,
