@@ -4,8 +4,8 @@ LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) learns a low-rank
 update `W + scale * A @ B` of a frozen kernel `W`. The adapters here hold `A`
 and `B` and compute the update's contribution; the wrappers in
 `lora_layers.py` add it to the frozen layer's output. `B` starts at zero,
-so an adapter outputs exact zeros at init. rsLoRA (Kalajdzievski 2023) scales by
-`alpha / sqrt(rank)` instead of `alpha / rank`.
+so an adapter outputs exact zeros at init. rsLoRA (Kalajdzievski 2023)
+scales by `alpha / sqrt(rank)` instead of `alpha / rank`.
 """
 
 from __future__ import annotations

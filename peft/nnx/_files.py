@@ -28,8 +28,8 @@ def save_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
                   ) -> tuple[_spec.AdapterSpec, ...]:
   """Saves only the adapters of `model`, in peft's adapter file format.
 
-  The file is the one linen models write (`peft._core.checkpoint`): A and B as
-  safetensors keyed `'<path>/lora/a'`, the specs and `metadata` in the
+  The file is the one linen models write (`peft.save_adapters`): A and B
+  as safetensors keyed `'<path>/lora/a'`, the specs and `metadata` in the
   header. Written atomically.
 
   Example:
@@ -46,7 +46,7 @@ def save_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
 
   Raises:
     ValueError: the model has no LoRA layer; see also
-      `peft._core.checkpoint.save_adapters`.
+      `peft.save_adapters`.
   """
   layers = _nnx_fuse.adapted_layers(model, 'save_adapters', 'apply_lora')
   specs = tuple(m.adapter_spec(p) for p, m in layers)
@@ -98,8 +98,8 @@ def load_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
   loaded = _checkpoint.load_adapters(path, expected=expected or None)
   if not layers:
     _nnx_fuse.attach(model, loaded.specs, loaded.lora, subtract=False,
-            name='load_adapters', dropout=dropout,
-            deterministic=deterministic, rngs=rngs)
+                     name='load_adapters', dropout=dropout,
+                     deterministic=deterministic, rngs=rngs)
     return loaded
   values = []
   for (p, layer), spec in zip(layers, expected):

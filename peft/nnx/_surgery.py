@@ -7,7 +7,7 @@ several places at once for a shared layer. The rules are the linen ones
 (`peft.LoRARule`: types, path regexes full-matched on `'a/b/c'`,
 predicates, exclusions, per-rule rank); `LoRARule` here takes nnx types.
 
-Fuse/unfuse and adapter files are in `peft/nnx/_fuse.py`.
+Fuse/unfuse are in `_fuse.py`, adapter files in `_files.py`.
 
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
 """
@@ -115,7 +115,6 @@ def all_modules(model: nnx.Module) -> list[tuple[tuple[str, ...], Any]]:
   """`(path, module)` for each module below the root, paths as strings."""
   return [(tuple(str(k) for k in path), m)
           for path, m in nnx.iter_modules(model) if path]
-
 
 
 def check_model(model: Any, name: str) -> None:
@@ -234,15 +233,15 @@ def apply_lora(
       hits = _selects(rule, module, where)
       if hits:
         used.update((rule_index, t) for t in hits)
-        chosen.append((path, module, cls, rule))
+        chosen.append((path, where, module, cls, rule))
         break
   _check_used(rule_set, used, report, model)
   refs = references(model)
   new_layers = []
-  for path, module, cls, rule in chosen:
-    check_replaceable(refs, module, _params.fmt_path(path))
+  for path, where, module, cls, rule in chosen:
+    check_replaceable(refs, module, where)
     layer = cls._adapt(
-        module, where=_params.fmt_path(path), rank=rule.rank, alpha=rule.alpha,
+        module, where=where, rank=rule.rank, alpha=rule.alpha,
         use_rslora=rule.use_rslora, dropout=rule.dropout,
         deterministic=bool(rule.deterministic), dtype=None,
         param_dtype=rule.dtype, a_init=rule.a_init, b_init=rule.b_init,
