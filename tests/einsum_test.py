@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from peft._core import einsum as _einsum
 from peft._core.einsum import EinsumEquation
 from peft._core.einsum import add_delta
 from peft._core.einsum import delta
@@ -223,3 +224,24 @@ def test_add_delta_casts_back_and_reports_round_off():
       float(err), np.abs(np.asarray(out, np.float32) - exact).max(),
       rtol=1e-5)
   assert float(err) > 0  # bfloat16 cannot hold the float32 sum exactly
+
+
+def test_conv_equation_factorises_like_the_hand_written_conv_layout():
+  for n, window in ((1, 'a'), (2, 'ab'), (3, 'abc')):
+    eq = _einsum.conv_equation(n)
+    assert eq.einsum_str == f'{window}i,{window}io->o'
+    plan = eq.lora_plan(weight_shape=(*(3,) * n, 5, 4), rank=2)
+    assert plan.delta_str == f'{window}ir,ro->{window}io'
+    assert (plan.a_shape, plan.b_shape) == ((*(3,) * n, 5, 2), (2, 4))
+
+
+def test_conv_equation_refuses_more_window_axes_than_letters():
+  with pytest.raises(ValueError, match=r"The conv at 'net/c' has 24 spatial "
+                     r'axes; LoRA convs support at most 23\. Exclude it'):
+    _einsum.conv_equation(24, where='net/c')
+
+
+def test_the_embed_equation_gives_rows_of_a_then_b():
+  plan = _einsum.EMBED.lora_plan(weight_shape=(10, 4), rank=2)
+  assert (plan.delta_str, plan.a_shape, plan.b_shape) == (
+      'vr,rf->vf', (10, 2), (2, 4))

@@ -18,6 +18,7 @@ import pytest
 import peft
 from peft._core import fuse as _fuse
 from peft._core import params as _params
+from peft._linen import registry as _registry
 from peft._quant import fuse as qfuse
 from peft._quant import layers as ql
 from peft._quant import numerics as q
@@ -307,6 +308,66 @@ def test_int_layer_errors():
   with pytest.raises(TypeError, match='IntDense.wrapped must be a Dense; got '
                      'Einsum. Use the \\*EinsumLike wrapper'):
     ql.IntDense(wrapped=nn.Einsum((2, 2), 'ab,bc->ac'))
+
+
+@pytest.mark.parametrize('name', LAYERS)
+@pytest.mark.parametrize('wrapper', [ql.SimulateQuantizedEinsumLike,
+                                     ql.IntEinsumLike])
+def test_a_wrapper_is_described_as_its_wrapped_layer(name, wrapper):
+  make, eq, _ = LAYERS[name]
+  layer, x = make(), fixtures.features()
+  quantized = wrapper(wrapped=layer, method='int8')
+  args = ('btd,de->bte', x) if isinstance(layer, fixtures.MyEinsum) else (x,)
+  kind = _registry.einsum_kind_of(quantized)
+  inner = _registry.einsum_kind_of(layer)
+  wrapper_kind = ql._WrapperKind  # pylint: disable=protected-access
+  assert isinstance(kind, wrapper_kind) and kind is not inner
+  assert kind.weight_name_of(quantized) == inner.weight_name_of(layer)
+  call, want = (kind.describe(quantized, args, {}),
+                inner.describe(layer, args, {}))
+  assert call.equation.einsum_str == want.equation.einsum_str == eq
+  assert call.inputs is x
+  assert (call.weight_name, call.weight_shape, call.adapter_name) == (
+      want.weight_name, want.weight_shape, want.adapter_name)
+
+
+def test_a_custom_layer_s_configurable_name_passes_through_its_wrapper():
+  layer = fixtures.MyEinsum((8, 64), weight_name='gate')
+  quantized = ql.SimulateQuantizedEinsumLike(wrapped=layer, method='int8')
+  kind = _registry.einsum_kind_of(quantized)
+  call = kind.describe(quantized, ('btd,de->bte', fixtures.features()), {})
+  assert kind.weight_name_of(quantized) == call.weight_name == 'gate'
+  assert call.adapter_name == 'lora_gate'
+
+
+def test_a_wrapper_of_an_unregistered_layer_cannot_be_described():
+  class Odd(nn.Module):
+    def __call__(self, x):
+      return x
+
+  quantized = ql.SimulateQuantizedEinsumLike(wrapped=Odd(), method='int8')
+  kind = _registry.einsum_kind_of(quantized)
+  match = "Odd at 'Odd' is not a registered einsum-like layer. Call peft"
+  with pytest.raises(TypeError, match=match):
+    kind.weight_name_of(quantized)
+  with pytest.raises(TypeError, match=match):
+    kind.describe(quantized, (X,), {})
+  with pytest.raises(TypeError, match='SimulateQuantizedEinsumLike cannot '
+                     "quantize Odd at 'Odd': it is not a registered"):
+    quantized.init(jax.random.key(0), X)
+
+
+def test_the_quantized_base_is_abstract():
+  with pytest.raises(TypeError, match='abstract class QuantizedEinsumLike'):
+    ql.QuantizedEinsumLike(wrapped=nn.Dense(2))
+
+  class MethodOnly(ql.QuantizedEinsumLike):
+    @nn.nowrap
+    def _method(self):
+      return None
+
+  with pytest.raises(TypeError, match='abstract class MethodOnly'):
+    MethodOnly(wrapped=nn.Dense(2))
 
 
 def test_gemma_style_int_dense_dtype_picks_the_method():

@@ -7,10 +7,10 @@ matches the adapted model.
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 from peft._cli import base as base_lib
+from peft._cli import forward as forward_lib
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -37,9 +37,7 @@ def run(args: Any) -> dict[str, Any]:
   params = peft.merge_params(base, peft.split_params(fresh).lora)
 
   def predict(p) -> jax.Array:
-    # Without `mutable`, apply returns the output alone (flax's return type
-    # also allows an (output, variables) pair).
-    return typing.cast(jax.Array, model.apply({'params': p}, x))
+    return forward_lib.forward(model, {'params': p}, x)
 
   def loss_fn(p):
     with surgery:

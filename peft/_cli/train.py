@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import pathlib
 import time
-import typing
 from typing import Any
 
 import jax
@@ -25,6 +24,7 @@ import peft
 from peft import models
 from peft._cli import adapt
 from peft._cli import base as base_lib
+from peft._cli import forward as forward_lib
 
 CliError = base_lib.CliError
 
@@ -39,11 +39,9 @@ def _step_fn(adapted: adapt.Adapted, tx: optax.GradientTransformation,
     rngs = ({'dropout': jax.random.fold_in(key, step)} if settings.dropout
             else {})
     with settings.applied():
-      # Without `mutable`, apply returns the output alone (flax's return
-      # type also allows an (output, variables) pair).
-      logits = typing.cast(jax.Array, model.apply(
-          {'params': peft.merge_params(frozen, lora)}, batch[:, :-1],
-          rngs=rngs))
+      logits = forward_lib.forward(
+          model, {'params': peft.merge_params(frozen, lora)}, batch[:, :-1],
+          rngs=rngs)
     return adapt.mean_nll(logits, batch[:, 1:])
 
   @jax.jit

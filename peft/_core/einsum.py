@@ -460,3 +460,41 @@ def dense_general_call(
                       outputs=batch + free + feats)
   shape = tuple(input_shape[i] for i in batch_dims + axis) + tuple(features)
   return eq, shape
+
+
+# Window axes of a conv kernel: any letters but the channel ('i', 'o') and
+# rank ('r') letters, so the delta reads '{window}ir,ro->{window}io'.
+_WINDOW_LETTERS = ''.join(c for c in string.ascii_lowercase if c not in 'ior')
+
+
+def conv_equation(n_window: int, *, where: str = '') -> EinsumEquation:
+  """The einsum a conv kernel is the weight of, per output position.
+
+  A convolution contracts each window patch `{window}i` of its input with
+  the kernel `{window}io`; LoRA factorises that kernel like any einsum
+  weight (A: window and input channels then the rank; B: rank to output
+  channels). linen's and nnx's LoRA convs both derive from this.
+
+  Example:
+    >>> eq = conv_equation(2)
+    >>> eq.einsum_str
+    'abi,abio->o'
+    >>> plan = eq.lora_plan(weight_shape=(3, 3, 5, 4), rank=2)
+    >>> plan.delta_str, plan.a_shape, plan.b_shape
+    ('abir,ro->abio', (3, 3, 5, 2), (2, 4))
+
+  Raises:
+    ValueError: more spatial axes than letters for them.
+  """
+  if n_window > len(_WINDOW_LETTERS):
+    raise ValueError(
+        f'The conv at {where or "<unknown>"!r} has {n_window} spatial axes; '
+        f'LoRA convs support at most {len(_WINDOW_LETTERS)}. Exclude it from '
+        'the LoRA targets.'
+    )
+  w = _WINDOW_LETTERS[:n_window]
+  return EinsumEquation.parse(f'{w}i,{w}io->o', where=where)
+
+
+# A table lookup is a one-hot matmul: rows of A (one per id), then B.
+EMBED = EinsumEquation.parse('...v,vf->...f')

@@ -81,7 +81,17 @@ def fmt_path(path: Sequence[Any]) -> str:
     >>> fmt_path(('decoder', 'layers', 0, 'q')), fmt_path(())
     ('decoder/layers/0/q', '<root>')
   """
-  return '/'.join(str(p) for p in path) or '<root>'
+  return shown_path('/'.join(str(p) for p in path))
+
+
+def shown_path(path: str) -> str:
+  """A path string 'a/b/c' as messages show it: '<root>' when empty.
+
+  Example:
+    >>> shown_path('mlp/up'), shown_path('')
+    ('mlp/up', '<root>')
+  """
+  return path or '<root>'
 
 
 def keypath_str(keypath: Sequence[Any]) -> str:

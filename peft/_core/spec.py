@@ -167,8 +167,7 @@ class AdapterSpec:
         where, rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora)
     for name, value in {'path': path, **shapes, **options}.items():
       object.__setattr__(self, name, value)
-    _check_delta(self, where)
-    _check_einsum(self, where)
+    _check_layout(self, where)
 
   @property
   def scale(self) -> float:
@@ -309,6 +308,25 @@ def _check_shape(name: str, value: Any, where: str, *,
         f'at {where!r}. {_SPEC_FIX}'
     )
   return tuple(int(d) for d in value)
+
+
+# Layouts (equations, shapes, rank) that passed `_check_layout`. The checks
+# read only these values (`where` only names the spec in errors), and
+# surgery records the same few layouts for every layer at every trace, so
+# each is parsed and planned once per process, not once per layer call.
+_VALID_LAYOUTS: set[tuple[Any, ...]] = set()
+_MAX_VALID_LAYOUTS = 4096
+
+
+def _check_layout(spec: AdapterSpec, where: str) -> None:
+  key = (spec.delta_str, spec.einsum_str, spec.weight_shape, spec.a_shape,
+         spec.b_shape, spec.rank)
+  if key in _VALID_LAYOUTS:
+    return
+  _check_delta(spec, where)
+  _check_einsum(spec, where)
+  if len(_VALID_LAYOUTS) < _MAX_VALID_LAYOUTS:
+    _VALID_LAYOUTS.add(key)
 
 
 def _check_delta(spec: AdapterSpec, where: str) -> None:

@@ -198,11 +198,12 @@ def _check_jit_cache_key(context) -> None:
   where = _params.module_path(context.module)
   raise RuntimeError(
       f'A jitted function is tracing {type(context.module).__name__} at '
-      f'{where or "<root>"!r} under the interceptors {key!r}, but JAX keyed '
-      f'its cache on {_JIT_CACHE_KEY.value!r}: another asyncio task in this '
-      'thread entered or left a surgery while this one was suspended at an '
-      '`await`. JAX keys compiled functions per thread, not per task: run '
-      'differently adapted models in separate threads, or enter the surgery '
+      f'{_params.shown_path(where)!r} under the interceptors {key!r}, but '
+      f'JAX keyed its cache on {_JIT_CACHE_KEY.value!r}: another asyncio '
+      'task in this thread entered or left a surgery while this one was '
+      'suspended at an `await`. JAX keys compiled functions per thread, '
+      'not per task: run differently adapted models in separate threads, '
+      'or enter the surgery '
       'inside the jitted function.'
   )
 

@@ -99,7 +99,7 @@ class _AdapterBase(nn.Module):
     if value in (0, None) or (isinstance(value, Sequence) and not value):
       raise ValueError(
           f'{type(self).__name__} needs {field} ({what}); got {value!r} at '
-          f'{_params.module_path(self) or "<root>"!r}. Pass '
+          f'{_params.shown_path(_params.module_path(self))!r}. Pass '
           f'{type(self).__name__}(rank=..., {example}).'
       )
 
@@ -122,8 +122,14 @@ class _AdapterBase(nn.Module):
     """
     plan = eq.lora_plan(weight_shape=weight_shape, rank=self.rank,
                         where=_params.module_path(self))
-    a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     self._record_for_foreign_wrapper(eq, plan, weight_shape)
+    return self._apply_plan(plan, inputs)
+
+  @nn.nowrap
+  def _apply_plan(self, plan: _einsum.LoRAEinsumPlan,
+                  inputs: Array) -> Array:
+    """The update of a planned layer: A and B made (or read), then applied."""
+    a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     return plan.apply(*self._cast(self._drop(inputs), a, b))
 
   @nn.nowrap
@@ -151,9 +157,7 @@ class _AdapterBase(nn.Module):
     kernel_path, own_path = tuple(wrapped.path), tuple(self.path)
     if own_path[:len(kernel_path)] != kernel_path:
       return  # not inside the wrapped layer's scope: no param path to name
-    weight_name = kind.weight_name
-    if callable(weight_name):
-      weight_name = weight_name(wrapped)
+    weight_name = kind.weight_name_of(wrapped)
     _spec.record_adapter(_spec.AdapterSpec(
         path=kernel_path, layer_type=type(wrapped).__name__,
         weight_name=weight_name,
@@ -207,16 +211,22 @@ class LoRAEinsumAdapter(_AdapterBase):
     return _einsum.EinsumEquation.parse(self.einsum_str,
                                         where=_params.module_path(self))
 
-  @nn.nowrap
-  def plan(self) -> _einsum.LoRAEinsumPlan:
-    return self.equation().lora_plan(weight_shape=self.shape, rank=self.rank,
-                                     where=_params.module_path(self))
-
   @nn.compact
-  def __call__(self, inputs: Array) -> Array:
+  def __call__(self, inputs: Array,
+               plan: _einsum.LoRAEinsumPlan | None = None) -> Array:
+    """The update for `inputs`.
+
+    Args:
+      inputs: the adapted layer's input.
+      plan: the LoRA plan of `einsum_str` for `shape` and this rank, when
+        the caller has it (peft's wrappers parse each call once); `None`
+        makes it here.
+    """
     self._require('einsum_str', "the adapted layer's equation",
                   "einsum_str='BTD,DNH->BTNH'")
     self._require('shape', "the adapted kernel's shape", 'shape=layer.shape')
+    if plan is not None:  # a peft wrapper, which records the spec itself
+      return self._apply_plan(plan, inputs)
     return self._einsum_update(self.equation(), inputs, self.shape)
 
 
@@ -296,8 +306,9 @@ class LoRAConvAdapter(_AdapterBase):
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     window = as_tuple(self.kernel_size)
-    a, b = self._ab((*window, inputs.shape[-1], self.rank),
-                    (self.rank, self.features), conv_delta_str(len(window)))
+    plan = conv_plan(window, inputs.shape[-1], self.features, self.rank,
+                     where=_params.module_path(self))
+    a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     x, a, b = self._cast(self._drop(inputs), a, b)
     # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
     conv_a = nn.Conv(
@@ -329,8 +340,9 @@ class LoRAEmbedAdapter(_AdapterBase):
   features: int = 0
 
   def setup(self):
-    self.a, self.b = self._ab((self.num_embeddings, self.rank),
-                              (self.rank, self.features), EMBED_DELTA)
+    plan = embed_plan(self.num_embeddings, self.features, self.rank,
+                      where=_params.module_path(self))
+    self.a, self.b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
 
   def __call__(self, inputs: Array) -> Array:
     rows = jnp.take(self.a, inputs, axis=0)
@@ -349,13 +361,22 @@ def _boxed(init: Initializer, box: nn.Partitioned, names) -> Initializer:
   return boxed_init
 
 
-def conv_delta_str(n_window: int) -> str:
-  """`a,b->kernel` of a conv adapter with `n_window` spatial axes."""
-  window = 'abcdefgh'[:n_window]
-  return f'{window}ir,ro->{window}io'
+def conv_plan(window: Sequence[int], in_features: int, features: int,
+              rank: int, *, where: str) -> _einsum.LoRAEinsumPlan:
+  """The LoRA plan of a conv kernel `(*window, in_features, features)`.
+
+  From the one conv equation (`einsum.conv_equation`) that nnx's LoRA conv
+  uses too: A is `(*window, in, rank)`, B `(rank, out)`.
+  """
+  return _einsum.conv_equation(len(window), where=where).lora_plan(
+      weight_shape=(*window, in_features, features), rank=rank, where=where)
 
 
-EMBED_DELTA = 'vr,rf->vf'
+def embed_plan(num_embeddings: int, features: int, rank: int, *,
+               where: str) -> _einsum.LoRAEinsumPlan:
+  """The LoRA plan of an embedding table: A `(ids, rank)`, B `(rank, f)`."""
+  return _einsum.EMBED.lora_plan(weight_shape=(num_embeddings, features),
+                                 rank=rank, where=where)
 
 
 def as_tuple(x) -> tuple[int, ...]:

@@ -155,12 +155,14 @@ class LoRAEinsumLike(LoRAWrapper):
       )
     y = self._call_wrapped('__call__', *args, **kwargs)
     call = kind.describe(self.wrapped, args, kwargs)
+    # One parse (in `describe`) and one plan per call, passed on.
+    plan = call.equation.lora_plan(weight_shape=call.weight_shape,
+                                   rank=self.rank, where=self.where)
     adapter = _lora_adapters.LoRAEinsumAdapter(
         einsum_str=call.equation.einsum_str, shape=call.weight_shape,
         **self._adapter_kwargs(name=call.adapter_name, compute_dtype=y.dtype,
                                weight_name=call.weight_name))
-    update = adapter(call.inputs)
-    plan = adapter.plan()
+    update = adapter(call.inputs, plan=plan)
     self._record(
         layer_type=type(self.wrapped).__name__, weight_name=call.weight_name,
         adapter_name=call.adapter_name, weight_shape=call.weight_shape,
@@ -250,13 +252,13 @@ class LoRAConv(LoRAWrapper):
                                weight_name='kernel'))
     update = adapter(inputs)
     window = _lora_adapters.as_tuple(conv.kernel_size)
-    in_features = inputs.shape[-1]
+    plan = _lora_adapters.conv_plan(window, inputs.shape[-1], conv.features,
+                                    self.rank, where=self.where)
     self._record(
         layer_type='Conv', weight_name='kernel', adapter_name='lora',
-        weight_shape=(*window, in_features, conv.features),
-        a_shape=(*window, in_features, self.rank),
-        b_shape=(self.rank, conv.features),
-        delta_str=_lora_adapters.conv_delta_str(len(window)))
+        weight_shape=(*window, inputs.shape[-1], conv.features),
+        a_shape=plan.a_shape, b_shape=plan.b_shape,
+        delta_str=plan.delta_str)
     return y + update
 
 
@@ -286,12 +288,13 @@ class LoRAEmbed(LoRAWrapper):
   @nn.nowrap
   def _record_embed(self) -> None:
     embed = self.wrapped
+    plan = _lora_adapters.embed_plan(embed.num_embeddings, embed.features,
+                                     self.rank, where=self.where)
     self._record(
         layer_type='Embed', weight_name='embedding', adapter_name='lora',
         weight_shape=(embed.num_embeddings, embed.features),
-        a_shape=(embed.num_embeddings, self.rank),
-        b_shape=(self.rank, embed.features),
-        delta_str=_lora_adapters.EMBED_DELTA)
+        a_shape=plan.a_shape, b_shape=plan.b_shape,
+        delta_str=plan.delta_str)
 
   def __call__(self, inputs: Array) -> Array:
     y = self._call_wrapped('__call__', inputs)

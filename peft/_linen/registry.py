@@ -9,10 +9,11 @@ like the built-ins without any edit to the model.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 import dataclasses
 import inspect
-from typing import Any
+from typing import Any, cast
 
 from flax import linen as nn
 import jax
@@ -21,6 +22,12 @@ from peft._core import einsum as _einsum
 from peft._core import params as _params
 
 _WeightName = str | Callable[[nn.Module], str]
+# `(module, args, kwargs) -> (einsum_str, inputs)`.
+_ReadCall = Callable[[Any, tuple[Any, ...], dict[str, Any]],
+                     tuple[str, jax.Array]]
+# `(module, equation, inputs) -> kernel shape`.
+_WeightShape = Callable[[Any, _einsum.EinsumEquation, jax.Array],
+                        Sequence[int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,42 +50,170 @@ class LayerCall:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EinsumLayerKind:
-  """How one module type computes `einsum(eq, x, W)`.
+class EinsumLayerKind(abc.ABC):
+  """How one module type computes `einsum(eq, x, W)`: the registry's protocol.
+
+  Surgery, quantization and fuse see a registered layer only through its
+  kind. A kind answers two questions, and its answers agree: for any call,
+  `describe(module, args, kwargs).weight_name == weight_name_of(module)`.
+  Subclasses are frozen keyword-only dataclasses; register one with
+  `register_einsum_kind` (plain layer classes: `register_einsum_layer`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> class Scaled(nn.Module):  # computes 2 * x @ kernel
+    ...   features: int
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     w = self.param('kernel', nn.initializers.ones,
+    ...                    (x.shape[-1], self.features))
+    ...     return 2 * x @ w
+    >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class ScaledKind(EinsumLayerKind):
+    ...   def weight_name_of(self, module):
+    ...     return 'kernel'
+    ...   def describe(self, module, args, kwargs):
+    ...     (x,) = args
+    ...     return LayerCall(
+    ...         equation=_einsum.EinsumEquation.parse('bi,io->bo'), inputs=x,
+    ...         weight_name=self.weight_name_of(module),
+    ...         weight_shape=(x.shape[-1], module.features),
+    ...         adapter_name='lora')
+    >>> kind = ScaledKind(module_type=Scaled)  # register_einsum_kind(kind)
+    >>> call = kind.describe(Scaled(3), (jnp.ones((1, 2)),), {})
+    >>> call.equation.einsum_str, call.weight_name, call.weight_shape
+    ('bi,io->bo', 'kernel', (2, 3))
 
   Attributes:
     module_type: the registered class (subclasses match too).
+  """
+
+  module_type: type[nn.Module]
+
+  @abc.abstractmethod
+  def weight_name_of(self, module: nn.Module) -> str:
+    """The param name of `module`'s kernel in its scope.
+
+    Args:
+      module: an instance of `module_type` (or of a subclass).
+
+    Returns:
+      The name `describe` reports as `LayerCall.weight_name` for `module`.
+    """
+
+  @abc.abstractmethod
+  def describe(self, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> LayerCall:
+    """Reads one call `module(*args, **kwargs)` as an einsum.
+
+    Args:
+      module: the called layer, an instance of `module_type`.
+      args: the call's positional arguments.
+      kwargs: the call's keyword arguments.
+
+    Returns:
+      The call's equation, inputs, kernel name and shape and adapter name;
+      its `weight_name` is `weight_name_of(module)`.
+    """
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _KernelKind(EinsumLayerKind):
+  """A kind whose kernel name is fixed or a function of the module.
+
+  Holds the one adapter naming rule: a configurable name means several such
+  layers may share one scope, so each adapter is named `lora_<weight name>`
+  to keep them apart; a fixed name gives the adapter `lora`.
+
+  Attributes:
     weight_name: the kernel's param name, or a function of the module for
       layers whose param name is configurable.
+  """
+
+  weight_name: _WeightName = 'kernel'
+
+  def weight_name_of(self, module: nn.Module) -> str:
+    if callable(self.weight_name):
+      return self.weight_name(module)
+    return self.weight_name
+
+  def _layer_call(self, module: nn.Module,
+                  equation: _einsum.EinsumEquation, inputs: jax.Array,
+                  weight_shape: Sequence[int]) -> LayerCall:
+    """The `LayerCall` of `module` once its equation and shape are known."""
+    shape = equation.check_weight_shape(
+        weight_shape, where=_params.module_path(module))
+    weight_name = self.weight_name_of(module)
+    adapter_name = (f'lora_{weight_name}' if callable(self.weight_name)
+                    else 'lora')
+    return LayerCall(equation=equation, inputs=inputs,
+                     weight_name=weight_name, weight_shape=shape,
+                     adapter_name=adapter_name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CallReadingKind(_KernelKind):
+  """A kind that reads the equation string and the inputs from each call.
+
+  `nn.Dense`, `nn.Einsum` and every `register_einsum_layer` class use it:
+  `describe` reads `(einsum_str, inputs)` with `read_call`, parses the
+  string once and asks `weight_shape` for the kernel's shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> kind = einsum_kind_of(nn.Einsum((4, 3), 'bd,dh->bh'))
+    >>> type(kind).__name__, kind.weight_name_of(nn.Einsum((4, 3)))
+    ('CallReadingKind', 'kernel')
+    >>> call = kind.describe(nn.Einsum((4, 3), 'bd,dh->bh'),
+    ...                      (jnp.ones((2, 4)),), {})
+    >>> call.equation.einsum_str, call.weight_shape, call.adapter_name
+    ('bd,dh->bh', (4, 3), 'lora')
+
+  Attributes:
+    weight_name: the kernel's param name, or a function of the module for
+      layers whose param name is configurable (the adapter is then named
+      `lora_<weight name>`, else `lora`).
     read_call: `(module, args, kwargs) -> (einsum_str, inputs)`.
     weight_shape: `(module, equation, inputs) -> kernel shape`.
   """
 
-  module_type: type[nn.Module]
-  weight_name: _WeightName
-  read_call: Callable[[Any, tuple[Any, ...], dict[str, Any]],
-                      tuple[str, jax.Array]]
-  weight_shape: Callable[[Any, _einsum.EinsumEquation, jax.Array],
-                         Sequence[int]]
+  read_call: _ReadCall
+  weight_shape: _WeightShape
 
   def describe(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> LayerCall:
-    """Reads one call of `module` as an einsum."""
-    where = _params.module_path(module)
     einsum_str, inputs = self.read_call(module, args, kwargs)
-    equation = _einsum.EinsumEquation.parse(einsum_str, where=where)
-    shape = equation.check_weight_shape(
-        self.weight_shape(module, equation, inputs), where=where)
-    if callable(self.weight_name):
-      # A configurable name means several such layers may share one scope,
-      # so each adapter is named after its kernel to keep them apart.
-      weight_name = self.weight_name(module)
-      adapter_name = f'lora_{weight_name}'
-    else:
-      weight_name, adapter_name = self.weight_name, 'lora'
-    return LayerCall(equation=equation, inputs=inputs,
-                     weight_name=weight_name, weight_shape=shape,
-                     adapter_name=adapter_name)
+    equation = _einsum.EinsumEquation.parse(
+        einsum_str, where=_params.module_path(module))
+    return self._layer_call(module, equation, inputs,
+                            self.weight_shape(module, equation, inputs))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DenseGeneralKind(_KernelKind):
+  """The kind of `nn.DenseGeneral`: its equation follows from the call.
+
+  `describe` derives the equation and the kernel shape together from the
+  input's shape and the layer's `axis`, `batch_dims` and `features`, with
+  one `dense_general_call` and no string to parse.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> layer = nn.DenseGeneral((2, 3), axis=-1)
+    >>> call = einsum_kind_of(layer).describe(layer, (jnp.ones((5, 4)),), {})
+    >>> call.equation.einsum_str, call.weight_name, call.weight_shape
+    ('ab,bcd->acd', 'kernel', (4, 2, 3))
+  """
+
+  def describe(self, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> LayerCall:
+    layer = cast(nn.DenseGeneral, module)
+    inputs = _bound_arguments(layer, args, kwargs)['inputs']
+    equation, shape = _einsum.dense_general_call(
+        input_shape=inputs.shape, axis=_as_tuple(layer.axis),
+        batch_dims=_as_tuple(layer.batch_dims),
+        features=_as_tuple(layer.features))
+    return self._layer_call(layer, equation, inputs, shape)
 
 
 _REGISTRY: dict[type[nn.Module], EinsumLayerKind] = {}
@@ -98,7 +233,21 @@ def registered_einsum_types() -> tuple[type[nn.Module], ...]:
 
 
 def register_einsum_kind(kind: EinsumLayerKind) -> EinsumLayerKind:
-  """Registers a ready-made `EinsumLayerKind` (e.g. for a wrapper type)."""
+  """Registers a ready-made `EinsumLayerKind` (e.g. for a wrapper type).
+
+  Registering a kind for a type already registered replaces the old kind.
+
+  Args:
+    kind: the kind; `einsum_kind_of` returns it for instances of
+      `kind.module_type` and of its subclasses (unless a closer base has a
+      kind of its own).
+
+  Returns:
+    `kind`.
+
+  Raises:
+    TypeError: `kind` is not an `EinsumLayerKind`.
+  """
   if not isinstance(kind, EinsumLayerKind):
     raise TypeError(
         f'register_einsum_kind expects an EinsumLayerKind; got {kind!r}. '
@@ -108,7 +257,8 @@ def register_einsum_kind(kind: EinsumLayerKind) -> EinsumLayerKind:
   return kind
 
 
-def _bound_arguments(module, args, kwargs) -> dict[str, Any]:
+def _bound_arguments(module: nn.Module, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> dict[str, Any]:
   sig = inspect.signature(type(module).__call__)
   bound = sig.bind(module, *args, **kwargs)
   bound.apply_defaults()
@@ -122,7 +272,7 @@ def register_einsum_layer(
     einsum_str_arg: str | None = None,
     inputs_arg: str | None = None,
     shape_attr: str = 'shape',
-) -> EinsumLayerKind:
+) -> CallReadingKind:
   """Registers a model's own Einsum-like layer for LoRA and quantization.
 
   After registration, surgery adapts calls of `module_type` like
@@ -140,8 +290,12 @@ def register_einsum_layer(
     ...     w = self.param('w', nn.initializers.normal(), self.shape)
     ...     return jnp.einsum(eqn, x, w)
     >>> kind = register_einsum_layer(MyEinsum, weight_name='w')
-    >>> einsum_kind_of(MyEinsum(shape=(2, 3))) is kind
+    >>> layer = MyEinsum(shape=(2, 3))
+    >>> einsum_kind_of(layer) is kind
     True
+    >>> call = kind.describe(layer, ('bi,io->bo', jnp.ones((4, 2))), {})
+    >>> call.equation.einsum_str, call.weight_name, call.weight_shape
+    ('bi,io->bo', 'w', (2, 3))
 
   Args:
     module_type: the layer class.
@@ -153,7 +307,7 @@ def register_einsum_layer(
     shape_attr: the attribute holding the kernel shape.
 
   Returns:
-    The registered kind.
+    The registered kind, a `CallReadingKind`.
 
   Raises:
     TypeError: `module_type` is not a linen Module class, or its `__call__`
@@ -190,25 +344,14 @@ def register_einsum_layer(
     del equation, inputs
     return getattr(module, shape_attr)
 
-  return register_einsum_kind(EinsumLayerKind(
-      module_type=module_type, weight_name=weight_name, read_call=read_call,
-      weight_shape=weight_shape))
+  kind = CallReadingKind(module_type=module_type, weight_name=weight_name,
+                         read_call=read_call, weight_shape=weight_shape)
+  register_einsum_kind(kind)
+  return kind
 
 
 def _first_arg(module, args, kwargs):
   return _bound_arguments(module, args, kwargs)['inputs']
-
-
-def _dense_general(module, inputs):
-  return _einsum.dense_general_call(
-      input_shape=inputs.shape, axis=_as_tuple(module.axis),
-      batch_dims=_as_tuple(module.batch_dims),
-      features=_as_tuple(module.features))
-
-
-def _dense_general_call(module, args, kwargs):
-  x = _first_arg(module, args, kwargs)
-  return _dense_general(module, x)[0].einsum_str, x
 
 
 def _einsum_call(module, args, kwargs):
@@ -222,17 +365,14 @@ def _as_tuple(x) -> tuple[int, ...]:
   return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
-_REGISTRY[nn.Dense] = EinsumLayerKind(
+register_einsum_kind(CallReadingKind(
     module_type=nn.Dense, weight_name='kernel',
     read_call=lambda m, a, k: ('...i,io->...o', _first_arg(m, a, k)),
     weight_shape=lambda m, eq, x: (x.shape[-1], m.features),
-)
-_REGISTRY[nn.DenseGeneral] = EinsumLayerKind(
-    module_type=nn.DenseGeneral, weight_name='kernel',
-    read_call=_dense_general_call,
-    weight_shape=lambda m, eq, x: _dense_general(m, x)[1],
-)
-_REGISTRY[nn.Einsum] = EinsumLayerKind(
+))
+register_einsum_kind(DenseGeneralKind(module_type=nn.DenseGeneral,
+                                      weight_name='kernel'))
+register_einsum_kind(CallReadingKind(
     module_type=nn.Einsum, weight_name='kernel', read_call=_einsum_call,
     weight_shape=lambda m, eq, x: tuple(m.shape),
-)
+))

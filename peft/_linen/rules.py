@@ -20,6 +20,7 @@ from flax.typing import Initializer
 import jax.numpy as jnp
 
 from peft._core import options as _options
+from peft._core import params as _params
 from peft._linen import registry as _registry
 
 # A target: a layer type (isinstance), a regex full-matched against the
@@ -143,7 +144,8 @@ def layer_listing(title: str, seen: dict[str, str]) -> str:
     Adaptable layers that ran:
       mlp (Dense)
   """
-  rows = '\n'.join(f'  {p or "<root>"} ({t})' for p, t in sorted(seen.items()))
+  rows = '\n'.join(f'  {_params.shown_path(p)} ({t})'
+                   for p, t in sorted(seen.items()))
   return f'{title}:\n{rows or "  (none)"}'
 
 

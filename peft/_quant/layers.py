@@ -16,11 +16,12 @@ Both families join the registry themselves, so LoRA can wrap them (QLoRA).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from flax import linen as nn
 import jax
@@ -34,11 +35,13 @@ from peft._quant import numerics as q
 _BUILTIN = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
-class QuantizedEinsumLike(_shared_scope.ScopeSharingWrapper):
+class QuantizedEinsumLike(_shared_scope.ScopeSharingWrapper, abc.ABC):
   """Base of the quantized wrappers: runs `einsum(eq, x, f(kernel)) + bias`.
 
   The kernel and bias stay at the wrapped layer's path. At init they are
   created as the wrapped layer creates them (same initializers, same rngs).
+  An abstract base (linen Modules take `abc.ABC` as a mixin): a subclass
+  chooses `f` by overriding `_method` and `_kernel`.
   """
 
   _generic_wrapper = 'the *EinsumLike wrapper'
@@ -48,13 +51,28 @@ class QuantizedEinsumLike(_shared_scope.ScopeSharingWrapper):
     super().__post_init__()
 
   @nn.nowrap
+  @abc.abstractmethod
   def _method(self) -> q.QuantizationMethod | None:
-    raise NotImplementedError
+    """The validated quantization method (`None`: the stored one's).
+
+    Raises:
+      ValueError: the configured method is not one peft knows.
+    """
 
   @nn.nowrap
+  @abc.abstractmethod
   def _kernel(self, stored: Any, call: _registry.LayerCall) -> jax.Array:
-    """The float kernel to compute with, from the stored param."""
-    raise NotImplementedError
+    """The float kernel to compute with, from the stored param.
+
+    Args:
+      stored: the param at `call.weight_name` (an array or a
+        `QuantizedArray`).
+      call: the wrapped layer's call.
+
+    Returns:
+      The kernel `einsum(call.equation, x, kernel)` computes with, of shape
+      `call.weight_shape`.
+    """
 
   @nn.nowrap
   def _at(self, name: str) -> str:
@@ -427,29 +445,50 @@ def wrapper_for(module: nn.Module, *, simulate: bool, method,
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _WrapperKind(_registry.EinsumLayerKind):
-  """Describes a quantized wrapper's call as its wrapped layer's call."""
+  """Describes a quantized wrapper's call as its wrapped layer's call.
 
-  def describe(self, module, args, kwargs) -> _registry.LayerCall:
-    inner = _registry.einsum_kind_of(module.wrapped)
+  The wrapper shares the wrapped layer's scope and computes the same
+  einsum, so both answers are the wrapped layer's kind's: LoRA can wrap a
+  quantized layer (QLoRA) like the layer itself.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> dense = nn.Dense(3)
+    >>> layer = SimulateQuantizedDense(wrapped=dense, method='int8')
+    >>> kind = _registry.einsum_kind_of(layer)
+    >>> kind.weight_name_of(layer)
+    'kernel'
+    >>> call = kind.describe(layer, (jnp.ones((1, 2)),), {})
+    >>> call.equation.einsum_str, call.weight_shape
+    ('...i,io->...o', (2, 3))
+  """
+
+  @staticmethod
+  def _inner(module: nn.Module) -> tuple[_registry.EinsumLayerKind,
+                                         nn.Module]:
+    """The wrapped layer's kind and the wrapped layer."""
+    wrapper = cast(QuantizedEinsumLike, module)
+    inner = _registry.einsum_kind_of(wrapper.wrapped)
     if inner is None:
       raise TypeError(
-          f'{type(module.wrapped).__name__} is not a registered einsum-like '
-          'layer. Call peft.register_einsum_layer first.'
+          f'{type(wrapper.wrapped).__name__} at {wrapper.where!r} is not a '
+          'registered einsum-like layer. Call peft.register_einsum_layer '
+          'first.'
       )
-    return inner.describe(module.wrapped, args, kwargs)
+    return inner, wrapper.wrapped
+
+  def weight_name_of(self, module: nn.Module) -> str:
+    inner, wrapped = self._inner(module)
+    return inner.weight_name_of(wrapped)
+
+  def describe(self, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> _registry.LayerCall:
+    inner, wrapped = self._inner(module)
+    return inner.describe(wrapped, args, kwargs)
 
 
-def _register_wrapper_kind() -> None:
-  """Registers the wrappers as einsum-like, so LoRA can wrap them."""
-  def unused(*args):
-    raise NotImplementedError('describe() delegates to the wrapped layer.')
-  kind = _WrapperKind(module_type=QuantizedEinsumLike,
-                      weight_name=lambda m: unused(), read_call=unused,
-                      weight_shape=unused)
-  _registry.register_einsum_kind(kind)
-
-
-_register_wrapper_kind()
+# Registered here, so LoRA can wrap the quantized wrappers.
+_registry.register_einsum_kind(_WrapperKind(module_type=QuantizedEinsumLike))
 
 
 # Open recorders in this thread/task: kernel path -> reduced axes.

@@ -57,7 +57,7 @@ class QLoRAEinsumLike(_lora_layers.LoRAEinsumLike):
   @nn.compact
   def __call__(self, *args, **kwargs):
     kind = _registry.einsum_kind_of(self.wrapped)
-    name = kind.describe(self.wrapped, args, kwargs).weight_name if kind else ''
+    name = kind.weight_name_of(self.wrapped) if kind else ''
     stored = (self.get_variable('params', name)
               if self.has_variable('params', name) else None)
     real = q.is_quantized(stored)

@@ -195,7 +195,20 @@ class LoRAAdapter(nnx.Module):
         `'...i,io->...o'` for a linear layer).
       precision: passed to both products.
     """
-    return self.plan(einsum_str).apply(*self.operands(x), precision=precision)
+    return self.apply_plan(self.plan(einsum_str), x, precision=precision)
+
+  def apply_plan(self, plan: _einsum.LoRAEinsumPlan, x: jax.Array, *,
+                 precision: Any = None) -> jax.Array:
+    """`update` for a plan the caller has made (one per layer call).
+
+    Example:
+      >>> adapter = LoRAAdapter((2, 1), (1, 3), 'ir,ro->io',
+      ...                       rngs=nnx.Rngs(0))
+      >>> plan = adapter.plan('...i,io->...o')
+      >>> adapter.apply_plan(plan, jnp.ones((5, 2))).shape
+      (5, 3)
+    """
+    return plan.apply(*self.operands(x), precision=precision)
 
   def plan(self, einsum_str: str) -> _einsum.LoRAEinsumPlan:
     """The LoRA plan of `einsum_str` for this adapter's kernel and rank."""

@@ -22,7 +22,6 @@ and the delta equation used by fuse.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import string
 import typing
 from typing import Any
 
@@ -41,15 +40,13 @@ from peft.nnx._adapter import default_b_init
 from peft.nnx._adapter import retype
 
 _LINEAR = _nnx_adapter.LINEAR
-# A table lookup is a one-hot matmul: rows of A, then B.
-_EMBED = _einsum.EinsumEquation.parse('...v,vf->...f')
 
 
 def _layout(delta_str: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Which kernel axis each axis of A and of B is (-1: the rank axis)."""
-  eq = _einsum.EinsumEquation.parse(delta_str)
-  return (tuple(eq.outputs.find(c) for c in eq.inputs),
-          tuple(eq.outputs.find(c) for c in eq.weights))
+  a_axes, b_axes, weights = _einsum.split_delta(delta_str)
+  return (tuple(weights.find(c) for c in a_axes),
+          tuple(weights.find(c) for c in b_axes))
 
 
 if typing.TYPE_CHECKING:
@@ -223,8 +220,8 @@ class _LoRALayer(_NnxLayer):
           'differently. Call it with one equation, or adapt it with '
           'from_module(..., einsum_str=<the equation you call>).'
       )
-    update = self.lora.update(inputs, eq.einsum_str,
-                              precision=getattr(self, 'precision', None))
+    update = self.lora.apply_plan(plan, inputs,
+                                  precision=getattr(self, 'precision', None))
     return y + update.astype(y.dtype)
 
 
@@ -377,16 +374,7 @@ class LoRAConv(_LoRALayer, nnx.Conv):
 
   def _equation(self, einsum_str, where):
     del einsum_str
-    window = ''.join(c for c in string.ascii_lowercase if c not in 'ior')
-    n = len(self.kernel_size)
-    if n > len(window):
-      raise ValueError(
-          f'The conv at {where!r} has {n} spatial axes; LoRAConv supports '
-          f'at most {len(window)}. Exclude it from the LoRA targets.'
-      )
-    w = window[:n]
-    # Per output position a conv is this einsum over a window patch.
-    return _einsum.EinsumEquation.parse(f'{w}i,{w}io->o', where=where)
+    return _einsum.conv_equation(len(self.kernel_size), where=where)
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding=out_sharding)
@@ -428,7 +416,7 @@ class LoRAEmbed(_LoRALayer, nnx.Embed):
 
   def _equation(self, einsum_str, where):
     del einsum_str, where
-    return _EMBED
+    return _einsum.EMBED
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding=out_sharding)
