@@ -61,3 +61,12 @@ def test_an_nnx_linear_call_plans_once_and_parses_nothing(counts):
   counts.clear()
   layer(jnp.ones((1, 4)))
   assert counts == {'plan': 1}
+
+
+def test_a_linen_conv_call_plans_once(counts):
+  layer = peft.LoRAConv(rank=2, wrapped=nn.Conv(4, kernel_size=(3, 3)))
+  x = jnp.ones((1, 8, 8, 5))
+  params = jax.eval_shape(layer.init, jax.random.key(0), x)
+  counts.clear()
+  jax.eval_shape(layer.apply, params, x)
+  assert counts == {'plan': 1}

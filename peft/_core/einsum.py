@@ -492,8 +492,15 @@ def conv_equation(n_window: int, *, where: str = '') -> EinsumEquation:
         f'LoRA convs support at most {len(_WINDOW_LETTERS)}. Exclude it from '
         'the LoRA targets.'
     )
+  return _conv_equation(n_window)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_equation(n_window: int) -> EinsumEquation:
+  # Parsed once per window rank: a LoRA conv asks at every call, and the
+  # string is valid by construction (so no `where` is needed).
   w = _WINDOW_LETTERS[:n_window]
-  return EinsumEquation.parse(f'{w}i,{w}io->o', where=where)
+  return EinsumEquation.parse(f'{w}i,{w}io->o')
 
 
 # A table lookup is a one-hot matmul: rows of A (one per id), then B.

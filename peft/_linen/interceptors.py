@@ -203,8 +203,7 @@ def _check_jit_cache_key(context) -> None:
       'task in this thread entered or left a surgery while this one was '
       'suspended at an `await`. JAX keys compiled functions per thread, '
       'not per task: run differently adapted models in separate threads, '
-      'or enter the surgery '
-      'inside the jitted function.'
+      'or enter the surgery inside the jitted function.'
   )
 
 

@@ -304,10 +304,19 @@ class LoRAConvAdapter(_AdapterBase):
   kernel_dilation: Any = 1
 
   @nn.compact
-  def __call__(self, inputs: Array) -> Array:
+  def __call__(self, inputs: Array,
+               plan: _einsum.LoRAEinsumPlan | None = None) -> Array:
+    """The update for `inputs`.
+
+    Args:
+      inputs: the conv's input.
+      plan: `conv_plan(...)` of this kernel and rank when the caller (peft's
+        `LoRAConv`) has made it; `None` makes it here.
+    """
     window = as_tuple(self.kernel_size)
-    plan = conv_plan(window, inputs.shape[-1], self.features, self.rank,
-                     where=_params.module_path(self))
+    if plan is None:
+      plan = conv_plan(window, inputs.shape[-1], self.features, self.rank,
+                       where=_params.module_path(self))
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     x, a, b = self._cast(self._drop(inputs), a, b)
     # Reuse flax's own conv (padding modes, unbatched inputs) on our A.

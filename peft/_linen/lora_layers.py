@@ -250,10 +250,11 @@ class LoRAConv(LoRAWrapper):
         kernel_dilation=conv.kernel_dilation,
         **self._adapter_kwargs(name='lora', compute_dtype=y.dtype,
                                weight_name='kernel'))
-    update = adapter(inputs)
     window = _lora_adapters.as_tuple(conv.kernel_size)
+    # One plan per call, for the adapter and the spec.
     plan = _lora_adapters.conv_plan(window, inputs.shape[-1], conv.features,
                                     self.rank, where=self.where)
+    update = adapter(inputs, plan=plan)
     self._record(
         layer_type='Conv', weight_name='kernel', adapter_name='lora',
         weight_shape=(*window, inputs.shape[-1], conv.features),

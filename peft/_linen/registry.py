@@ -208,7 +208,7 @@ class DenseGeneralKind(_KernelKind):
   def describe(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> LayerCall:
     layer = cast(nn.DenseGeneral, module)
-    inputs = _bound_arguments(layer, args, kwargs)['inputs']
+    inputs = _first_arg(layer, args, kwargs)
     equation, shape = _einsum.dense_general_call(
         input_shape=inputs.shape, axis=_as_tuple(layer.axis),
         batch_dims=_as_tuple(layer.batch_dims),
