@@ -11,6 +11,7 @@ from peft._cli import interrupt as _interrupt  # noqa: F401
 # isort: split
 
 # Surgery.
+from peft._core.options import LoRAOptions
 from peft._core.report import LoRAReport
 from peft._core.report import count_params
 from peft._core.report import render_params
@@ -58,6 +59,7 @@ from peft._core.params import split_params
 # Training only the adapters.
 from peft._core.optim import adapter_labels
 from peft._core.optim import adapter_mask
+from peft._core.optim import lora_plus
 from peft._core.optim import train_only_adapters
 
 # isort: split
@@ -136,6 +138,7 @@ __all__ = [
     'LoRAEinsumLike',
     'LoRAEmbed',
     'LoRAEmbedAdapter',
+    'LoRAOptions',
     'LoRAReport',
     'LoRARule',
     'LoRASurgery',
@@ -169,6 +172,7 @@ __all__ = [
     'lora',
     'lora_delta',
     'lora_linear',
+    'lora_plus',
     'merge_lora_weight',
     'merge_params',
     'param_bytes',

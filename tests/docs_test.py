@@ -63,6 +63,15 @@ def test_every_public_name_has_a_docstring(module_name):
   assert not undocumented, f'{module_name}: no docstring for {undocumented}'
 
 
+@pytest.mark.parametrize('module_name', API_PAGES)
+def test_every_public_name_has_a_runnable_example(module_name):
+  # The examples run as doctests in `make test` (pyproject's addopts).
+  module = importlib.import_module(module_name)
+  without = [n for n in module.__all__
+             if '>>>' not in (inspect.getdoc(getattr(module, n)) or '')]
+  assert not without, f'{module_name}: no example (>>>) for {without}'
+
+
 def test_api_pages_are_in_the_toctree():
   index = (DOCS / 'api' / 'index.md').read_text()
   for page in API_PAGES.values():

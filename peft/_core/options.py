@@ -1,19 +1,25 @@
-"""The one place that checks LoRA option values, for linen and nnx alike.
+"""The LoRA options: one frozen type, and the one check of each value.
 
-Every entry point that takes LoRA options (`peft.lora`, `peft.LoRA`,
-`LoRARule`, the linen wrappers and adapters, the nnx layers and adapter,
-`AdapterSpec` when a file is loaded) calls `check_lora_options`, so one
-option gets one check and one message everywhere: the option, the value,
-where it was given and a value that works.
+`LoRAOptions` declares every LoRA option (rank, alpha, rsLoRA, dropout, the
+A/B dtype and initializers) with its default, and derives the scale. Rules,
+the linen wrappers and adapters, the nnx layers and adapter carry one
+`LoRAOptions`; every entry point that takes the options as keywords
+(`peft.lora`, `peft.LoRA`, `LoRARule`, `LoRADense(rank=..., wrapped=...)`,
+the nnx layers, `AdapterSpec` when a file is loaded) checks them with
+`check_lora_options`, so one option gets one check and one message
+everywhere: the option, the value, where it was given and a value that
+works.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import math
 import numbers
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -156,3 +162,119 @@ def check_lora_options(where: str, **options: Any) -> dict[str, Any]:
           f'{bad.detail}. Pass e.g. {bad.fix}.'
       ) from None
   return out
+
+
+def lora_scale(*, rank: int, alpha: float | None, use_rslora: bool) -> float:
+  """The factor applied to `x @ A @ B`.
+
+  `alpha=None` means `alpha=rank`, so the default scale is 1 (as gemma.peft).
+  With rsLoRA (Kalajdzievski 2023) the scale is `alpha / sqrt(rank)`.
+
+  Example:
+    >>> lora_scale(rank=8, alpha=16.0, use_rslora=False)
+    2.0
+    >>> lora_scale(rank=4, alpha=None, use_rslora=True)
+    2.0
+  """
+  alpha = float(rank if alpha is None else alpha)
+  return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAOptions:
+  """How to adapt a layer: every LoRA option, checked when built.
+
+  LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) adds
+  `scale * x @ A @ B` to a frozen layer; rsLoRA (Kalajdzievski 2023,
+  https://arxiv.org/abs/2312.03732) uses `scale = alpha / sqrt(rank)`.
+  This is the one declaration of the options and their defaults: a
+  `LoRARule` carries one, peft's linen wrappers and adapters and the nnx
+  layers build theirs from it (`LoRADense.from_options(options, wrapped=
+  ...)`), and the keyword forms (`peft.lora(rank=8)`, `LoRADense(rank=8,
+  wrapped=...)`) build one.
+
+  Example:
+    >>> options = LoRAOptions(rank=8, alpha=16)
+    >>> options.alpha, options.scale  # alpha normalised to a float
+    (16.0, 2.0)
+    >>> options.replace(use_rslora=True).scale  # 16 / sqrt(8)
+    5.656854249492381
+    >>> LoRAOptions.checked('my_layer', rank=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: LoRA rank must be a positive int; got 0 at 'my_layer'. \
+Pass e.g. rank=8.
+
+  Attributes:
+    rank: LoRA rank (a positive int).
+    alpha: scale numerator; `None` means `rank` (scale 1, as gemma.peft).
+    use_rslora: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    dropout: dropout rate on the adapter's input, in [0, 1). linen applies
+      it only when the model runs with a `'dropout'` rng; nnx until
+      `model.eval()`.
+    deterministic: force that dropout off (True) or on (False); `None`
+      lets linen decide from the rng (nnx starts it on).
+    dtype: dtype of A and B (float). `None`: linen's default (float32);
+      in nnx the adapted layer's `param_dtype`. The update is computed in
+      the adapted layer's dtype.
+    a_init: initializer of A, `(key, shape, dtype) -> array`.
+    b_init: initializer of B (zeros, so a new adapter is a no-op).
+  """
+
+  rank: int
+  alpha: float | None = None
+  use_rslora: bool = False
+  dropout: float = 0.0
+  deterministic: bool | None = None
+  dtype: Any = jnp.float32
+  a_init: Callable[..., Any] = jax.nn.initializers.kaiming_uniform()
+  b_init: Callable[..., Any] = jax.nn.initializers.zeros
+
+  def __post_init__(self):
+    for name, value in check_lora_options(
+        type(self).__name__, **self.values()).items():
+      object.__setattr__(self, name, value)
+
+  @classmethod
+  def checked(cls, where: str, **values: Any) -> LoRAOptions:
+    """`LoRAOptions(**values)`, with errors naming `where`.
+
+    Args:
+      where: who received the options (a class name or a module path).
+      **values: option name -> value; `rank` is required.
+
+    Raises:
+      ValueError: a bad value, an unknown option or no rank.
+    """
+    if 'rank' not in values:
+      raise ValueError(
+          f'LoRA needs a rank; got none{_errors.at(where)}. Pass e.g. '
+          'rank=8.')
+    return cls(**check_lora_options(where, **values))
+
+  @classmethod
+  def names(cls) -> tuple[str, ...]:
+    """The option names, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @classmethod
+  def default(cls, name: str) -> Any:
+    """The default of option `name` (no default for `rank`)."""
+    return _FIELDS[name].default
+
+  def values(self) -> dict[str, Any]:
+    """Option name -> value (the keywords `LoRAOptions` takes)."""
+    return {name: getattr(self, name) for name in self.names()}
+
+  def replace(self, **changes: Any) -> LoRAOptions:
+    """A copy with `changes`, checked."""
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def scale(self) -> float:
+    """`alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
+    return lora_scale(rank=self.rank, alpha=self.alpha,
+                      use_rslora=self.use_rslora)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(LoRAOptions)}

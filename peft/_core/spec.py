@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import contextlib
 import contextvars
 import dataclasses
-import math
 import numbers
 import re
 import string
@@ -25,21 +24,8 @@ from peft._core import einsum as _einsum
 from peft._core import options as _options
 from peft._core import params as _params
 
-
-def lora_scale(*, rank: int, alpha: float | None, use_rslora: bool) -> float:
-  """The factor applied to `x @ A @ B`.
-
-  `alpha=None` means `alpha=rank`, so the default scale is 1 (as gemma.peft).
-  With rsLoRA (Kalajdzievski 2023) the scale is `alpha / sqrt(rank)`.
-
-  Example:
-    >>> lora_scale(rank=8, alpha=16.0, use_rslora=False)
-    2.0
-    >>> lora_scale(rank=4, alpha=None, use_rslora=True)
-    2.0
-  """
-  alpha = float(rank if alpha is None else alpha)
-  return alpha / (math.sqrt(rank) if use_rslora else rank)
+# Re-exported: the scale is derived where the options are declared.
+lora_scale = _options.lora_scale
 
 
 # linen and nnx name the same layers differently, and a file names a layer
@@ -170,9 +156,19 @@ class AdapterSpec:
     _check_layout(self, where)
 
   @property
+  def options(self) -> _options.LoRAOptions:
+    """The LoRA options this spec records (rank, alpha, use_rslora).
+
+    The spec keeps them as three flat fields because they are the adapter
+    file's JSON schema; the others (dropout, dtype, initializers) are
+    training choices a file does not record, so they are the defaults.
+    """
+    return _options.LoRAOptions(rank=self.rank, alpha=self.alpha,
+                                use_rslora=self.use_rslora)
+
+  @property
   def scale(self) -> float:
-    return lora_scale(rank=self.rank, alpha=self.alpha,
-                      use_rslora=self.use_rslora)
+    return self.options.scale
 
   @property
   def key(self) -> str:

@@ -24,42 +24,29 @@ from peft._core import einsum as _einsum
 from peft._core import params as _params
 from peft._core import spec as _spec
 from peft._linen import interceptors as _interceptors
+from peft._linen import lora_fields as _lora_fields
 from peft._linen import registry as _registry
-from peft._linen import rules as _rules
 
 _DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
 
 
-class _AdapterBase(nn.Module):
-  """Fields and helpers shared by every adapter."""
+class LoRAAdapterBase(_lora_fields.LoRAFields):
+  """Fields and helpers shared by every adapter.
+
+  The LoRA options are `LoRAFields`'; `compute_dtype` and
+  `kernel_partitioning` come from the wrapper that builds the adapter.
+  """
 
   _: dataclasses.KW_ONLY
-  rank: int
-  alpha: float | None = None
-  use_rslora: bool = False
-  dropout: float = 0.0
-  deterministic: bool | None = None
-  dtype: Dtype = jnp.float32
   compute_dtype: Dtype | None = None
-  a_init: Initializer = nn.initializers.kaiming_uniform()
-  b_init: Initializer = nn.initializers.zeros_init()
   # The adapted kernel's partitioning box (`nn.Partitioned`, value dropped):
   # A and B inherit its axis names (see `delta_partition_names`).
   kernel_partitioning: nn.Partitioned | None = None
 
-  def __post_init__(self):
-    _rules.check_options(self, type(self).__name__)
-    super().__post_init__()
-
-  @property
-  def scale(self) -> float:
-    return _spec.lora_scale(rank=self.rank, alpha=self.alpha,
-                            use_rslora=self.use_rslora)
-
   @nn.nowrap
   def _ab(self, a_shape: Sequence[int], b_shape: Sequence[int],
           delta_str: str):
-    a_init, b_init = self.a_init, self.b_init
+    a_init, b_init = self.options.a_init, self.options.b_init
     box = self.kernel_partitioning
     if box is not None:
       a_names, b_names = _einsum.delta_partition_names(delta_str, box.names)
@@ -77,14 +64,14 @@ class _AdapterBase(nn.Module):
     the extra tracing time. We compare the shapes directly instead.
     """
     if not self.has_variable('params', name):
-      return self.param(name, init, shape, self.dtype)
+      return self.param(name, init, shape, self.options.dtype)
     value = nn.meta.unbox(self.get_variable('params', name))
     if tuple(value.shape) != shape:
       where = _params.module_path(self)
       raise ValueError(
           f'LoRA param {name!r} at {where!r} has shape {tuple(value.shape)} '
-          f'but this layer with rank {self.rank} needs {shape}. Pass the '
-          'adapters made for this model and rank (or init new ones).'
+          f'but this layer with rank {self.options.rank} needs {shape}. Pass '
+          'the adapters made for this model and rank (or init new ones).'
       )
     return value
 
@@ -106,12 +93,12 @@ class _AdapterBase(nn.Module):
   @nn.nowrap
   def _drop(self, x: Array) -> Array:
     """Dropout on the adapter's input; off without a 'dropout' rng."""
-    if self.dropout == 0.0:
+    if self.options.dropout == 0.0:
       return x
-    deterministic = self.deterministic
+    deterministic = self.options.deterministic
     if deterministic is None:
       deterministic = not self.has_rng('dropout')
-    return nn.Dropout(rate=self.dropout, deterministic=deterministic)(x)
+    return nn.Dropout(rate=self.options.dropout, deterministic=deterministic)(x)
 
   @nn.nowrap
   def _einsum_update(self, eq: _einsum.EinsumEquation, inputs: Array,
@@ -120,7 +107,7 @@ class _AdapterBase(nn.Module):
 
     `eq` is the adapted layer's `inputs,weights->outputs` equation.
     """
-    plan = eq.lora_plan(weight_shape=weight_shape, rank=self.rank,
+    plan = eq.lora_plan(weight_shape=weight_shape, rank=self.options.rank,
                         where=_params.module_path(self))
     self._record_for_foreign_wrapper(eq, plan, weight_shape)
     return self._apply_plan(plan, inputs)
@@ -165,8 +152,8 @@ class _AdapterBase(nn.Module):
         weight_shape=tuple(int(d) for d in weight_shape),
         a_shape=plan.a_shape,
         b_shape=plan.b_shape, delta_str=plan.delta_str,
-        einsum_str=eq.einsum_str, rank=self.rank,
-        alpha=self.alpha, use_rslora=self.use_rslora))
+        einsum_str=eq.einsum_str, rank=self.options.rank,
+        alpha=self.options.alpha, use_rslora=self.options.use_rslora))
 
   @nn.nowrap
   def _cast(self, x: Array, a: Array, b: Array):
@@ -180,7 +167,7 @@ class _AdapterBase(nn.Module):
     return x, a, b
 
 
-class LoRAEinsumAdapter(_AdapterBase):
+class LoRAEinsumAdapter(LoRAAdapterBase):
   """Computes `scale * einsum('inputs,a,b->outputs', x, A, B)`.
 
   The layer's `einsum_str` (`inputs,weights->outputs`) is rewritten so that A
@@ -230,7 +217,7 @@ class LoRAEinsumAdapter(_AdapterBase):
     return self._einsum_update(self.equation(), inputs, self.shape)
 
 
-class LoRADenseAdapter(_AdapterBase):
+class LoRADenseAdapter(LoRAAdapterBase):
   """Computes `scale * (x @ A @ B)` for a dense layer of `features` outputs.
 
   Example:
@@ -251,7 +238,7 @@ class LoRADenseAdapter(_AdapterBase):
                                (inputs.shape[-1], self.features))
 
 
-class LoRADenseGeneralAdapter(_AdapterBase):
+class LoRADenseGeneralAdapter(LoRAAdapterBase):
   """The LoRA update of `nn.DenseGeneral(features, axis, batch_dims)`.
 
   A holds the batch and contracted input axes then the rank; B the rank then
@@ -281,7 +268,7 @@ class LoRADenseGeneralAdapter(_AdapterBase):
     return self._einsum_update(eq, inputs, shape)
 
 
-class LoRAConvAdapter(_AdapterBase):
+class LoRAConvAdapter(LoRAAdapterBase):
   """The LoRA update of an `nn.Conv`: a rank-channel conv A, then 1x1 B.
 
   A has the wrapped kernel's window, strides, padding and dilations and
@@ -315,13 +302,13 @@ class LoRAConvAdapter(_AdapterBase):
     """
     window = as_tuple(self.kernel_size)
     if plan is None:
-      plan = conv_plan(window, inputs.shape[-1], self.features, self.rank,
-                       where=_params.module_path(self))
+      plan = conv_plan(window, inputs.shape[-1], self.features,
+                       self.options.rank, where=_params.module_path(self))
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     x, a, b = self._cast(self._drop(inputs), a, b)
     # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
     conv_a = nn.Conv(
-        features=self.rank, kernel_size=window, strides=self.strides,
+        features=self.options.rank, kernel_size=window, strides=self.strides,
         padding=self.padding, input_dilation=self.input_dilation,
         kernel_dilation=self.kernel_dilation, use_bias=False,
         dtype=x.dtype, parent=None)
@@ -330,7 +317,7 @@ class LoRAConvAdapter(_AdapterBase):
     return jnp.einsum('...r,ro->...o', low_rank, b)
 
 
-class LoRAEmbedAdapter(_AdapterBase):
+class LoRAEmbedAdapter(LoRAAdapterBase):
   """The LoRA update of an `nn.Embed`: rows of A, then `@ B`.
 
   `attend(query)` gives the matching update of `Embed.attend` (tied output
@@ -349,9 +336,15 @@ class LoRAEmbedAdapter(_AdapterBase):
   features: int = 0
 
   def setup(self):
-    plan = embed_plan(self.num_embeddings, self.features, self.rank,
-                      where=_params.module_path(self))
+    plan = self.plan()
     self.a, self.b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
+
+  @nn.nowrap
+  def plan(self) -> _einsum.LoRAEinsumPlan:
+    """The LoRA plan of this table (A `(ids, rank)`, B `(rank, features)`).
+    """
+    return embed_plan(self.num_embeddings, self.features, self.options.rank,
+                      where=_params.module_path(self))
 
   def __call__(self, inputs: Array) -> Array:
     rows = jnp.take(self.a, inputs, axis=0)

@@ -13,20 +13,19 @@ LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from flax import linen as nn
 from flax.typing import Array
-from flax.typing import Dtype
-from flax.typing import Initializer
-import jax.numpy as jnp
 
 from peft._core import spec as _spec
 from peft._linen import lora_adapters as _lora_adapters
+from peft._linen import lora_fields as _lora_fields
 from peft._linen import registry as _registry
 from peft._linen import rules as _rules
 from peft._linen import shared_scope as _shared_scope
+
+_A = TypeVar('_A', bound=_lora_adapters.LoRAAdapterBase)
 
 # ids of the layers a LoRA wrapper is calling right now (this thread/task).
 _WRAPPED_BY_LORA: contextvars.ContextVar[frozenset[int]] = (
@@ -42,45 +41,21 @@ def is_being_adapted(module: nn.Module) -> bool:
   return any(id(m) in marked for m in _rules.wrapped_chain(module))
 
 
-class LoRAWrapper(_shared_scope.ScopeSharingWrapper):
-  """Fields shared by all LoRA wrappers (see the subclasses).
+class LoRAWrapper(_shared_scope.ScopeSharingWrapper, _lora_fields.LoRAFields):
+  """What all LoRA wrappers share: `wrapped` and the LoRA option fields.
+
+  The options (rank, alpha, use_rslora, dropout, deterministic, dtype,
+  a_init, b_init) are `peft.LoRAOptions`' and are checked when the wrapper
+  is built; `.options` holds them checked, `from_options(options,
+  wrapped=...)` builds a wrapper from them. `alpha=None` means `rank`
+  (scale 1, as gemma.peft).
 
   peft's wrappers record their adapters' `AdapterSpec`s themselves
   (`records_adapter_specs`); adapters called by other wrappers record their
   own.
-
-  Attributes:
-    rank: LoRA rank.
-    alpha: scale numerator; `None` means `rank` (scale 1, as gemma.peft).
-    use_rslora: scale by `alpha / sqrt(rank)` (rsLoRA) instead of
-      `alpha / rank`.
-    dropout: dropout rate on the adapter's input. It applies only when the
-      model is run with a `'dropout'` rng and `deterministic` is not True,
-      so evaluation (no rng) is deterministic.
-    deterministic: force dropout off (True) or on (False); `None` decides
-      from the presence of a `'dropout'` rng.
-    dtype: dtype of A and B. The update is computed in the wrapped layer's
-      output dtype.
-    a_init: initializer of A.
-    b_init: initializer of B (zeros, so the adapter starts as a no-op).
   """
 
-  rank: int
-  alpha: float | None = None
-  use_rslora: bool = False
-  dropout: float = 0.0
-  deterministic: bool | None = None
-  dtype: Dtype = jnp.float32
-  a_init: Initializer = nn.initializers.kaiming_uniform()
-  b_init: Initializer = nn.initializers.zeros_init()
-
   records_adapter_specs: ClassVar[bool] = True
-
-  def __post_init__(self):
-    # The same check as LoRARule's: `LoRADense(alpha=-1.0)` fails here, at
-    # construction, not when (or after) the adapter is built.
-    _rules.check_options(self, type(self).__name__)
-    super().__post_init__()
 
   @nn.nowrap
   def _call_wrapped(self, method: str, *args, **kwargs):
@@ -94,14 +69,12 @@ class LoRAWrapper(_shared_scope.ScopeSharingWrapper):
       _WRAPPED_BY_LORA.reset(token)
 
   @nn.nowrap
-  def _adapter_kwargs(self, *, name: str, compute_dtype,
-                      weight_name: str) -> dict[str, Any]:
-    return dict(
-        name=name, rank=self.rank, alpha=self.alpha,
-        use_rslora=self.use_rslora, dropout=self.dropout,
-        deterministic=self.deterministic, dtype=self.dtype,
-        compute_dtype=compute_dtype, a_init=self.a_init, b_init=self.b_init,
-        kernel_partitioning=self._kernel_partitioning(weight_name))
+  def _adapter(self, adapter_type: type[_A], *, compute_dtype,
+               weight_name: str, **fields: Any) -> _A:
+    """An adapter of `adapter_type` with this wrapper's options."""
+    return adapter_type.from_options(
+        self.options, compute_dtype=compute_dtype,
+        kernel_partitioning=self._kernel_partitioning(weight_name), **fields)
 
   @nn.nowrap
   def _kernel_partitioning(self, weight_name: str) -> nn.Partitioned | None:
@@ -122,7 +95,8 @@ class LoRAWrapper(_shared_scope.ScopeSharingWrapper):
         weight_name=weight_name, adapter_name=adapter_name,
         weight_shape=tuple(weight_shape), a_shape=tuple(a_shape),
         b_shape=tuple(b_shape), delta_str=delta_str, einsum_str=einsum_str,
-        rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora))
+        rank=self.options.rank, alpha=self.options.alpha,
+        use_rslora=self.options.use_rslora))
 
 
 class LoRAEinsumLike(LoRAWrapper):
@@ -133,7 +107,7 @@ class LoRAEinsumLike(LoRAWrapper):
   `layer(eqn, x)`); the call signature is the wrapped layer's.
 
   Example:
-    >>> import jax
+    >>> import jax, jax.numpy as jnp
     >>> dense = nn.Dense(4)
     >>> lora = LoRAEinsumLike(rank=2, wrapped=dense)
     >>> x = jnp.ones((1, 3))
@@ -157,11 +131,11 @@ class LoRAEinsumLike(LoRAWrapper):
     call = kind.describe(self.wrapped, args, kwargs)
     # One parse (in `describe`) and one plan per call, passed on.
     plan = call.equation.lora_plan(weight_shape=call.weight_shape,
-                                   rank=self.rank, where=self.where)
-    adapter = _lora_adapters.LoRAEinsumAdapter(
-        einsum_str=call.equation.einsum_str, shape=call.weight_shape,
-        **self._adapter_kwargs(name=call.adapter_name, compute_dtype=y.dtype,
-                               weight_name=call.weight_name))
+                                   rank=self.options.rank, where=self.where)
+    adapter = self._adapter(
+        _lora_adapters.LoRAEinsumAdapter, name=call.adapter_name,
+        compute_dtype=y.dtype, weight_name=call.weight_name,
+        einsum_str=call.equation.einsum_str, shape=call.weight_shape)
     update = adapter(call.inputs, plan=plan)
     self._record(
         layer_type=type(self.wrapped).__name__, weight_name=call.weight_name,
@@ -177,7 +151,7 @@ class LoRADense(LoRAEinsumLike):
   At init the output equals `dense(x)` exactly (B is zero).
 
   Example:
-    >>> import jax
+    >>> import jax, jax.numpy as jnp
     >>> lora = LoRADense(rank=2, wrapped=nn.Dense(4))
     >>> params = lora.init(jax.random.key(0), jnp.ones((1, 3)))
     >>> jax.tree.map(jnp.shape, params['params']['lora'])
@@ -191,7 +165,7 @@ class LoRAEinsum(LoRAEinsumLike):
   """Wraps `nn.Einsum`: `einsum(x) + scale * einsum('inputs,a,b->outputs')`.
 
   Example:
-    >>> import jax
+    >>> import jax, jax.numpy as jnp
     >>> layer = nn.Einsum(shape=(8, 2, 4), einsum_str='BTD,DNH->BTNH')
     >>> lora = LoRAEinsum(rank=3, wrapped=layer)
     >>> params = lora.init(jax.random.key(0), jnp.ones((1, 5, 8)))
@@ -206,7 +180,7 @@ class LoRADenseGeneral(LoRAEinsumLike):
   """Wraps `nn.DenseGeneral` (several axes, batch_dims).
 
   Example:
-    >>> import jax
+    >>> import jax, jax.numpy as jnp
     >>> layer = nn.DenseGeneral(features=(2, 4), axis=-1)
     >>> lora = LoRADenseGeneral(rank=3, wrapped=layer)
     >>> params = lora.init(jax.random.key(0), jnp.ones((1, 5, 8)))
@@ -226,7 +200,7 @@ class LoRAConv(LoRAWrapper):
   convolutions are not supported.
 
   Example:
-    >>> import jax
+    >>> import jax, jax.numpy as jnp
     >>> lora = LoRAConv(rank=2, wrapped=nn.Conv(4, kernel_size=(3, 3)))
     >>> params = lora.init(jax.random.key(0), jnp.ones((1, 8, 8, 5)))
     >>> jax.tree.map(jnp.shape, params['params']['lora'])
@@ -243,17 +217,16 @@ class LoRAConv(LoRAWrapper):
           'from the LoRA targets.'
       )
     y = self._call_wrapped('__call__', inputs)
-    adapter = _lora_adapters.LoRAConvAdapter(
-        features=conv.features, kernel_size=conv.kernel_size,
-        strides=conv.strides, padding=conv.padding,
-        input_dilation=conv.input_dilation,
-        kernel_dilation=conv.kernel_dilation,
-        **self._adapter_kwargs(name='lora', compute_dtype=y.dtype,
-                               weight_name='kernel'))
+    adapter = self._adapter(
+        _lora_adapters.LoRAConvAdapter, name='lora', compute_dtype=y.dtype,
+        weight_name='kernel', features=conv.features,
+        kernel_size=conv.kernel_size, strides=conv.strides,
+        padding=conv.padding, input_dilation=conv.input_dilation,
+        kernel_dilation=conv.kernel_dilation)
     window = _lora_adapters.as_tuple(conv.kernel_size)
     # One plan per call, for the adapter and the spec.
     plan = _lora_adapters.conv_plan(window, inputs.shape[-1], conv.features,
-                                    self.rank, where=self.where)
+                                    self.options.rank, where=self.where)
     update = adapter(inputs, plan=plan)
     self._record(
         layer_type='Conv', weight_name='kernel', adapter_name='lora',
@@ -270,7 +243,7 @@ class LoRAEmbed(LoRAWrapper):
   the same updated table: `attend(q) = q @ (E + scale * A @ B).T`.
 
   Example:
-    >>> import jax
+    >>> import jax, jax.numpy as jnp
     >>> lora = LoRAEmbed(rank=2, wrapped=nn.Embed(10, 4))
     >>> params = lora.init(jax.random.key(0), jnp.array([1, 2]))
     >>> jax.tree.map(jnp.shape, params['params'])
@@ -280,17 +253,16 @@ class LoRAEmbed(LoRAWrapper):
   def setup(self):
     embed = self.wrapped
     _ = embed.embedding  # runs the Embed's setup, so its param exists
-    self.lora = _lora_adapters.LoRAEmbedAdapter(
-        num_embeddings=embed.num_embeddings, features=embed.features,
-        **{k: v for k, v in self._adapter_kwargs(
-            name='lora', compute_dtype=embed.dtype,
-            weight_name='embedding').items() if k != 'name'})
+    # Named by the attribute (setup), so no `name=`.
+    self.lora = self._adapter(
+        _lora_adapters.LoRAEmbedAdapter, compute_dtype=embed.dtype,
+        weight_name='embedding', num_embeddings=embed.num_embeddings,
+        features=embed.features)
 
   @nn.nowrap
   def _record_embed(self) -> None:
     embed = self.wrapped
-    plan = _lora_adapters.embed_plan(embed.num_embeddings, embed.features,
-                                     self.rank, where=self.where)
+    plan = self.lora.plan()
     self._record(
         layer_type='Embed', weight_name='embedding', adapter_name='lora',
         weight_shape=(embed.num_embeddings, embed.features),
@@ -309,17 +281,16 @@ class LoRAEmbed(LoRAWrapper):
 
 
 def wrapper_type_for(module: nn.Module) -> type[LoRAWrapper] | None:
-  """The LoRA wrapper class that adapts `module`, or None."""
+  """The LoRA wrapper class that adapts `module`, or None.
+
+  Which layers can be adapted is `rules.is_adaptable`'s answer; this only
+  picks the wrapper: Conv and Embed have their own, the rest are
+  einsum-like.
+  """
+  if not _rules.is_adaptable(module):
+    return None
   if isinstance(module, nn.Embed):
     return LoRAEmbed
   if isinstance(module, nn.Conv):
     return LoRAConv
-  if _registry.einsum_kind_of(module) is not None:
-    return LoRAEinsumLike
-  return None
-
-
-def wrapper_fields() -> tuple[str, ...]:
-  """Names of the LoRA options a rule may set (rank, alpha, ...)."""
-  return tuple(f.name for f in dataclasses.fields(LoRAWrapper)
-               if f.init and f.name not in ('wrapped', 'parent', 'name', '_'))
+  return LoRAEinsumLike

@@ -15,9 +15,6 @@ from typing import Any
 
 from flax import linen as nn
 from flax import nnx
-from flax.typing import Dtype
-from flax.typing import Initializer
-import jax.numpy as jnp
 
 from peft._core import options as _options
 from peft._core import params as _params
@@ -166,62 +163,65 @@ def unmatched_target(kind: str, target: Any, rule_index: int | None,
   )
 
 
-# The fields of LoRARule, the linen wrappers and adapters that are LoRA
-# options, checked by `check_options`.
-_OPTION_FIELDS = ('rank', 'alpha', 'use_rslora', 'dropout', 'deterministic',
-                  'dtype', 'a_init', 'b_init')
-
-
-def check_options(obj: Any, where: str) -> dict[str, Any]:
-  """The LoRA option fields of `obj` (a rule, wrapper or adapter), checked
-  and normalised by the one validator (`peft._core.options`)."""
-  return _options.check_lora_options(
-      where, **{f: getattr(obj, f) for f in _OPTION_FIELDS})
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, init=False)
 class LoRARule:
   """Selects layers and says how to adapt them.
+
+  Takes the LoRA options as keywords (`rank=4, alpha=8`) or as one
+  `options=peft.LoRAOptions(...)`; either way the rule carries one checked
+  `LoRAOptions`, and `rule.rank`, `rule.alpha`, ... read from it.
 
   Example:
     >>> rule = LoRARule(rank=4, targets='.*attn.*', exclude=nn.Embed)
     >>> rule.rank, [t.pattern for t in rule.targets]
     (4, ['.*attn.*'])
+    >>> rule.options == _options.LoRAOptions(rank=4)
+    True
 
   Attributes:
-    rank: LoRA rank (> 0).
     targets: layer types, path regexes (full match on `'a/b/c'`) or
       predicates; a layer matching any is selected. `None` selects every
       einsum-like layer (Dense, DenseGeneral, Einsum, registered layers);
       Conv and Embed are adapted only when a target names them.
     exclude: same forms; a layer matching any is never selected.
-    alpha: scale numerator (`None`: `rank`, i.e. scale 1).
-    use_rslora: scale by `alpha / sqrt(rank)`.
-    dropout: adapter-input dropout rate (needs a 'dropout' rng to apply).
-    deterministic: force dropout off/on (`None`: decided by the rng).
-    dtype: dtype of A and B.
-    a_init: initializer of A.
-    b_init: initializer of B.
+    options: the `LoRAOptions` of the selected layers (rank, alpha,
+      use_rslora, dropout, deterministic, dtype, a_init, b_init).
   """
 
-  rank: int
-  targets: Any = None
-  exclude: Any = ()
-  alpha: float | None = None
-  use_rslora: bool = False
-  dropout: float = 0.0
-  deterministic: bool | None = None
-  dtype: Dtype = jnp.float32
-  a_init: Initializer = nn.initializers.kaiming_uniform()
-  b_init: Initializer = nn.initializers.zeros_init()
+  targets: tuple[Any, ...]
+  exclude: tuple[Any, ...]
+  options: _options.LoRAOptions
 
-  def __post_init__(self):
-    for name, value in check_options(self, 'LoRARule').items():
-      object.__setattr__(self, name, value)
+  def __init__(self, *, targets: Any = None, exclude: Any = (),
+               options: _options.LoRAOptions | None = None,
+               **option_values: Any):
+    if options is None:
+      options = _options.LoRAOptions.checked('LoRARule', **option_values)
+    elif option_values:
+      raise ValueError(
+          f'LoRARule takes options=LoRAOptions(...) or option keywords, not '
+          f'both; got options and {sorted(option_values)}. Use '
+          'options.replace(...) to change some.'
+      )
+    elif not isinstance(options, _options.LoRAOptions):
+      raise TypeError(
+          f'LoRARule options must be a peft.LoRAOptions; got {options!r:.80}.'
+          ' Pass options=peft.LoRAOptions(rank=8, ...).'
+      )
+    object.__setattr__(self, 'options', options)
     object.__setattr__(self, 'targets', normalize_targets(
-        self.targets, field='targets'))
+        targets, field='targets'))
     object.__setattr__(self, 'exclude', normalize_targets(
-        self.exclude, field='exclude'))
+        exclude, field='exclude'))
+
+  def __getattr__(self, name: str) -> Any:
+    # The options are declared once, in LoRAOptions; `rule.rank` reads the
+    # rule's. The field itself is read from `vars`, so that a half-built
+    # rule (unpickling) cannot recurse here.
+    options = vars(self).get('options')
+    if options is None or name not in _options.LoRAOptions.names():
+      raise AttributeError(name)
+    return getattr(options, name)
 
   def matching_targets(self, module: nn.Module, path: str) -> tuple[int, ...]:
     """Indices of the targets that select `module` (empty: not selected).
@@ -233,12 +233,6 @@ class LoRARule:
     return selected_targets(
         self.targets, self.exclude, module, path,
         by_default=_registry.einsum_kind_of(module) is not None)
-
-  def wrapper_options(self) -> dict[str, Any]:
-    """The LoRA wrapper fields this rule sets."""
-    return dict(rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora,
-                dropout=self.dropout, deterministic=self.deterministic,
-                dtype=self.dtype, a_init=self.a_init, b_init=self.b_init)
 
 
 def make_rules(rules: Sequence[LoRARule] | None, **options) -> tuple[LoRARule,

@@ -111,12 +111,10 @@ class LoRASurgery(_interceptors.ModuleInterceptor):
         state.used_targets.update((rule_index, t) for t in hits)
         # Bind the wrapper directly to the layer's scope: this shares it
         # (params stay at the layer's path) and works even when the caller
-        # is a setup-style module, where new submodules may not be created.
-        # flax takes a Scope as parent; only its type-checking stub of
-        # `Module.__init__` leaves Scope out.
-        # pyrefly: ignore[bad-argument-type]
-        return wrapper(wrapped=module, parent=module.scope, name=module.name,
-                       **rule.wrapper_options())
+        # is a setup-style module, where new submodules may not be created
+        # (flax takes a Scope as parent).
+        return wrapper.from_options(rule.options, wrapped=module,
+                                    parent=module.scope, name=module.name)
     return module
 
   def _refuse_nesting(self) -> None:

@@ -63,8 +63,8 @@ class QLoRAEinsumLike(_lora_layers.LoRAEinsumLike):
     real = q.is_quantized(stored)
     base = _ql.wrapper_for(self.wrapped, simulate=not real,
                            method=None if real else self.quant_method)
-    options = {f: getattr(self, f) for f in _lora_layers.wrapper_fields()}
-    return _lora_layers.LoRAEinsumLike(wrapped=base, **options)(*args, **kwargs)
+    return _lora_layers.LoRAEinsumLike.from_options(
+        self.options, wrapped=base)(*args, **kwargs)
 
 
 class QLoRADense(QLoRAEinsumLike):

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype
-from flax.typing import Initializer
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +24,8 @@ import numpy as np
 from peft._core import einsum as _einsum
 from peft._core import errors as _errors
 from peft._core import options as _options
-from peft._core import spec as _spec
 
 LINEAR = _einsum.EinsumEquation.parse('...i,io->...o')
-default_a_init = nnx.initializers.kaiming_uniform()
-default_b_init = nnx.initializers.zeros_init()
 
 
 class LoRAParam(nnx.LoRAParam):
@@ -78,12 +74,43 @@ def _stacked_init(init, key, stack, shape, dtype):
   return jnp.stack(values).reshape((*stack, *shape))
 
 
+# The nnx layers name the A/B dtype `param_dtype` and the compute dtype
+# `dtype` (nnx's convention); `LoRAOptions.dtype` is the A/B dtype.
+def nnx_options(where: str, *, param_dtype: Any = None,
+                **values: Any) -> _options.LoRAOptions:
+  """`LoRAOptions` from nnx-style keywords (`param_dtype` is A/B's dtype).
+
+  Example:
+    >>> nnx_options('LoRALinear', rank=2, param_dtype=jnp.bfloat16).dtype
+    <class 'jax.numpy.bfloat16'>
+
+  Args:
+    where: who received the options, quoted in errors.
+    param_dtype: dtype of A and B (`None`: the adapted layer's).
+    **values: the other `LoRAOptions` (rank, alpha, ...). `dtype` is not
+      one: in nnx it is the compute dtype.
+
+  Raises:
+    ValueError: a bad value, or `dtype` among `values`.
+  """
+  if 'dtype' in values:
+    raise ValueError(
+        f'{where}: in peft.nnx the dtype of A and B is param_dtype; got '
+        f'dtype={values["dtype"]!r} among the LoRA options. Pass '
+        'param_dtype=... (the update is computed in the layer\'s dtype).'
+    )
+  # Checked under its nnx name, so the message says what the user wrote.
+  _options.check_lora_options(where, param_dtype=param_dtype)
+  return _options.LoRAOptions.checked(where, dtype=param_dtype, **values)
+
+
 class LoRAAdapter(nnx.Module):
   """A and B of one adapted kernel, and the update they compute.
 
   The update is `scale * (dropout(x) @ A) @ B` for the adapted layer's
   equation `inputs,weights->outputs`; B starts at zero, so the update is
-  exactly zero at init.
+  exactly zero at init. The LoRA options are one `LoRAOptions`
+  (`adapter.options`), given as `options=` or as keywords.
 
   Example:
     >>> adapter = LoRAAdapter((2, 1), (1, 3), 'ir,ro->io', alpha=2.0,
@@ -92,31 +119,35 @@ class LoRAAdapter(nnx.Module):
     ((2, 1), (1, 3), 1, 2.0)
     >>> adapter.update(jnp.ones((5, 2)), '...i,io->...o').tolist()[0]
     [0.0, 0.0, 0.0]
+    >>> import peft
+    >>> options = peft.LoRAOptions(rank=1, alpha=4.0)
+    >>> LoRAAdapter((2, 1), (1, 3), 'ir,ro->io', options=options,
+    ...             rngs=nnx.Rngs(0)).scale
+    4.0
 
   Args:
     a_shape: shape of A (input-side axes of the kernel, then the rank).
     b_shape: shape of B (the rank, then the other kernel axes).
     delta_str: `a,b->weights`, so `einsum(delta_str, A, B)` is shaped like
       the kernel.
+    options: the `LoRAOptions`; its rank must be A's last axis, its
+      `dtype` is the dtype of A and B (`None`: float32), and
+      `deterministic=None` starts dropout on.
     einsum_str: the adapted layer's equation, where it has a fixed one.
-    alpha: scale numerator; `None` means `rank` (scale 1).
-    use_rslora: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
-    dropout: dropout rate on the adapter's input; off in eval mode
-      (`model.eval()`) or with `deterministic=True`.
-    deterministic: the initial mode of that dropout.
     dtype: compute dtype of the update (`None`: promote x, A and B).
-    param_dtype: dtype of A and B.
-    a_init: initializer of A.
-    b_init: initializer of B.
     rngs: `params` keys for the initializers; a `dropout` (or `default`)
       stream when `dropout > 0`.
     where: where the adapter sits, quoted in errors.
     stack_shape: leading layer axes of a kernel built under `nnx.vmap` (run
       by `nnx.scan`); A and B get them too, each layer initialised alone.
+    **option_values: instead of `options`, the LoRA options as keywords
+      (alpha, use_rslora, dropout, deterministic, param_dtype, a_init,
+      b_init); the rank is A's last axis.
 
   Raises:
-    ValueError: a rank, alpha or dropout out of range, or a dropout without
-      an rng stream for it.
+    ValueError: a rank, alpha or dropout out of range, a rank that is not
+      A's, both `options` and keywords, or a dropout without an rng stream
+      for it.
   """
 
   def __init__(
@@ -125,55 +156,72 @@ class LoRAAdapter(nnx.Module):
       b_shape: Sequence[int],
       delta_str: str,
       *,
+      options: _options.LoRAOptions | None = None,
       einsum_str: str | None = None,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      dropout: float = 0.0,
-      deterministic: bool = False,
       dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      a_init: Initializer = default_a_init,
-      b_init: Initializer = default_b_init,
       rngs: nnx.Rngs | None,
       where: str = '',
       stack_shape: Sequence[int] = (),
+      **option_values: Any,
   ):
-    at = _errors.at(where)
-    options = _options.check_lora_options(
-        where or type(self).__name__, rank=tuple(a_shape)[-1],
-        alpha=alpha, use_rslora=use_rslora, dropout=dropout,
-        deterministic=deterministic, dtype=dtype, param_dtype=param_dtype,
-        a_init=a_init, b_init=b_init)
-    self.rank = options['rank']
-    self.alpha = options['alpha']
-    self.use_rslora = options['use_rslora']
+    where = where or type(self).__name__
+    rank = tuple(a_shape)[-1]
+    if options is None:
+      option_values.setdefault('param_dtype', jnp.float32)
+      options = nnx_options(where, rank=rank, **option_values)
+    elif option_values:
+      raise ValueError(
+          f'{where}: pass options=LoRAOptions(...) or option keywords, not '
+          f'both; got options and {sorted(option_values)}. Use '
+          'options.replace(...) to change some.'
+      )
+    elif options.rank != rank:
+      raise ValueError(
+          f'{where}: options.rank={options.rank} but A {tuple(a_shape)} has '
+          f'rank {rank}. Make A and B with the options\' rank.'
+      )
+    self.options = options
     self.delta_str = delta_str
     self.einsum_str = einsum_str
     self.dtype = dtype
     # Leading layer axes of A and B (and the kernel) under nnx.vmap.
     self.stack_shape = tuple(stack_shape)
+    param_dtype = jnp.float32 if options.dtype is None else options.dtype
     key = (lambda: rngs.params()) if rngs is not None else (lambda: None)
-    self.a = LoRAParam(_stacked_init(a_init, key(), self.stack_shape,
+    self.a = LoRAParam(_stacked_init(options.a_init, key(), self.stack_shape,
                                      tuple(a_shape), param_dtype))
-    self.b = LoRAParam(_stacked_init(b_init, key(), self.stack_shape,
+    self.b = LoRAParam(_stacked_init(options.b_init, key(), self.stack_shape,
                                      tuple(b_shape), param_dtype))
     drop = None
-    if dropout > 0.0:
+    if options.dropout > 0.0:
       try:
-        drop = nnx.Dropout(dropout, deterministic=deterministic, rngs=rngs)
+        drop = nnx.Dropout(options.dropout,
+                           deterministic=bool(options.deterministic),
+                           rngs=rngs)
       except (KeyError, TypeError):
         raise ValueError(
-            f'LoRA dropout={dropout!r}{at} needs an rng stream for its masks '
-            f'but rngs={rngs!r:.60} has none. Pass rngs=nnx.Rngs(0) (or '
-            'nnx.Rngs(params=0, dropout=1)).'
+            f'LoRA dropout={options.dropout!r}{_errors.at(where)} needs an '
+            f'rng stream for its masks but rngs={rngs!r:.60} has none. Pass '
+            'rngs=nnx.Rngs(0) (or nnx.Rngs(params=0, dropout=1)).'
         ) from None
     self.dropout = drop
 
   @property
+  def rank(self) -> int:
+    return self.options.rank
+
+  @property
+  def alpha(self) -> float | None:
+    return self.options.alpha
+
+  @property
+  def use_rslora(self) -> bool:
+    return self.options.use_rslora
+
+  @property
   def scale(self) -> float:
     """`alpha / rank` (or `alpha / sqrt(rank)` with rsLoRA)."""
-    return _spec.lora_scale(rank=self.rank, alpha=self.alpha,
-                            use_rslora=self.use_rslora)
+    return self.options.scale
 
   def operands(self, x: jax.Array, *, drop: bool = True):
     """`(dropout(x), A, scale * B)`, cast to the compute dtype."""
@@ -241,8 +289,9 @@ class LoRA(LoRAAdapter):
     out_features: size of the output's last axis.
     base_module: a module called as `base_module(x, *args, **kwargs)` whose
       output the update is added to.
-    **options: `LoRAAdapter` options (alpha, use_rslora, dropout,
-      deterministic, dtype, param_dtype, a_init, b_init).
+    **options: `LoRAAdapter` options (`options=LoRAOptions(...)`, or
+      alpha, use_rslora, dropout, deterministic, param_dtype, a_init,
+      b_init) and its compute `dtype`.
     rngs: as `LoRAAdapter`.
   """
 

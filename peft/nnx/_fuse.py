@@ -132,11 +132,11 @@ def fuse(model: nnx.Module) -> FusedAdapters:
   refs = surgery.references(model)
   # Every kernel is computed (and checked) before any layer is replaced, so
   # an error leaves the model as it was.
-  values = [_with_delta(layer._kernel()[...], layer.lora.a[...],
+  values = [_with_delta(layer.kernel_variable()[...], layer.lora.a[...],
                         layer.lora.b[...], spec, 1.0, name='fuse')
             for (_, layer), spec in zip(layers, fused.specs)]
   for (_, layer), value in zip(layers, values):
-    kernel = layer._kernel()
+    kernel = layer.kernel_variable()
     plain = _nnx_adapter.retype(layer, layer.base_type)
     del plain.lora
     setattr(plain, layer.weight_name, kernel.replace(value))
@@ -145,7 +145,8 @@ def fuse(model: nnx.Module) -> FusedAdapters:
 
 
 def attach(model, specs, adapters, *, subtract: bool, name: str,
-           **options) -> None:
+           dropout: float, deterministic: bool,
+           rngs: nnx.Rngs | None) -> None:
   """Builds LoRA layers from `specs` and adapter arrays, in place."""
   specs = _adapter_tree.check_specs(specs, name)
   surgery.check_model(model, name)
@@ -166,13 +167,14 @@ def attach(model, specs, adapters, *, subtract: bool, name: str,
       )
     a, b = _adapter_tree.get_adapter(adapters, spec, name)
     surgery.check_replaceable(refs, module, _params.fmt_path(spec.path))
-    layer = cls._adapt(
-        module, where=_params.fmt_path(spec.path), rank=spec.rank,
-        alpha=spec.alpha,
-        use_rslora=spec.use_rslora, dtype=None, param_dtype=a.dtype,
-        a_init=nnx.initializers.zeros, b_init=nnx.initializers.zeros,
-        einsum_str=spec.einsum_str if cls is _nnx_layers.LoRAEinsum else None,
-        **options)
+    # A and B are set below; zeros make no random numbers for them.
+    lora_options = spec.options.replace(
+        dtype=a.dtype, a_init=nnx.initializers.zeros,
+        b_init=nnx.initializers.zeros, dropout=dropout,
+        deterministic=deterministic)
+    layer = cls.adapt(
+        module, lora_options, where=_params.fmt_path(spec.path), rngs=rngs,
+        einsum_str=spec.einsum_str if cls is _nnx_layers.LoRAEinsum else None)
     # Set after construction: a stacked layer initialises A and B per layer.
     layer.lora.a[...] = jnp.asarray(a)
     layer.lora.b[...] = jnp.asarray(b)
@@ -184,7 +186,7 @@ def attach(model, specs, adapters, *, subtract: bool, name: str,
           'the model the adapters were made for.'
       )
     if subtract:
-      kernel = layer._kernel()
+      kernel = layer.kernel_variable()
       value = _with_delta(kernel[...], a, b, spec, -1.0, name=name)
       setattr(layer, layer.weight_name, kernel.replace(value))
     new_layers.append((module, layer))

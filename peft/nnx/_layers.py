@@ -27,19 +27,22 @@ from typing import Any
 
 from flax import nnx
 from flax.typing import Dtype
-from flax.typing import Initializer
 import jax
 import jax.numpy as jnp
 
 from peft._core import einsum as _einsum
+from peft._core import options as _options
 from peft._core import spec as _spec
 from peft.nnx import _adapter as _nnx_adapter
 from peft.nnx._adapter import LoRAAdapter
-from peft.nnx._adapter import default_a_init
-from peft.nnx._adapter import default_b_init
 from peft.nnx._adapter import retype
 
 _LINEAR = _nnx_adapter.LINEAR
+# The LoRA options a LoRA layer takes beside the nnx layer's own keywords:
+# all but `dtype`, which is the nnx layer's (compute) dtype; A and B take
+# the layer's `param_dtype`.
+_LAYER_OPTIONS = tuple(n for n in _options.LoRAOptions.names()
+                       if n != 'dtype')
 
 
 def _layout(delta_str: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -78,65 +81,56 @@ class _LoRALayer(_NnxLayer):
   # Whether `_equation` is the layer's actual forward equation.
   records_einsum = False
 
-  def __init__(self, *args, rank: int, alpha: float | None = None,
-               use_rslora: bool = False, dropout: float = 0.0,
-               deterministic: bool = False,
-               a_init: Initializer = default_a_init,
-               b_init: Initializer = default_b_init,
-               rngs: nnx.Rngs, **kwargs):
+  def __init__(self, *args, rngs: nnx.Rngs, **kwargs):
     """Builds the nnx layer from `*args, **kwargs`, then its adapter.
 
-    A and B take the layer's `dtype` (compute) and `param_dtype`.
+    A and B take the layer's `param_dtype`; the update is computed in its
+    `dtype`.
 
     Args:
       *args: the nnx layer's positional arguments.
-      rank: LoRA rank.
-      alpha: scale numerator (`None`: `rank`, i.e. scale 1).
-      use_rslora: scale by `alpha / sqrt(rank)`.
-      dropout: adapter-input dropout rate (off after `model.eval()`).
-      deterministic: initial dropout mode.
-      a_init: initializer of A (random by default).
-      b_init: initializer of B (zeros by default).
       rngs: keys for the layer, A, B and dropout.
-      **kwargs: the nnx layer's keyword arguments (dtype, param_dtype, ...).
+      **kwargs: `rank=` and the other LoRA options (alpha, use_rslora,
+        dropout, deterministic, a_init, b_init: see `peft.LoRAOptions`;
+        dropout is off after `model.eval()`), and the nnx layer's keyword
+        arguments (dtype, param_dtype, ...).
     """
+    lora = {k: kwargs.pop(k) for k in _LAYER_OPTIONS if k in kwargs}
+    where = type(self).__name__
+    options = _nnx_adapter.nnx_options(where, **lora)
     super().__init__(*args, rngs=rngs, **kwargs)  # `base_type`'s.
-    self._check_base(type(self).__name__)
-    self._add_lora(
-        rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout,
-        deterministic=deterministic, dtype=None, param_dtype=None,
-        a_init=a_init, b_init=b_init, einsum_str=None, rngs=rngs,
-        where=type(self).__name__)
+    self._check_base(where)
+    self._add_lora(options, compute_dtype=None, einsum_str=None, rngs=rngs,
+                   where=where)
 
   @classmethod
-  def from_module(cls, module: nnx.Module, *, rank: int,
-                  alpha: float | None = None, use_rslora: bool = False,
-                  dropout: float = 0.0, deterministic: bool = False,
+  def from_module(cls, module: nnx.Module, *, rngs: nnx.Rngs | None,
                   dtype: Dtype | None = None,
                   param_dtype: Dtype | None = None,
-                  a_init: Initializer = default_a_init,
-                  b_init: Initializer = default_b_init,
-                  einsum_str: str | None = None,
-                  rngs: nnx.Rngs | None) -> Any:
+                  einsum_str: str | None = None, **options: Any) -> Any:
     """A LoRA version of `module` that shares its variables.
 
     The result holds `module`'s own Variable objects (the kernel is not
     copied) plus a fresh adapter; `module` itself is left unchanged.
 
+    Example:
+      >>> linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> layer = LoRALinear.from_module(linear, rank=1, alpha=2.0,
+      ...                                rngs=nnx.Rngs(1))
+      >>> layer.kernel is linear.kernel, layer.lora.scale
+      (True, 2.0)
+
     Args:
       module: a layer of exactly this class's `base_type`.
-      rank: LoRA rank.
-      alpha: scale numerator (`None`: `rank`, i.e. scale 1).
-      use_rslora: scale by `alpha / sqrt(rank)`.
-      dropout: adapter-input dropout rate.
-      deterministic: initial dropout mode (`model.eval()` sets True).
+      rngs: keys for the initializers (and dropout).
       dtype: compute dtype of the update (`None`: the layer's `dtype`).
       param_dtype: dtype of A and B (`None`: the layer's `param_dtype`).
-      a_init: initializer of A.
-      b_init: initializer of B.
       einsum_str: `nnx.Einsum` only: the equation the layer is called
         with, when it was built without one.
-      rngs: keys for the initializers (and dropout).
+      **options: `rank=` and the other LoRA options (alpha, use_rslora,
+        dropout, deterministic, a_init, b_init; see `peft.LoRAOptions`).
+        Dropout starts on unless `deterministic=True`; `model.eval()`
+        turns it off.
 
     Returns:
       The LoRA layer.
@@ -146,15 +140,42 @@ class _LoRALayer(_NnxLayer):
       ValueError: the layer cannot be adapted (see the subclass) or an
         option is out of range.
     """
-    return cls._adapt(
-        module, where=type(module).__name__, rank=rank, alpha=alpha,
-        use_rslora=use_rslora, dropout=dropout, deterministic=deterministic,
-        dtype=dtype, param_dtype=param_dtype, a_init=a_init, b_init=b_init,
-        einsum_str=einsum_str, rngs=rngs)
+    where = type(module).__name__
+    return cls.adapt(
+        module, _nnx_adapter.nnx_options(where, param_dtype=param_dtype,
+                                         **options),
+        where=where, compute_dtype=dtype, einsum_str=einsum_str, rngs=rngs)
 
   @classmethod
-  def _adapt(cls, module: nnx.Module, *, where: str, **options) -> Any:
-    """`from_module`, naming `where` (a model path) in errors."""
+  def adapt(cls, module: nnx.Module, options: _options.LoRAOptions, *,
+            where: str, rngs: nnx.Rngs | None,
+            compute_dtype: Dtype | None = None,
+            einsum_str: str | None = None) -> Any:
+    """A LoRA version of `module` with `options`; what surgery calls.
+
+    `from_module` with the options given as one `LoRAOptions`, and `where`
+    (the layer's model path) named in errors.
+
+    Example:
+      >>> import peft
+      >>> linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> layer = LoRALinear.adapt(linear, peft.LoRAOptions(rank=2),
+      ...                          where='mlp/up', rngs=nnx.Rngs(1))
+      >>> layer.lora.a.shape, layer.lora.options.rank
+      ((2, 2), 2)
+
+    Args:
+      module: a layer of exactly this class's `base_type`.
+      options: the LoRA options; `dtype=None` means the layer's
+        `param_dtype`.
+      where: the layer's path (or name), quoted in errors.
+      rngs: keys for the initializers (and dropout).
+      compute_dtype: compute dtype of the update (`None`: the layer's).
+      einsum_str: as in `from_module`.
+
+    Raises:
+      TypeError, ValueError: as `from_module`.
+    """
     if type(module) is not cls.base_type:
       raise TypeError(
           f'{cls.__name__} adapts nnx.{cls.base_type.__name__}; got '
@@ -163,7 +184,8 @@ class _LoRALayer(_NnxLayer):
       )
     layer = retype(module, cls)
     layer._check_base(where)
-    layer._add_lora(where=where, **options)
+    layer._add_lora(options, compute_dtype=compute_dtype,
+                    einsum_str=einsum_str, rngs=rngs, where=where)
     return layer
 
   def _check_base(self, where: str) -> None:
@@ -173,20 +195,29 @@ class _LoRALayer(_NnxLayer):
                 where: str) -> _einsum.EinsumEquation:
     raise NotImplementedError
 
-  def _kernel(self) -> nnx.Variable:
+  def kernel_variable(self) -> nnx.Variable:
+    """The adapted kernel's Variable (`kernel`, or `embedding` for Embed).
+
+    Example:
+      >>> layer = LoRALinear(2, 3, rank=1, rngs=nnx.Rngs(0))
+      >>> layer.kernel_variable() is layer.kernel
+      True
+    """
     return getattr(self, self.weight_name)
 
-  def _add_lora(self, *, rank, dtype, param_dtype, einsum_str, where,
-                **options) -> None:
+  def _add_lora(self, options: _options.LoRAOptions, *, compute_dtype,
+                einsum_str, rngs, where) -> None:
     eq = self._equation(einsum_str, where)
-    stack, weight_shape = _split_stack(self._kernel().shape, eq)
-    plan = eq.lora_plan(weight_shape=weight_shape, rank=rank, where=where)
+    stack, weight_shape = _split_stack(self.kernel_variable().shape, eq)
+    plan = eq.lora_plan(weight_shape=weight_shape, rank=options.rank,
+                        where=where)
+    if options.dtype is None:
+      options = options.replace(dtype=self.param_dtype)
     self.lora = LoRAAdapter(
-        plan.a_shape, plan.b_shape, plan.delta_str,
+        plan.a_shape, plan.b_shape, plan.delta_str, options=options,
         einsum_str=eq.einsum_str if self.records_einsum else None,
-        dtype=self.dtype if dtype is None else dtype,
-        param_dtype=self.param_dtype if param_dtype is None else param_dtype,
-        where=where, stack_shape=stack, **options)
+        dtype=self.dtype if compute_dtype is None else compute_dtype,
+        where=where, stack_shape=stack, rngs=rngs)
 
   def adapter_spec(self, path: Sequence[Any] = ()) -> _spec.AdapterSpec:
     """The `AdapterSpec` of this layer's adapter at model path `path`.
@@ -201,7 +232,7 @@ class _LoRALayer(_NnxLayer):
         path=tuple(str(p) for p in path),
         layer_type=self.base_type.__name__, weight_name=self.weight_name,
         adapter_name='lora',
-        weight_shape=tuple(self._kernel().shape[n:]),
+        weight_shape=tuple(self.kernel_variable().shape[n:]),
         a_shape=tuple(lora.a.shape[n:]), b_shape=tuple(lora.b.shape[n:]),
         delta_str=lora.delta_str, einsum_str=lora.einsum_str,
         rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
@@ -210,7 +241,7 @@ class _LoRALayer(_NnxLayer):
   def _add_update(self, y: jax.Array, inputs: jax.Array,
                   eq: _einsum.EinsumEquation) -> jax.Array:
     """`y + scale * einsum(inputs, A, B)` for the layer's equation `eq`."""
-    plan = eq.lora_plan(weight_shape=self._kernel().shape,
+    plan = eq.lora_plan(weight_shape=self.kernel_variable().shape,
                         rank=self.lora.rank)
     if _layout(plan.delta_str) != _layout(self.lora.delta_str):
       raise ValueError(

@@ -240,12 +240,7 @@ def apply_lora(
   new_layers = []
   for path, where, module, cls, rule in chosen:
     check_replaceable(refs, module, where)
-    layer = cls._adapt(
-        module, where=where, rank=rule.rank, alpha=rule.alpha,
-        use_rslora=rule.use_rslora, dropout=rule.dropout,
-        deterministic=bool(rule.deterministic), dtype=None,
-        param_dtype=rule.dtype, a_init=rule.a_init, b_init=rule.b_init,
-        einsum_str=None, rngs=rngs)
+    layer = cls.adapt(module, rule.options, where=where, rngs=rngs)
     new_layers.append((module, layer))
     spec = layer.adapter_spec(path)
     report.adapters[spec.key] = spec
