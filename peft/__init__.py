@@ -50,6 +50,8 @@ from peft._linen.lora_adapters import LoRAEmbedAdapter
 from peft._core.fuse import fuse_params
 from peft._core.fuse import fuse_state
 from peft._core.fuse import unfuse_params
+from peft._core.kernel_init import adapters_for_original_base
+from peft._core.kernel_init import init_from_kernels
 from peft._core.params import SplittedParams
 from peft._core.params import merge_params
 from peft._core.params import split_params
@@ -77,6 +79,7 @@ from peft._core.functional import init_lora_adapter
 from peft._core.functional import lora_delta
 from peft._core.functional import lora_linear
 from peft._core.functional import merge_lora_weight
+from peft._core.functional import principal_lora_adapter
 from peft._core.functional import tree_lora_delta
 from peft._core.functional import unmerge_lora_weight
 
@@ -159,6 +162,7 @@ __all__ = [
     'SplittedParams',
     'adapter_labels',
     'adapter_mask',
+    'adapters_for_original_base',
     'check_adapters_match',
     'count_params',
     'dequantize',
@@ -167,6 +171,7 @@ __all__ = [
     'fuse_quantized_kernel',
     'fuse_state',
     'get_axis_to_reduce_from_einsum_str',
+    'init_from_kernels',
     'init_lora_adapter',
     'load_adapters',
     'lora',
@@ -176,6 +181,7 @@ __all__ = [
     'merge_lora_weight',
     'merge_params',
     'param_bytes',
+    'principal_lora_adapter',
     'quantization_axes',
     'quantize',
     'quantize_array',

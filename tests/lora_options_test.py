@@ -200,3 +200,18 @@ def test_nnx_options_keep_dtype_for_the_compute_dtype():
 def test_the_wrapper_exists_exactly_for_adaptable_layers(module):
   assert (lora_layers.wrapper_type_for(module) is not None) == (
       rules.is_adaptable(module))
+
+
+def test_checked_options_are_reused_but_never_across_types():
+  first = peft.LoRAOptions.checked('here', rank=2, alpha=1)
+  assert peft.LoRAOptions.checked('here', rank=2, alpha=1) is first
+  # True == 1 and 2.0 == 2 in Python; the check still sees each.
+  with pytest.raises(ValueError, match=r'alpha must be positive or None; got '
+                     r"True at 'here'"):
+    peft.LoRAOptions.checked('here', rank=2, alpha=True)
+  with pytest.raises(ValueError, match=r"rank must be a positive int; got 2\.0"
+                     r" at 'here'"):
+    peft.LoRAOptions.checked('here', rank=2.0, alpha=1)
+  # Unhashable values are checked every time, not cached.
+  with pytest.raises(ValueError, match=r'dropout must be in \[0, 1\)'):
+    peft.LoRAOptions.checked('here', rank=2, dropout=[0.1])

@@ -379,23 +379,57 @@ def logits_fn(config: models.DecoderConfig, settings: Settings | None):
   return jax.jit(logits)
 
 
-def mean_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token negative log-likelihood."""
-  logprobs = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)
-  return -jnp.mean(picked)
+def mean_nll(logits: jax.Array, targets: jax.Array,
+             weights: jax.Array | None = None) -> jax.Array:
+  """Mean next-token negative log-likelihood over the weighted targets.
+
+  `weights` (like `targets`; default all ones) is 0 where a token is no
+  target (a prompt, a user turn, a pad).
+  """
+  total, count = _nll_sums(logits, targets, weights)
+  return total / jnp.maximum(count, 1.0)
+
+
+def _nll_sums(logits, targets, weights):
+  """`(sum of weighted NLL, sum of weights)`."""
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+  if weights is None:
+    weights = jnp.ones_like(picked)
+  return -jnp.sum(picked * weights), jnp.sum(weights)
+
+
+# Held-out rows per compiled evaluation call; a last partial chunk is
+# padded with rows of zero weight, so every call has one shape.
+EVAL_CHUNK = 8
 
 
 def perplexity(config: models.DecoderConfig, settings: Settings | None,
-               params: Any, held: np.ndarray) -> float:
-  """Held-out perplexity `exp(mean NLL)` over every predicted token.
+               params: Any, held: np.ndarray,
+               weights: np.ndarray | None = None) -> float:
+  """Held-out perplexity `exp(mean NLL)` over the weighted targets.
 
-  The logits come from `logits_fn`, whose compile every evaluation of the
-  same model and shape shares (training, `eval`, `merge`'s check).
+  `held` is `(n, length)` token rows, `weights` `(n, length - 1)` (default
+  all ones: every predicted token). The logits come from `logits_fn`,
+  whose compile every evaluation of the same model and shape shares
+  (training, `eval`, `merge`'s check).
   """
-  tokens = jnp.asarray(held)
-  logits = logits_fn(config, settings)(params, tokens[:, :-1])
-  return float(np.exp(float(_mean_nll(logits, tokens[:, 1:]))))
+  held = np.asarray(held)
+  if weights is None:
+    weights = np.ones((held.shape[0], held.shape[1] - 1), np.float32)
+  total = count = 0.0
+  for start in range(0, len(held), EVAL_CHUNK):
+    tokens = held[start:start + EVAL_CHUNK]
+    w = weights[start:start + EVAL_CHUNK]
+    if len(tokens) < EVAL_CHUNK and len(held) > EVAL_CHUNK:
+      pad = EVAL_CHUNK - len(tokens)
+      tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
+      w = np.concatenate([w, np.zeros((pad, w.shape[1]), w.dtype)])
+    logits = logits_fn(config, settings)(params, jnp.asarray(tokens[:, :-1]))
+    nll, n = _jit_nll_sums(logits, jnp.asarray(tokens[:, 1:]),
+                           jnp.asarray(w))
+    total, count = total + float(nll), count + float(n)
+  return float(np.exp(total / max(count, 1.0)))
 
 
-_mean_nll = jax.jit(mean_nll)
+_jit_nll_sums = jax.jit(_nll_sums)

@@ -210,6 +210,81 @@ def eval_windows(base: Base, args: Any) -> np.ndarray:
   return held[:args.eval_windows]
 
 
+def _all_targets(tokens: np.ndarray, name: str) -> models.Examples:
+  """Text windows as examples whose every predicted token is a target."""
+  return models.Examples(
+      tokens, np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32),
+      tuple(f'{name} window {i}' for i in range(len(tokens))))
+
+
+def _load(paths, base: Base, args: Any) -> models.Examples:
+  try:
+    return models.load_examples(paths, base.tokenizer,
+                                length=args.seq_len + 1,
+                                skip_bad_rows=args.skip_bad_rows)
+  except (models.DataError, FileNotFoundError) as e:
+    raise CliError(str(e)) from e
+
+
+def _split(examples: models.Examples, args: Any
+           ) -> tuple[models.Examples, models.Examples]:
+  try:
+    return examples.split(args.val_fraction, seed=0)
+  except ValueError as e:  # nothing left to train on
+    raise CliError(f'{e} (--val-fraction {args.val_fraction})') from e
+
+
+def training_data(base: Base, args: Any
+                  ) -> tuple[models.Examples, models.Examples]:
+  """`(train, held out)`: the user's `--data`, or Shakespeare's plays.
+
+  Without `--eval-data` the held-out rows are a fixed seeded split of
+  `--data` (seed 0, so `finetune` and `eval` hold out the same rows).
+
+  Raises:
+    CliError: a missing file or a bad row (with its file and line).
+  """
+  if not args.data:
+    if args.eval_data:
+      raise CliError('--eval-data needs --data (the training files). Pass '
+                     '--data PATH too.')
+    train = windows(base, split='train', length=args.seq_len + 1,
+                    max_plays=args.max_plays)
+    return _all_targets(train, 'Shakespeare train'), held_out_data(base, args)
+  train = _load(args.data, base, args)
+  if args.eval_data:
+    return train, _load(args.eval_data, base, args)
+  return _split(train, args)
+
+
+def held_out_data(base: Base, args: Any) -> models.Examples:
+  """The held-out examples: `--eval-data`, the held-out split of `--data`
+  (as `training_data`'s), or `--eval-windows` Shakespeare windows."""
+  if args.eval_data:
+    return _load(args.eval_data, base, args)
+  if args.data:
+    return _split(_load(args.data, base, args), args)[1]
+  return _all_targets(eval_windows(base, args), 'Shakespeare held-out')
+
+
+def describe_data(train: models.Examples, held: models.Examples) -> str:
+  """One line of example and target-token counts, printed before training.
+
+  Example:
+    >>> ex = models.Examples(np.zeros((3, 4), np.int32),
+    ...                      np.ones((3, 3), np.float32), ('a',) * 3, 1)
+    >>> print(describe_data(ex, ex.take([0])))  # doctest: +NORMALIZE_WHITESPACE
+    data: 3 training examples (9 target tokens), 1 held out (3);
+    2 bad rows skipped
+  """
+  line = (f'data: {len(train)} training examples ({train.target_tokens:,} '
+          f'target tokens), {len(held)} held out ({held.target_tokens:,})')
+  skipped = train.skipped + held.skipped
+  if skipped:
+    line += f'; {skipped} bad row{"s" if skipped > 1 else ""} skipped'
+  return line
+
+
 def check_seq_len(base: Base, seq_len: int) -> None:
   if seq_len + 1 > base.config.max_len:
     raise CliError(

@@ -71,11 +71,13 @@ def run_eval(args: Any) -> dict[str, Any]:
   results = {}
   for v in variants(args):
     base_lib.check_seq_len(v.base, args.seq_len)
-    held = base_lib.eval_windows(v.base, args)
+    held = base_lib.held_out_data(v.base, args)
     results[v.name] = adapt.perplexity(v.base.config, v.settings, v.params,
-                                       held)
-    print(f'{v.name}: held-out perplexity {results[v.name]:.3f} '
-          f'({len(held)} windows of {args.seq_len} predicted tokens)')
+                                       held.tokens, held.weights)
+    what = (f'{len(held)} held-out examples, {held.target_tokens} target '
+            'tokens' if args.data or args.eval_data else
+            f'{len(held)} windows of {args.seq_len} predicted tokens')
+    print(f'{v.name}: held-out perplexity {results[v.name]:.3f} ({what})')
   return results
 
 

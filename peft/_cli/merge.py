@@ -127,7 +127,8 @@ def run(args: Any) -> dict[str, Any]:
   out = base_lib.output(args, 'merged', flag='--out', directory=not as_file)
   base = base_lib.load_base(base_lib.source_of(args))
   adapted, _ = adapt.load(base, args.adapters)
-  held = base_lib.eval_windows(base, args) if args.check else None
+  held = (base_lib.held_out_data(base, args).tokens[:args.eval_windows]
+          if args.check else None)
   fused = fused_params(adapted)
   result: dict[str, Any] = {'merged': str(out)}
   with base_lib.staged(out) as tmp:

@@ -106,14 +106,36 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                  help='where outputs go (default: %(default)s)')
 
 
+def fraction(text: str) -> float:
+  return _float_in(text, 0.0, 1.0, closed_low=False)
+
+
 def _data_flags(p: argparse.ArgumentParser) -> None:
-  group = p.add_argument_group('data (Shakespeare, held-out split by play)')
+  group = p.add_argument_group(
+      'data (default: Shakespeare, held-out split by play)')
+  group.add_argument('--data', action='append', metavar='PATH',
+                     help='your data instead (repeatable): .jsonl rows '
+                     '{"text"}, {"prompt", "completion"} or {"messages"} '
+                     '(chat, rendered with the model\'s template; only '
+                     'completions and assistant turns are trained on), or '
+                     '.txt plain text')
+  group.add_argument('--eval-data', action='append', metavar='PATH',
+                     help='held-out data files (repeatable; default: '
+                     '--val-fraction of --data)')
+  group.add_argument('--val-fraction', type=fraction, default=0.1,
+                     help='share of --data rows held out when there is no '
+                     '--eval-data, a fixed seeded split (default: '
+                     '%(default)s)')
+  group.add_argument('--skip-bad-rows', action='store_true',
+                     help='skip malformed or too-long data rows (counted) '
+                     'instead of stopping at the first')
   group.add_argument('--seq-len', type=positive_int, default=64,
-                     help='tokens predicted per window (default: '
-                     '%(default)s)')
+                     help='tokens predicted per window or example '
+                     '(default: %(default)s)')
   group.add_argument('--eval-windows', type=positive_int, default=8,
-                     help='held-out windows to evaluate (default: '
-                     '%(default)s)')
+                     help='held-out Shakespeare windows to evaluate '
+                     '(default: %(default)s; with --data every held-out '
+                     'example is)')
   group.add_argument('--max-plays', type=positive_int,
                      help='read only the first N plays of each split')
 

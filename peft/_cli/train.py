@@ -1,4 +1,8 @@
-"""`python -m peft finetune`: train LoRA adapters on Shakespeare's plays.
+"""`python -m peft finetune`: train LoRA adapters on your data or Shakespeare.
+
+With `--data`, the examples are the user's JSONL rows or text files (see
+`peft.models.load_examples`) and the loss covers only their targets
+(completions, assistant turns); without it, windows of Shakespeare's plays.
 
 The base stays frozen: gradients are taken with respect to the adapters
 only (no work is spent on the base weights' gradients), and
@@ -35,18 +39,19 @@ def _step_fn(adapted: adapt.Adapted, tx: optax.GradientTransformation,
   model, settings = adapted.base.model, adapted.settings
   key = jax.random.key(seed)
 
-  def loss_fn(lora, frozen, batch, step):
+  def loss_fn(lora, frozen, batch, weights, step):
     rngs = ({'dropout': jax.random.fold_in(key, step)} if settings.dropout
             else {})
     with settings.applied():
       logits = forward_lib.forward(
           model, {'params': peft.merge_params(frozen, lora)}, batch[:, :-1],
           rngs=rngs)
-    return adapt.mean_nll(logits, batch[:, 1:])
+    return adapt.mean_nll(logits, batch[:, 1:], weights)
 
   @jax.jit
-  def step(lora, opt_state, frozen, batch, step):
-    loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, batch, step)
+  def step(lora, opt_state, frozen, batch, weights, step):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, batch, weights,
+                                              step)
     updates, opt_state = tx.update(grads, opt_state, lora)
     return optax.apply_updates(lora, updates), opt_state, loss
 
@@ -94,14 +99,15 @@ def run(args: Any) -> dict[str, Any]:
                    'would overwrite the other. Pass two different paths.')
   base = base_lib.load_base(base_lib.source_of(args))
   base_lib.check_seq_len(base, args.seq_len)
-  train = base_lib.windows(base, split='train', length=args.seq_len + 1,
-                           max_plays=args.max_plays)
+  train, held = base_lib.training_data(base, args)
   if len(train) < args.batch_size:
+    more = '--data' if args.data else 'more --max-plays'
     raise CliError(
         f'--batch-size {args.batch_size} exceeds the {len(train)} training '
-        f'windows of {args.seq_len + 1} tokens. Pass a smaller batch or '
-        'more --max-plays.')
-  held = base_lib.eval_windows(base, args)
+        f'examples of {args.seq_len + 1} tokens. Pass a smaller batch or '
+        f'{more}.')
+  if args.data:
+    print(base_lib.describe_data(train, held))
   adapted = adapt.initial(base, args)
   report = peft.LoRAReport(adapters={s.key: s for s in adapted.specs})
   counted = peft.merge_params(base.params, adapted.lora)  # Float base.
@@ -110,7 +116,8 @@ def run(args: Any) -> dict[str, Any]:
 
   def perplexity(lora):
     return adapt.perplexity(base.config, adapted.settings,
-                            peft.merge_params(adapted.frozen, lora), held)
+                            peft.merge_params(adapted.frozen, lora),
+                            held.tokens, held.weights)
 
   tx = optimizer(args)
   step = _step_fn(adapted, tx, args.seed)
@@ -120,7 +127,9 @@ def run(args: Any) -> dict[str, Any]:
   start = 'init adapters' if args.init_adapters else 'base'
   print(f'step 0 ({start}{quantized}): held-out perplexity '
         f'{evals[0][1]:.2f}')
-  stream = models.batches(train, batch_size=args.batch_size, seed=args.seed)
+  # Shuffled example indices; each batch gathers tokens and loss weights.
+  stream = models.batches(np.arange(len(train))[:, None],
+                          batch_size=args.batch_size, seed=args.seed)
   tokens_per_step = args.batch_size * args.seq_len
   losses: list[float] = []
   began = time.perf_counter()
@@ -132,8 +141,10 @@ def run(args: Any) -> dict[str, Any]:
   with tqdm(range(1, args.steps + 1), desc='finetune', unit='step',
             mininterval=1.0, disable=None) as bar:
     for i in bar:
-      lora, opt_state, loss = step(lora, opt_state, adapted.frozen,
-                                   jnp.asarray(next(stream)), np.int32(i))
+      rows = next(stream)[:, 0]
+      lora, opt_state, loss = step(
+          lora, opt_state, adapted.frozen, jnp.asarray(train.tokens[rows]),
+          jnp.asarray(train.weights[rows]), np.int32(i))
       losses.append(float(loss))
       if not math.isfinite(losses[-1]):
         raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
@@ -160,6 +171,7 @@ def run(args: Any) -> dict[str, Any]:
   meta = trained.metadata(training={
       'steps': args.steps, 'batch_size': args.batch_size,
       'seq_len': args.seq_len, 'learning_rate': args.learning_rate,
+      'data': [str(p) for p in args.data] if args.data else 'shakespeare',
       'base_perplexity': evals[0][1], 'perplexity': evals[-1][1]})
   title = (f'LoRA rank {adapted.settings.rank} on '
            f'{base.source.split(":")[-1]} '

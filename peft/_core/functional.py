@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import einsum as _einsum
+from peft._core import kernel_init as _kernel_init
 from peft._core import options as _options
 
 Adapter = Mapping[str, Any]
@@ -112,6 +113,52 @@ def init_lora_adapter(weight: Any, rank: int, init_std: float = 0.01,
     dtype = jnp.float32 if w_dtype is None else w_dtype
   a = init_std * jax.random.normal(key, (n_in, rank), jnp.float32)
   return {'A': a.astype(dtype), 'B': jnp.zeros((rank, n_out), dtype)}
+
+
+def principal_lora_adapter(
+    weight: Any, rank: int, alpha: float | None = 1.0, *,
+    method: str = 'pissa') -> tuple[dict[str, jax.Array], jax.Array]:
+  """PiSSA or OLoRA for a 2-D weight: `(adapter, residual weight)`.
+
+  PiSSA (Meng et al. 2024) takes A and B from the weight's top `rank`
+  singular directions, OLoRA (Büyükakyüz 2024) from a QR; the residual is
+  `weight - (alpha / rank) * A @ B`, so `merge_lora_weight(residual,
+  adapter, alpha)` is `weight` to float rounding. Train the adapter over
+  the residual, as `peft.init_from_kernels` does for a whole model.
+
+  Example:
+    >>> w = jnp.array([[3., 0.], [0., 1.], [0., 0.]])
+    >>> adapter, residual = principal_lora_adapter(w, 1)
+    >>> residual.tolist()  # the top singular direction went to the adapter
+    [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    >>> bool(jnp.allclose(merge_lora_weight(residual, adapter), w))
+    True
+
+  Args:
+    weight: the weight `(in, out)`.
+    rank: the adapter rank (at most `min(in, out)`).
+    alpha: LoRA alpha; the scale is `alpha / rank` (`None`: 1).
+    method: `'pissa'` or `'olora'`.
+
+  Returns:
+    `({'A': (in, rank), 'B': (rank, out)}, residual)`, in the weight's
+    dtype.
+
+  Raises:
+    ValueError: `weight` is not 2-D, a bad rank, alpha or method.
+  """
+  where = 'principal_lora_adapter'
+  n_in, n_out = _check_2d(weight, 'weight', where)
+  _einsum.check_rank(rank, where=where)
+  checked = _kernel_init.check_method(method, where)
+  _kernel_init.check_rank_fits(rank, n_in, n_out, method=method,
+                               what='the adapter', where=where)
+  scale = _scale(alpha, rank, where)
+  weight = jnp.asarray(weight)
+  a, b = _kernel_init.factor_matrices(weight, rank, scale, method=checked)
+  a, b = a.astype(weight.dtype), b.astype(weight.dtype)
+  residual = _einsum.add_delta(weight, a, b, -scale, delta_str='ir,ro->io')
+  return {'A': a, 'B': b}, residual
 
 
 def lora_delta(adapter: Adapter, alpha: float = 1.0) -> jax.Array:

@@ -9,7 +9,7 @@ overhead; `unfuse_params` subtracts it again and puts the adapters back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 import typing
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ Params = _params.Params
 _path = _params.fmt_path
 
 
-def _get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
+def get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
   """The kernel of `spec`, whose leading axes may be a layer stack."""
   module = _adapter_tree.module_at(original, spec, name)
   if spec.weight_name not in module:
@@ -132,13 +132,13 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
   Returns the new tree and the largest round-off (0 without `with_error`:
   measuring it costs a second pass over every kernel).
   """
-  out = _to_dict(base)
+  out = _params.to_dict(base)
   error = jnp.zeros((), jnp.float32)
   # kernel path -> (the kernel as given, the (A, B) applied to it).
   applied: dict[tuple[str, ...], tuple[Any, list[tuple[Any, Any]]]] = {}
   for spec in specs:
     # Read from `out`: several adapters of one kernel add up.
-    kernel = _get_kernel(out, spec, name)
+    kernel = get_kernel(out, spec, name)
     a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
     original, pairs = applied.setdefault((*spec.path, spec.weight_name),
                                          (kernel, []))
@@ -157,7 +157,7 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
     check_finite(new, spec, name)
     pairs.append((a, b))
     module = _adapter_tree.module_at(out, spec, name)
-    assert isinstance(module, dict)  # `_to_dict` made every module a dict.
+    assert isinstance(module, dict)  # `to_dict` made every module a dict.
     module[spec.weight_name] = new
   for path, (original, pairs) in applied.items():
     node = out
@@ -165,11 +165,6 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
       node = node[key]
     _fuse_ledger.record(original, node, pairs, fusing=sign > 0)
   return out, error
-
-
-def _to_dict(tree: Params) -> dict[str, Any]:
-  return {k: _to_dict(v) if isinstance(v, Mapping) else v
-          for k, v in tree.items()}
 
 
 @typing.overload

@@ -250,7 +250,20 @@ Pass e.g. rank=8.
       raise ValueError(
           f'LoRA needs a rank; got none{_errors.at(where)}. Pass e.g. '
           'rank=8.')
-    return cls(**check_lora_options(where, **values))
+    # linen builds a module (so its options) again at every clone, many
+    # times per trace: the same values are checked once. The key holds
+    # each value's type, so `alpha=True` never finds `alpha=1`'s entry.
+    try:
+      key = (cls, where, tuple((k, type(v), v) for k, v in values.items()))
+      hash(key)
+    except TypeError:  # an unhashable value: check it every time
+      key = None
+    options = _CHECKED.get(key) if key is not None else None
+    if options is None:
+      options = cls(**check_lora_options(where, **values))
+      if key is not None and len(_CHECKED) < _MAX_CHECKED:
+        _CHECKED[key] = options
+    return options
 
   @classmethod
   def names(cls) -> tuple[str, ...]:
@@ -278,3 +291,6 @@ Pass e.g. rank=8.
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(LoRAOptions)}
+# `LoRAOptions.checked` results by (class, where, typed values).
+_CHECKED: dict[Any, LoRAOptions] = {}
+_MAX_CHECKED = 4096

@@ -127,6 +127,13 @@ def check_mapping(tree: Any, name: str) -> None:
     )
 
 
+def to_dict(tree: Params) -> dict[str, Any]:
+  """A copy of `tree` whose mappings (FrozenDicts too) are all plain dicts,
+  so it can be edited in place; the leaves are the same objects."""
+  return {k: to_dict(v) if isinstance(v, Mapping) else v
+          for k, v in tree.items()}
+
+
 def like(template: Any, tree: dict[str, Any]) -> Params:
   """Returns `tree` as a FrozenDict when `template` is one."""
   if isinstance(template, flax_core.FrozenDict):

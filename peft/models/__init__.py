@@ -47,6 +47,12 @@ from peft.models._decoder import causal_mask
 from peft.models._decoder import init_cache
 from peft.models._decoder import soft_cap
 
+# The user's data: text and JSONL rows with loss weights.
+from peft.models._examples import DataError
+from peft.models._examples import Examples
+from peft.models._examples import load_examples
+from peft.models._examples import row_targets
+
 # Loading and saving.
 from peft.models._gemma_params import decoder_config_from_gemma
 from peft.models._gemma_params import from_gemma_params
@@ -82,6 +88,11 @@ __all__ = [
   'smollm2_135m',
   'tiny_config',
   'tiny_gemma3_config',
+  # The user's data: text and JSONL rows with loss weights.
+  'DataError',
+  'Examples',
+  'load_examples',
+  'row_targets',
   # The decoder and its layers.
   'Attention',
   'Block',

@@ -426,13 +426,15 @@ class Tokenizer:
                             bos_token=self._bos_text() or None)
     return None
 
-  def encode_chat(self, messages: str | Sequence[Message]) -> list[int]:
-    """`encode(chat_prompt(messages))`, without a second BOS.
+  def encode_chat(self, messages: str | Sequence[Message], *,
+                  add_generation_prompt: bool = True) -> list[int]:
+    """`encode(chat_prompt(messages, ...))`, without a second BOS.
 
     When the prompt starts with the BOS token (Gemma's does), `add_bos` is
     not applied again.
     """
-    text = self.chat_prompt(messages)
+    text = self.chat_prompt(messages,
+                            add_generation_prompt=add_generation_prompt)
     bos = self._bos_text()
     return self.encode(text, add_bos=False if bos and text.startswith(bos)
                        else None)

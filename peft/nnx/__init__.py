@@ -38,6 +38,7 @@ from peft.nnx._files import save_adapters
 from peft.nnx._fuse import FusedAdapters
 from peft.nnx._fuse import fuse
 from peft.nnx._fuse import unfuse
+from peft.nnx._kernel_init import init_from_kernels
 from peft.nnx._layers import LoRAConv
 from peft.nnx._layers import LoRAEinsum
 from peft.nnx._layers import LoRAEmbed
@@ -63,6 +64,7 @@ __all__ = [
     'adapter_specs',
     'apply_lora',
     'fuse',
+    'init_from_kernels',
     'is_lora_layer',
     'lora_class_for',
     'load_adapters',

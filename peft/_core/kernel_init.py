@@ -1,0 +1,284 @@
+"""Adapters initialised from their kernels: PiSSA and OLoRA.
+
+PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948) starts A and B
+at the kernel's top `rank` singular directions; OLoRA (Büyükakyüz 2024,
+https://arxiv.org/abs/2406.01775) at the first `rank` columns of a QR
+factorisation. Either way the kernel is replaced by the residual
+`W - scale * delta(A, B)`, so the model at init computes what it did (to
+float rounding), and training moves the part of W that matters most.
+
+The kernel is read as the matrix the delta equation implies: A's kernel
+axes (the inputs side) as rows, B's as columns, axes both hold (batch
+axes of a DenseGeneral) as a batch of matrices. So every layer kind
+surgery adapts (Dense, DenseGeneral, Einsum, Conv, Embed, registered
+layers) factors the same way.
+
+The trained adapters then belong to the residual base, not to the
+original kernels. `adapters_for_original_base` rewrites them, exactly, as
+rank `2 * rank` adapters of the original kernels: `W + s * (A B - A0 B0) =
+residual + s * A B`. That is what to save (as HF peft does): the file then
+needs no residual, and loads onto the pretrained model as any LoRA file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import math
+import string
+import typing
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from peft._core import adapter_tree as _adapter_tree
+from peft._core import einsum as _einsum
+from peft._core import fuse as _fuse
+from peft._core import params as _params
+from peft._core import spec as _spec
+from peft._quant import numerics as _numerics
+
+Method = Literal['pissa', 'olora']
+METHODS: tuple[str, ...] = ('pissa', 'olora')
+
+
+def check_method(method: Any, where: str) -> Method:
+  """`method` if it is one of `METHODS`, else a clear error."""
+  if method not in METHODS:
+    raise ValueError(
+        f'{where}: method must be one of {list(METHODS)}; got {method!r}. '
+        "Pass method='pissa' (top singular vectors) or method='olora' (QR)."
+    )
+  return typing.cast(Method, method)
+
+
+def _roles(delta_str: str) -> tuple[str, str, str, str]:
+  """`(rank, batch, rows, cols)` axis letters of a delta `a,b->weights`."""
+  a_axes, b_axes, weights = _einsum.split_delta(delta_str)
+  (rank,) = set(a_axes) - set(weights)
+  batch = ''.join(c for c in a_axes if c in b_axes and c != rank)
+  rows = ''.join(c for c in a_axes if c not in b_axes)
+  cols = ''.join(c for c in b_axes if c not in a_axes)
+  return rank, batch, rows, cols
+
+
+def factor_matrices(m: jax.Array, rank: int, scale: float, *,
+                    method: Method) -> tuple[jax.Array, jax.Array]:
+  """`(A, B)` of matrices `m (..., rows, cols)`, `scale * A @ B` their
+  rank-`rank` part (see `kernel_factors`); float32."""
+  m = jnp.asarray(m, jnp.float32)
+  if method == 'pissa':
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    return u[..., :rank] * root[..., None, :], root[..., :, None] * vt[
+        ..., :rank, :]
+  # QR of the (cols x rows) matrix, so that B's rows are orthonormal, as
+  # OLoRA's output-side factor.
+  q, r = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))
+  return (jnp.swapaxes(r[..., :rank, :], -1, -2) / scale,
+          jnp.swapaxes(q[..., :rank], -1, -2))
+
+
+def check_rank_fits(rank: int, n_rows: int, n_cols: int, *, method: str,
+                    what: str, where: str) -> None:
+  """A rank above `min(rows, cols)` cannot come from the factorisation."""
+  if rank > min(n_rows, n_cols):
+    raise ValueError(
+        f'{where}: {what} has rank {rank}, but its kernel is a '
+        f'{n_rows}x{n_cols} matrix, so {method} gives at most rank '
+        f'{min(n_rows, n_cols)}. Use a smaller rank for this layer.'
+    )
+
+
+def kernel_factors(kernel: jax.Array, spec: _spec.AdapterSpec, *,
+                   method: Method, where: str = 'kernel_factors'
+                   ) -> tuple[jax.Array, jax.Array]:
+  """A and B (float32) with `spec`'s shapes from the kernel's factorisation.
+
+  `scale * delta(A, B)` is the kernel's best rank-`rank` part (PiSSA:
+  `U_r S_r V_r^T`, `sqrt(S_r / scale)` on each side) or its part along the
+  first `rank` QR directions (OLoRA: B's rows orthonormal, A holds
+  `R_r^T / scale`), so the residual is the same whatever the scale.
+
+  Example:
+    >>> import peft
+    >>> spec = peft.AdapterSpec(
+    ...     path=('d',), layer_type='Dense', weight_name='kernel',
+    ...     adapter_name='lora', weight_shape=(3, 2), a_shape=(3, 2),
+    ...     b_shape=(2, 2), delta_str='ir,ro->io', rank=2)
+    >>> w = jnp.array([[1., 0.], [0., 2.], [0., 0.]])
+    >>> a, b = kernel_factors(w, spec, method='pissa')
+    >>> bool(jnp.allclose(a @ b, w))  # rank 2 holds all of w
+    True
+
+  Args:
+    kernel: the kernel, with `spec.stack_shape` leading axes if stacked.
+    spec: the adapter's spec (delta equation, shapes, rank, scale).
+    method: `'pissa'` or `'olora'`.
+    where: named in errors.
+
+  Raises:
+    ValueError: an unknown method, or a rank larger than the kernel's
+      matrix allows.
+  """
+  check_method(method, where)
+  rank_axis, batch, rows, cols = _roles(spec.delta_str)
+  a_axes, b_axes, weights = _einsum.split_delta(spec.delta_str)
+  size = dict(zip(weights, spec.weight_shape))
+  n_rows = math.prod(size[c] for c in rows)
+  n_cols = math.prod(size[c] for c in cols)
+  rank = spec.rank
+  check_rank_fits(
+      rank, n_rows, n_cols, method=method, where=where,
+      what=(f'adapter {spec.key!r} (kernel {tuple(spec.weight_shape)}, delta '
+            f'{spec.delta_str!r})'))
+  stack = tuple(spec.stack_shape)
+  lead = next(c for c in string.ascii_letters if c not in spec.delta_str)
+  k = jnp.asarray(kernel, jnp.float32).reshape((-1, *spec.weight_shape))
+  m = jnp.einsum(f'{lead}{weights}->{lead}{batch}{rows}{cols}', k)
+  m = m.reshape((k.shape[0], -1, n_rows, n_cols))
+  a_m, b_m = factor_matrices(m, rank, spec.scale, method=method)
+
+  def arrange(x, axes_from: str, axes_to: str, shape) -> jax.Array:
+    dims = [k.shape[0], *(size.get(c, rank) for c in axes_from)]
+    x = jnp.einsum(f'{lead}{axes_from}->{lead}{axes_to}', x.reshape(dims))
+    return x.reshape((*stack, *shape))
+
+  a = arrange(a_m, batch + rows + rank_axis, a_axes, spec.a_shape)
+  b = arrange(b_m, batch + rank_axis + cols, b_axes, spec.b_shape)
+  return a, b
+
+
+def init_from_kernels(params: _params.Params,
+                      adapters: Sequence[_spec.AdapterSpec], *,
+                      method: Method = 'pissa') -> _params.Params:
+  """PiSSA or OLoRA: A and B from each kernel, the kernel its residual.
+
+  Takes the params of a LoRA model (base and adapters merged, as after
+  `with peft.lora(...): model.init(...)`) and returns them with every
+  adapter's A and B set from its kernel and the kernel replaced by
+  `W - scale * delta(A, B)`, in the kernel's dtype. The model's output is
+  unchanged to float rounding. Save the trained adapters through
+  `adapters_for_original_base`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+    >>> with peft.lora(rank=2) as report:
+    ...   params = model.init(jax.random.key(0), x)['params']
+    >>> pissa = peft.init_from_kernels(params, report.specs)
+    >>> with peft.lora(rank=2):
+    ...   same = model.apply({'params': pissa}, x)
+    >>> bool(jnp.allclose(same, model.apply({'params': params}, x),
+    ...                   atol=1e-5))
+    True
+
+  Args:
+    params: base params with adapter branches.
+    adapters: the `AdapterSpec` of every adapter in `params`.
+    method: `'pissa'` (top singular vectors) or `'olora'` (QR).
+
+  Returns:
+    The params, with new kernels and adapters (same structure and dtypes).
+
+  Raises:
+    ValueError: an unknown method, a rank the kernel cannot give, specs
+      that do not match the params.
+    TypeError: a quantized kernel (initialise on the float base).
+  """
+  name = 'init_from_kernels'
+  check_method(method, name)
+  specs = _adapter_tree.check_specs(adapters, name)
+  original, lora = _params.split_params(params)
+  _adapter_tree.check_covered(lora, specs, name)
+  base, lora = _params.to_dict(original), _params.to_dict(lora)
+  for spec in specs:
+    module = _adapter_tree.module_at(base, spec, name)
+    if _numerics.is_quantized(module.get(spec.weight_name)):
+      raise TypeError(
+          f'{name}: kernel {_params.fmt_path((*spec.path, spec.weight_name))!r}'
+          f' is quantized; {method} replaces a kernel by its residual, which '
+          'needs the float kernel. Initialise on the float base params, then '
+          'quantize the result with peft.quantize.'
+      )
+    kernel = _fuse.get_kernel(base, spec, name)
+    a0, b0, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
+    a, b = kernel_factors(kernel, spec, method=method, where=name)
+    a, b = a.astype(jnp.result_type(a0)), b.astype(jnp.result_type(b0))
+    assert isinstance(module, dict)  # `to_dict` made every module a dict.
+    module[spec.weight_name] = _fuse.apply_delta(kernel, a, b, spec, -1.0)
+    node = _adapter_tree.adapter_node(lora, spec)
+    node['a'], node['b'] = a, b
+  return _params.like(params,
+                      _params.to_dict(_params.merge_params(base, lora)))
+
+
+def _with_rank(shape: Sequence[int], axes: str, rank_axis: str,
+               rank: int) -> tuple[int, ...]:
+  """`shape` (of A or B, named by `axes`) with its rank axis set to `rank`."""
+  return tuple(rank if c == rank_axis else d for c, d in zip(axes, shape))
+
+
+def adapters_for_original_base(
+    lora: _params.Params, initial: _params.Params,
+    adapters: Sequence[_spec.AdapterSpec],
+) -> tuple[dict[str, Any], tuple[_spec.AdapterSpec, ...]]:
+  """Adapters trained on a PiSSA/OLoRA residual, as adapters of the
+  original kernels.
+
+  With `A0, B0` the adapters `init_from_kernels` made, the trained model
+  is `residual + s A B = W + s (A B - A0 B0)`: adapters of rank `2 rank`
+  (A next to A0, B next to -B0) with the same scale, over the original
+  kernels `W`. Exact, so `fuse_params(W + these)` equals
+  `fuse_params(residual + trained)` to float rounding. Save these (with
+  their specs) and the file loads onto the pretrained model.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+    >>> with peft.lora(rank=1) as report:
+    ...   params = model.init(jax.random.key(0), x)['params']
+    >>> pissa = peft.init_from_kernels(params, report.specs)
+    >>> trained = jax.tree.map(lambda p: p * 1.1, pissa)  # "training"
+    >>> lora, specs = peft.adapters_for_original_base(
+    ...     peft.split_params(trained).lora, peft.split_params(pissa).lora,
+    ...     report.specs)
+    >>> specs[0].rank, lora['lora']['a'].shape
+    (2, (3, 2))
+
+  Args:
+    lora: the trained adapters (a lora tree, `split_params(...).lora`).
+    initial: the adapters right after `init_from_kernels`.
+    adapters: their specs.
+
+  Returns:
+    `(lora tree, specs)` of the rank-`2 rank` adapters.
+
+  Raises:
+    ValueError: specs that do not match the trees.
+  """
+  name = 'adapters_for_original_base'
+  specs = _adapter_tree.check_specs(adapters, name)
+  out: dict[str, Any] = {}
+  new_specs = []
+  for spec in specs:
+    a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
+    a0, b0, _ = _adapter_tree.adapter_and_spec(initial, spec, name)
+    a_axes, b_axes, _ = _einsum.split_delta(spec.delta_str)
+    rank_axis = _roles(spec.delta_str)[0]
+    n = len(spec.stack_shape)
+    node = _adapter_tree.adapter_node(out, spec)
+    node['a'] = jnp.concatenate([a, a0], axis=n + a_axes.index(rank_axis))
+    node['b'] = jnp.concatenate([b, -jnp.asarray(b0)],
+                                axis=n + b_axes.index(rank_axis))
+    rank = 2 * spec.rank
+    new_specs.append(dataclasses.replace(
+        spec, rank=rank, alpha=spec.scale * rank, use_rslora=False,
+        a_shape=_with_rank(spec.a_shape, a_axes, rank_axis, rank),
+        b_shape=_with_rank(spec.b_shape, b_axes, rank_axis, rank)))
+  return out, tuple(new_specs)
