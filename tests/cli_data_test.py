@@ -146,3 +146,34 @@ def test_a_val_fraction_of_one_is_refused_by_the_parser(tmp_path, chat_file):
                            '--val-fraction', '1')
   assert status == 2
   assert "expected a number in (0, 1); got '1'" in err
+
+
+def test_exact_match_counts_the_greedy_answers_equal_to_the_reference(
+    trained, chat_file):
+  workdir, _ = trained
+  status, out, err = run_cli('eval', '--tiny', '--data', chat_file, *SEQ,
+                             '--adapters', workdir / 'adapters.safetensors',
+                             '--exact-match')
+  assert status == 0, err
+  got = re.search(r'fine-tuned: exact match (\d+)/(\d+)', out)
+  # By hand: greedy replies of the adapted tiny model to the held-out rows.
+  base, (_, held) = _held(chat_file)
+  lora = peft.load_adapters(workdir / 'adapters.safetensors').lora
+  params = peft.merge_params(base.params, lora)
+  sampler = models.Sampler(model=base.model, tokenizer=base.tokenizer)
+  prompts = [r['messages'][:-1] for r in held.rows]
+  with peft.lora(8, targets=('.*attn/.*', '.*mlp'), alpha=16.0):
+    replies = sampler.generate_text(params, prompts, chat=True,
+                                    max_new_tokens=12)
+  want = sum(reply.strip() == r['messages'][-1]['content']
+             for reply, r in zip(replies, held.rows))
+  assert (int(got[1]), int(got[2])) == (want, len(held))
+
+
+def test_exact_match_without_answers_is_an_error(tmp_path):
+  path = tmp_path / 't.jsonl'
+  path.write_text(''.join(json.dumps({'text': f'line {i}'}) + '\n'
+                          for i in range(20)))
+  status, _, err = run_cli('eval', '--tiny', '--data', path, *SEQ,
+                           '--exact-match')
+  assert status == 1 and '--exact-match needs held-out chat rows' in err

@@ -176,13 +176,13 @@ def test_the_shipped_example_file_is_what_its_script_writes():
   import importlib.util  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(__file__).resolve().parent.parent / 'examples' / 'data'
   spec = importlib.util.spec_from_file_location(
-      'make_who_speaks', root / 'make_who_speaks.py')
+      'make_which_play', root / 'make_which_play.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   rows = [json.loads(line) for line in
-          (root / 'who_speaks.jsonl').read_text().splitlines()]
+          (root / 'which_play.jsonl').read_text().splitlines()]
   assert rows == list(module.rows())
-  assert len({r['messages'][1]['content'] for r in rows}) == 4
-  examples = models.load_examples([root / 'who_speaks.jsonl'], chatml(),
+  assert len({r['messages'][1]['content'] for r in rows}) == 8
+  examples = models.load_examples([root / 'which_play.jsonl'], chatml(),
                                   length=512)
-  assert len(examples) == len(rows) == 48
+  assert len(examples) == len(rows) == 128

@@ -78,7 +78,38 @@ def run_eval(args: Any) -> dict[str, Any]:
             'tokens' if args.data or args.eval_data else
             f'{len(held)} windows of {args.seq_len} predicted tokens')
     print(f'{v.name}: held-out perplexity {results[v.name]:.3f} ({what})')
+    if args.exact_match:
+      right, total = exact_matches(v, held)
+      results[f'{v.name} exact match'] = right / total
+      print(f'{v.name}: exact match {right}/{total} '
+            f'({100 * right / total:.1f}%) of the held-out answers')
   return results
+
+
+def exact_matches(v: Variant, held: models.Examples) -> tuple[int, int]:
+  """`(right, total)`: held-out rows whose greedy answer is the reference.
+
+  Raises:
+    CliError: no held-out row has a reference answer.
+  """
+  tok = v.base.tokenizer
+  pairs = [p for p in (models.answer_prompt(r, tok) for r in held.rows)
+           if p is not None]
+  if not pairs:
+    raise base_lib.CliError(
+        '--exact-match needs held-out chat rows ending in an assistant '
+        'reply, or prompt/completion rows; the held-out data has none. '
+        'Pass such --data or --eval-data.')
+  longest = max(len(tok.encode(answer, add_bos=False)) for _, answer in pairs)
+  right = 0
+  for start in range(0, len(pairs), adapt.EVAL_CHUNK):
+    chunk = pairs[start:start + adapt.EVAL_CHUNK]
+    with v.scope():
+      replies = _sampler(v)(v.params, [ids for ids, _ in chunk],
+                            max_new_tokens=longest + 4, eos_id=tok.stop_ids)
+    for new, (_, answer) in zip(replies, chunk):
+      right += tok.decode(new).strip() == answer.strip()
+  return right, len(pairs)
 
 
 _SAMPLERS: dict[tuple[Any, ...], models.Sampler] = {}

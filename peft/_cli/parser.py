@@ -247,8 +247,13 @@ def build() -> Parser:
   p.add_argument('--chat', action='store_true',
                  help='wrap each prompt as a chat user turn')
 
-  _add(commands, 'eval', cmd.run_eval, 'held-out perplexity of the base, '
-       'adapted or merged model', _model_flags, _data_flags, _variant_flags)
+  p = _add(commands, 'eval', cmd.run_eval, 'held-out perplexity of the '
+           'base, adapted or merged model', _model_flags, _data_flags,
+           _variant_flags)
+  p.add_argument('--exact-match', action='store_true',
+                 help='also the share of held-out --data rows (chat or '
+                 'prompt/completion) whose greedy answer equals the '
+                 'reference, both stripped of surrounding whitespace')
 
   p = _add(commands, 'summary', cmd.run_summary, 'what the surgery would '
            'adapt; trainable vs frozen counts', _model_flags, _surgery_flags)

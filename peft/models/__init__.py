@@ -50,6 +50,7 @@ from peft.models._decoder import soft_cap
 # The user's data: text and JSONL rows with loss weights.
 from peft.models._examples import DataError
 from peft.models._examples import Examples
+from peft.models._examples import answer_prompt
 from peft.models._examples import load_examples
 from peft.models._examples import row_targets
 
@@ -91,6 +92,7 @@ __all__ = [
   # The user's data: text and JSONL rows with loss weights.
   'DataError',
   'Examples',
+  'answer_prompt',
   'load_examples',
   'row_targets',
   # The decoder and its layers.

@@ -63,12 +63,15 @@ class Examples:
       target of the next-token loss, 0 for prompts, user turns and pads.
     sources: `'file:line'` of each example (`'file:window k'` for text).
     skipped: rows skipped as bad (with `skip_bad_rows`).
+    rows: the parsed JSONL row of each example (None for text windows),
+      for evaluations that need the reference answer (`answer_prompt`).
   """
 
   tokens: np.ndarray
   weights: np.ndarray
   sources: tuple[str, ...]
   skipped: int = 0
+  rows: tuple[Any, ...] = ()
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -81,8 +84,10 @@ class Examples:
   def take(self, index: Any) -> Examples:
     """The examples at `index` (a slice or an index array)."""
     index = np.arange(len(self))[index]
+    rows = tuple(self.rows[i] for i in index) if self.rows else ()
     return Examples(self.tokens[index], self.weights[index],
-                    tuple(self.sources[i] for i in index), self.skipped)
+                    tuple(self.sources[i] for i in index), self.skipped,
+                    rows)
 
   def split(self, fraction: float, *, seed: int = 0
             ) -> tuple[Examples, Examples]:
@@ -272,7 +277,7 @@ def load_examples(paths: Sequence[str | pathlib.Path],
     DataError: a bad row (file:line in the message), an unknown file
       type, or no example at all.
   """
-  tokens, weights, sources, skipped = [], [], [], 0
+  tokens, weights, sources, rows, skipped = [], [], [], [], 0
   pad_id = tokenizer.eos_id
   for path in map(pathlib.Path, paths):
     if not path.is_file():
@@ -283,6 +288,7 @@ def load_examples(paths: Sequence[str | pathlib.Path],
       tokens.extend(windows)
       weights.extend(np.ones((len(windows), length - 1), np.float32))
       sources.extend(f'{path}:window {k}' for k in range(len(windows)))
+      rows.extend([None] * len(windows))
       continue
     if path.suffix != '.jsonl':
       raise DataError(f'{path}: data files are .jsonl or .txt; got '
@@ -312,9 +318,39 @@ def load_examples(paths: Sequence[str | pathlib.Path],
       tokens.append(row_tokens)
       weights.append(row_weights)
       sources.append(where)
+      rows.append(row)
   if not tokens:
     names = ', '.join(str(p) for p in paths) or 'no file'
     raise DataError(f'{names}: no example to train on ({skipped} bad rows '
                     'skipped). Check the files.')
   return Examples(np.stack(tokens), np.stack(weights), tuple(sources),
-                  skipped)
+                  skipped, tuple(rows))
+
+
+def answer_prompt(row: Any, tokenizer: _tokenizer.Tokenizer
+                  ) -> tuple[list[int], str] | None:
+  """`(prompt ids, reference answer)` of a row, for exact-match scoring.
+
+  A chat row whose last message is the assistant's: the conversation
+  before it, with the generation prompt, and that reply. A prompt/
+  completion row: the prompt and the completion. Text rows (and text
+  windows, `row=None`) have no answer: None.
+
+  Example:
+    >>> from tokenizers import pre_tokenizers
+    >>> tok = _tokenizer.Tokenizer.from_bpe(
+    ...     tokens=['<|endoftext|>'] + sorted(
+    ...         pre_tokenizers.ByteLevel.alphabet()),
+    ...     merges=[], special_ids=[0], eos_id=0)
+    >>> ids, answer = answer_prompt({'prompt': 'Q:', 'completion': ' A'}, tok)
+    >>> tok.decode(ids), answer
+    ('Q:', ' A')
+  """
+  if not isinstance(row, dict):
+    return None
+  if 'prompt' in row:
+    return tokenizer.encode(row['prompt']), row['completion']
+  messages = row.get('messages')
+  if not messages or messages[-1]['role'] != 'assistant':
+    return None
+  return tokenizer.encode_chat(messages[:-1]), messages[-1]['content']

@@ -1,10 +1,11 @@
-"""Writes `who_speaks.jsonl`: "Which play is this line from?" chat rows.
+"""Writes `which_play.jsonl`: "Which play is this line from?" chat rows.
 
-Built from the Shakespeare plays `peft.models` ships: for each of four
-plays, the first line of its longer speeches, asked as a user turn, with
-the play's title as the assistant's answer. Run from the repository root:
+Built from the Shakespeare plays `peft.models` ships: for each of eight
+plays, the first line of its first 16 speeches of four lines or more,
+asked as a user turn, with the play's title as the assistant's answer.
+Run from the repository root:
 
-  .venv/bin/python examples/data/make_who_speaks.py
+  .venv/bin/python examples/data/make_which_play.py
 """
 
 import json
@@ -12,8 +13,9 @@ import pathlib
 
 from peft import models
 
-PLAYS = ('hamlet', 'macbeth', 'romeo-and-juliet', 'the-tempest')
-PER_PLAY = 12
+PLAYS = ('hamlet', 'macbeth', 'romeo-and-juliet', 'the-tempest', 'othello',
+         'king-lear', 'julius-caesar', 'twelfth-night')
+PER_PLAY = 16
 
 
 def rows():
@@ -29,6 +31,6 @@ def rows():
 
 
 if __name__ == '__main__':
-  out = pathlib.Path(__file__).with_name('who_speaks.jsonl')
+  out = pathlib.Path(__file__).with_name('which_play.jsonl')
   out.write_text(''.join(json.dumps(r) + '\n' for r in rows()))
   print(f'wrote {out}')
