@@ -210,13 +210,6 @@ def eval_windows(base: Base, args: Any) -> np.ndarray:
   return held[:args.eval_windows]
 
 
-def _all_targets(tokens: np.ndarray, name: str) -> models.Examples:
-  """Text windows as examples whose every predicted token is a target."""
-  return models.Examples(
-      tokens, np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32),
-      tuple(f'{name} window {i}' for i in range(len(tokens))))
-
-
 def _load(paths, base: Base, args: Any) -> models.Examples:
   try:
     return models.load_examples(paths, base.tokenizer,
@@ -250,7 +243,8 @@ def training_data(base: Base, args: Any
                      '--data PATH too.')
     train = windows(base, split='train', length=args.seq_len + 1,
                     max_plays=args.max_plays)
-    return _all_targets(train, 'Shakespeare train'), held_out_data(base, args)
+    return (models.Examples.text_windows(train, 'Shakespeare train'),
+            held_out_data(base, args))
   train = _load(args.data, base, args)
   if args.eval_data:
     return train, _load(args.eval_data, base, args)
@@ -264,7 +258,8 @@ def held_out_data(base: Base, args: Any) -> models.Examples:
     return _load(args.eval_data, base, args)
   if args.data:
     return _split(_load(args.data, base, args), args)[1]
-  return _all_targets(eval_windows(base, args), 'Shakespeare held-out')
+  return models.Examples.text_windows(eval_windows(base, args),
+                                      'Shakespeare held-out')
 
 
 def describe_data(train: models.Examples, held: models.Examples) -> str:

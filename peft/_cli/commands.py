@@ -69,9 +69,11 @@ def variants(args: Any) -> list[Variant]:
 def run_eval(args: Any) -> dict[str, Any]:
   """Prints (and returns) the held-out perplexity of each variant."""
   results = {}
+  held = None  # Read and tokenized once: the variants share a tokenizer.
   for v in variants(args):
     base_lib.check_seq_len(v.base, args.seq_len)
-    held = base_lib.held_out_data(v.base, args)
+    if held is None:
+      held = base_lib.held_out_data(v.base, args)
     results[v.name] = adapt.perplexity(v.base.config, v.settings, v.params,
                                        held.tokens, held.weights)
     what = (f'{len(held)} held-out examples, {held.target_tokens} target '
@@ -171,9 +173,11 @@ def _answer_pairs(v: Variant, held: models.Examples
 def _sample_held_out(args: Any) -> dict[str, Any]:
   """`sample --data`: each variant answers the held-out rows' prompts."""
   results = {}
+  pairs = None  # Read and tokenized once: the variants share a tokenizer.
   for v in variants(args):
     tok = v.base.tokenizer
-    pairs = _answer_pairs(v, base_lib.held_out_data(v.base, args))
+    if pairs is None:
+      pairs = _answer_pairs(v, base_lib.held_out_data(v.base, args))
     replies = _replies(v, [ids for ids, _ in pairs],
                        max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k,

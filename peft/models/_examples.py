@@ -76,6 +76,20 @@ class Examples:
   def __len__(self) -> int:
     return len(self.tokens)
 
+  @classmethod
+  def text_windows(cls, tokens: np.ndarray, name: str) -> Examples:
+    """Windows of plain text `(n, length)`: every predicted token a target.
+
+    Example:
+      >>> ex = Examples.text_windows(np.zeros((2, 4), np.int32), 'notes.txt')
+      >>> ex.target_tokens, ex.sources
+      (6, ('notes.txt:window 0', 'notes.txt:window 1'))
+    """
+    n, length = tokens.shape
+    return cls(tokens, np.ones((n, length - 1), np.float32),
+               tuple(f'{name}:window {k}' for k in range(n)), 0,
+               (None,) * n)
+
   @property
   def target_tokens(self) -> int:
     """How many tokens the loss covers."""
@@ -283,12 +297,13 @@ def load_examples(paths: Sequence[str | pathlib.Path],
     if not path.is_file():
       raise FileNotFoundError(f'no data file at {str(path)!r}.')
     if path.suffix == '.txt':
-      windows = _data.token_windows(
-          tokenizer.encode(path.read_text(encoding='utf-8')), length=length)
-      tokens.extend(windows)
-      weights.extend(np.ones((len(windows), length - 1), np.float32))
-      sources.extend(f'{path}:window {k}' for k in range(len(windows)))
-      rows.extend([None] * len(windows))
+      text = Examples.text_windows(_data.token_windows(
+          tokenizer.encode(path.read_text(encoding='utf-8')), length=length),
+                                   str(path))
+      tokens.extend(text.tokens)
+      weights.extend(text.weights)
+      sources.extend(text.sources)
+      rows.extend(text.rows)
       continue
     if path.suffix != '.jsonl':
       raise DataError(f'{path}: data files are .jsonl or .txt; got '
