@@ -1,6 +1,6 @@
 """The main job: `python -m peft <command>` (see `--help`).
 
-Commands: `finetune` (LoRA/QLoRA adapters on Shakespeare), `eval`
+Commands: `finetune` (LoRA/QLoRA adapters on your data or Shakespeare), `eval`
 (held-out perplexity), `sample`, `merge` (fuse into plain params, checked),
 `summary` (what surgery adapts), `demo` (all of them, as `make demo` runs
 it) and `quickstart` (a small MLP in seconds). A mistake the user can fix
@@ -8,7 +8,9 @@ it) and `quickstart` (a small MLP in seconds). A mistake the user can fix
 written, an adapter file made for another model) prints one line and exits
 non-zero before any long work, and no output is overwritten; `--debug`
 shows the traceback instead. Ctrl-C prints one line and exits 130, leaving
-every output whole (`peft._cli.interrupt`).
+every output whole (`peft._cli.interrupt`); in training it first finishes
+the step and writes a resumable checkpoint. JAX's persistent compilation
+cache is on (`peft._cli.compile_cache`).
 """
 
 from __future__ import annotations
@@ -58,4 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == '__main__':
   interrupt.install()
+  # Only here, not in `main`: in-process callers (tests, notebooks) keep
+  # their own JAX configuration.
+  from peft._cli import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable()
   sys.exit(main())

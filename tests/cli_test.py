@@ -796,7 +796,8 @@ def _imported(module):
     pytest.param(_imported('site'), 0.2, id='0.2s-after-start'),
     pytest.param(_imported('jax._src.core'), 0.0, id='importing-jax'),
     pytest.param(_imported('peft._cli.base'), 0.0, id='importing-the-cli'),
-    pytest.param(('stdout', r'^step 0 \(base\)'), 0.0, id='training'),
+    # Once training has begun, Ctrl-C writes a checkpoint first
+    # (tests/cli_train_test.py).
 ])
 def test_ctrl_c_exits_130_with_one_line(tmp_path, marker, delay):
   (tmp_path / 'adapters.safetensors').write_bytes(b'old adapters')

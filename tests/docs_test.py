@@ -28,7 +28,7 @@ API_PAGES = {'peft': 'peft.md', 'peft.nnx': 'nnx.md',
 # The guides whose code this test runs (the design notes on benchmarks and
 # sharding are tested by their own tests).
 GUIDES = [DOCS / f'{name}.md' for name in (
-    'getting_started', 'surgery', 'variants', 'fuse_and_serve',
+    'getting_started', 'finetune', 'surgery', 'variants', 'fuse_and_serve',
     'quantization', 'nnx', 'checkpoints')]
 # An autodoc directive (in an ```{eval-rst} block): .. autoclass:: peft.LoRA
 _AUTODOC = re.compile(r'^\.\. auto(?:class|function|data|exception):: '

@@ -386,11 +386,11 @@ def mean_nll(logits: jax.Array, targets: jax.Array,
   `weights` (like `targets`; default all ones) is 0 where a token is no
   target (a prompt, a user turn, a pad).
   """
-  total, count = _nll_sums(logits, targets, weights)
+  total, count = nll_sums(logits, targets, weights)
   return total / jnp.maximum(count, 1.0)
 
 
-def _nll_sums(logits, targets, weights):
+def nll_sums(logits, targets, weights):
   """`(sum of weighted NLL, sum of weights)`."""
   logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
@@ -432,4 +432,4 @@ def perplexity(config: models.DecoderConfig, settings: Settings | None,
   return float(np.exp(total / max(count, 1.0)))
 
 
-_jit_nll_sums = jax.jit(_nll_sums)
+_jit_nll_sums = jax.jit(nll_sums)

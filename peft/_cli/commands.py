@@ -131,24 +131,35 @@ def _sampler(v: Variant) -> models.Sampler:
 def run_sample(args: Any) -> dict[str, Any]:
   """Prints (and returns) each variant's continuation of each prompt."""
   if args.data or args.eval_data:
+    if args.prompt or isinstance(args.chat, str):
+      given = '--prompt' if args.prompt else '--chat MESSAGE'
+      raise base_lib.CliError(
+          f'{given} and --data both give the prompts; pass one of them.')
+    return _sample_held_out(args)
+  chat = bool(args.chat)
+  if isinstance(args.chat, str):  # `--chat MESSAGE`
     if args.prompt:
       raise base_lib.CliError(
-          '--prompt and --data both give the prompts; pass one of them.')
-    return _sample_held_out(args)
-  prompts = [p.replace('\\n', '\n') for p in args.prompt or [DEFAULT_PROMPT]]
+          f'--chat {args.chat!r} and --prompt both give the prompts; pass '
+          'one of them (or a bare --chat to wrap each --prompt as a chat '
+          'turn).')
+    prompts = [args.chat.replace('\\n', '\n')]
+  else:
+    prompts = [p.replace('\\n', '\n')
+               for p in args.prompt or [DEFAULT_PROMPT]]
   how = (f'temperature {args.temperature:g}, top-k {args.top_k}, seed '
          f'{args.seed}' if args.temperature else 'greedy')
   results = {}
   for v in variants(args):
     with v.scope():
       texts = _sampler(v).generate_text(
-          v.params, prompts, chat=args.chat,
+          v.params, prompts, chat=chat,
           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
           top_k=args.top_k, seed=args.seed)
     results[v.name] = texts
     print(f'--- {v.name} ({how}) ---')
     for prompt, text in zip(prompts, texts):
-      print(f'{prompt}{text}' if not args.chat else f'> {prompt}\n{text}')
+      print(f'> {prompt}\n{text}' if chat else f'{prompt}{text}')
   return results
 
 

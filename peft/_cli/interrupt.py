@@ -11,7 +11,10 @@ SIGINT, as a shell reports it), skipping the interpreter's teardown.
 
 `base.staged` writes each output into a scratch directory and moves it into
 place by renames; while those run (`deferred`), an interrupt waits for them
-to finish, so every output is the old one or the new one, complete.
+to finish, so every output is the old one or the new one, complete. While
+`finetune` trains (`stop_requests`), a first Ctrl-C only asks the loop to
+stop after its step; it writes a checkpoint and calls `end_after_stop`. A
+second Ctrl-C ends the run at once, as anywhere else.
 
 Only the standard library is imported. Under `python -m peft`, importing
 this module installs the handler (`install_for_cli`): `peft/__main__.py`
@@ -21,7 +24,7 @@ first of all, before jax.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import os
 import pathlib
@@ -40,6 +43,8 @@ class _State:
 
   deferring = 0  # Depth of `deferred` blocks.
   pending = False  # A SIGINT came during a `deferred` block.
+  stoppable = 0  # Depth of `stop_requests` blocks.
+  stop_requested = False  # A first SIGINT came in a `stop_requests` block.
   ending = False  # `_end` has begun.
   scratch: set[str] = set()  # Live `scratch` directories.
 
@@ -113,11 +118,19 @@ def _on_sigint(signum, frame) -> None:
   del signum, frame
   if _State.deferring:
     _State.pending = True
+  elif _State.stoppable and not _State.stop_requested:
+    _State.stop_requested = True
+    _write_line(STOPPING)
   else:
     _end()
 
 
-def _end() -> None:
+def _write_line(line: str) -> None:
+  with contextlib.suppress(OSError):
+    os.write(2, (line + '\n').encode())
+
+
+def _end(detail: str = '') -> None:
   if _State.ending:  # A second Ctrl-C while the first one ends the run.
     return
   _State.ending = True
@@ -126,10 +139,44 @@ def _end() -> None:
   with contextlib.suppress(Exception):  # E.g. a write it interrupted.
     sys.stdout.flush()
   # On a terminal the ^C echo ends the current line (a progress bar's).
-  line = ('\n' if os.isatty(2) else '') + message(_command(sys.argv[1:]))
-  with contextlib.suppress(OSError):
-    os.write(2, (line + '\n').encode())
+  _write_line(('\n' if os.isatty(2) else '') + message(_command(sys.argv[1:]))
+              + detail)
   _hard_exit(STATUS)
+
+
+STOPPING = ('Ctrl-C: stopping after this step to write a checkpoint (Ctrl-C '
+            'again to quit without one)')
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+  """Turns a first SIGINT into a request that the block polls.
+
+  Yields a function that says whether a stop was asked for, so a training
+  loop can finish its step and write a checkpoint before calling
+  `end_after_stop`. A second SIGINT ends the process at once, as outside
+  the block. Where no handler is installed (a library caller), the
+  request never comes and `KeyboardInterrupt` works as usual.
+
+  Example:
+    >>> with stop_requests() as requested:
+    ...   requested()
+    False
+  """
+  _State.stoppable += 1
+  try:
+    yield lambda: _State.stop_requested
+  finally:
+    _State.stoppable -= 1
+
+
+def end_after_stop(detail: str) -> None:
+  """Ends the process for a stop request: status 130, `detail` on the line.
+
+  Like a SIGINT outside `stop_requests`: scratch directories go, one line
+  (the usual one, then `detail`) goes to stderr.
+  """
+  _end(detail)
 
 
 @contextlib.contextmanager

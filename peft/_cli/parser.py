@@ -157,6 +157,69 @@ def _surgery_flags(p: argparse.ArgumentParser) -> None:
                      help='QLoRA: run the frozen base quantized')
 
 
+DEFAULT_STEPS = 20
+DTYPES = ('float32', 'bfloat16')
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_argument_group('training')
+  group.add_argument('--steps', '--max-steps', dest='steps',
+                     type=positive_int, help='optimizer steps; with --epochs, '
+                     f'at most this many (default: {DEFAULT_STEPS} without '
+                     '--epochs)')
+  group.add_argument('--epochs', type=positive_float, help='passes over the '
+                     'training examples instead (rounded up to whole steps)')
+  group.add_argument('--batch-size', type=positive_int, default=4,
+                     help='examples per micro-batch (default: %(default)s)')
+  group.add_argument('--grad-accum', type=positive_int, default=1,
+                     metavar='N', help='micro-batches per optimizer step; '
+                     'the gradient averages over all their target tokens, '
+                     'as one batch N times larger would (default: '
+                     '%(default)s)')
+  group.add_argument('--learning-rate', type=positive_float, default=3e-3,
+                     help='peak AdamW learning rate (default: %(default)s)')
+  group.add_argument('--warmup-steps', type=non_negative_int,
+                     help='linear warm-up from a tenth of --learning-rate '
+                     '(default: a tenth of the steps, at least 1)')
+  group.add_argument('--lr-schedule', choices=('cosine', 'constant'),
+                     default='cosine', help='after the warm-up: cosine decay '
+                     'to a tenth of --learning-rate, or constant (default: '
+                     '%(default)s)')
+  group.add_argument('--weight-decay', type=non_negative_float, default=0.0,
+                     help='AdamW weight decay (default: %(default)s)')
+  group.add_argument('--dtype', choices=DTYPES, default='float32',
+                     help='compute dtype of the frozen base (bfloat16 halves '
+                     'its memory); adapters, gradients and optimizer state '
+                     'stay float32 (default: %(default)s)')
+  group.add_argument('--remat', action='store_true', help="recompute each "
+                     "block's activations in the backward pass (gradient "
+                     'checkpointing): less memory, more time')
+  group.add_argument('--eval-every', type=non_negative_int, default=10,
+                     help='held-out evaluation period in steps; 0: only at '
+                     'the start and end (default: %(default)s)')
+  group.add_argument('--seed', type=int, default=0, help='adapter init, data '
+                     'order and dropout seed (default: %(default)s)')
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_argument_group(
+      'checkpoints (adapters, optimizer state, step and data position; '
+      'Ctrl-C writes one too)')
+  group.add_argument('--save-every', type=non_negative_int, default=0,
+                     metavar='N', help='write a resumable checkpoint every N '
+                     'steps (default: 0, only on Ctrl-C)')
+  group.add_argument('--checkpoint-dir', metavar='DIR', help='where '
+                     'checkpoints go (default: WORKDIR/checkpoints)')
+  group.add_argument('--keep-checkpoints', type=positive_int, default=2,
+                     metavar='N', help='keep the newest N (default: '
+                     '%(default)s)')
+  group.add_argument('--resume', nargs='?', const='latest',
+                     metavar='CHECKPOINT', help='continue the run from the '
+                     'newest checkpoint in --checkpoint-dir (or this one); '
+                     'with the same flags it ends exactly as an '
+                     'uninterrupted run would')
+
+
 def _variant_flags(p: argparse.ArgumentParser) -> None:
   which = p.add_mutually_exclusive_group()
   which.add_argument('--adapters', metavar='PATH',
@@ -188,7 +251,8 @@ def build() -> Parser:
 
   parser = Parser(prog=PROG, description=(
       'Parameter-efficient fine-tuning for JAX/Flax: LoRA/QLoRA adapters for '
-      'a decoder LLM on Shakespeare, from training to a merged model.'))
+      'a decoder LLM on your data (or Shakespeare), from training to a '
+      'merged model.'))
   parser.add_argument('--debug', action='store_true',
                       help='show a traceback instead of a one-line error')
   commands = parser.add_subparsers(dest='command', required=True,
@@ -197,19 +261,8 @@ def build() -> Parser:
   p = _add(commands, 'finetune', train.run, 'train LoRA adapters; save the '
            'adapter file and a loss curve', _model_flags, _data_flags,
            _surgery_flags)
-  p.add_argument('--steps', type=positive_int, default=20,
-                 help='optimizer steps (default: %(default)s)')
-  p.add_argument('--batch-size', type=positive_int, default=4,
-                 help='windows per step (default: %(default)s)')
-  p.add_argument('--learning-rate', type=positive_float, default=3e-3,
-                 help='peak AdamW learning rate (default: %(default)s)')
-  p.add_argument('--weight-decay', type=non_negative_float, default=0.0,
-                 help='AdamW weight decay (default: %(default)s)')
-  p.add_argument('--eval-every', type=non_negative_int, default=10,
-                 help='held-out evaluation period in steps; 0: only at the '
-                 'start and end (default: %(default)s)')
-  p.add_argument('--seed', type=int, default=0, help='adapter init, data '
-                 'order and dropout seed (default: %(default)s)')
+  _training_flags(p)
+  _checkpoint_flags(p)
   p.add_argument('--out', help='adapter file (default: '
                  'WORKDIR/adapters.safetensors)')
   p.add_argument('--init-adapters', metavar='PATH', help='continue '
@@ -218,6 +271,9 @@ def build() -> Parser:
                  'bring their own surgery, so --targets, --rank and --alpha '
                  'do not apply')
   p.add_argument('--plot', help='loss-curve PNG (default: WORKDIR/loss.png)')
+  p.add_argument('--metrics', help='metrics JSONL, a line per step (step, '
+                 'loss, lr, tokens/s) and per evaluation (eval loss), '
+                 'written as training goes (default: WORKDIR/metrics.jsonl)')
 
   p = _add(commands, 'merge', merge.run, 'fuse adapters into the base and '
            'save plain params', _model_flags, _data_flags)
@@ -247,8 +303,10 @@ def build() -> Parser:
                  'likeliest tokens')
   p.add_argument('--seed', type=int, default=0,
                  help='sampling seed (default: %(default)s)')
-  p.add_argument('--chat', action='store_true',
-                 help='wrap each prompt as a chat user turn')
+  p.add_argument('--chat', nargs='?', const=True, default=False,
+                 metavar='MESSAGE', help='answer MESSAGE as a chat user '
+                 "turn, in the model's chat template; without MESSAGE, wrap "
+                 'each --prompt so')
 
   p = _add(commands, 'eval', cmd.run_eval, 'held-out perplexity of the '
            'base, adapted or merged model', _model_flags, _data_flags,

@@ -4,16 +4,22 @@ With `--data`, the examples are the user's JSONL rows or text files (see
 `peft.models.load_examples`) and the loss covers only their targets
 (completions, assistant turns); without it, windows of Shakespeare's plays.
 
-The base stays frozen: gradients are taken with respect to the adapters
-only (no work is spent on the base weights' gradients), and
-`peft.train_only_adapters` wraps AdamW. Held-out perplexity is measured
+The base stays frozen (in `--dtype`), gradients are taken with respect to
+the adapters only, summed over `--grad-accum` micro-batches and divided by
+their target tokens, and `peft.train_only_adapters` wraps AdamW on a
+warm-up + cosine (or constant) schedule. Held-out perplexity is measured
 before the first step (where B = 0, so it is the base model's) and every
-`--eval-every` steps. Outputs, written only once training has finished,
-each atomically: the adapter file (`--out`) and a loss-curve PNG (`--plot`).
+`--eval-every` steps; every step and evaluation is a line of the metrics
+JSONL (`metrics.MetricsLog`). `--save-every` and Ctrl-C write resumable
+checkpoints (`checkpoints`); `--resume` continues one bit for bit. The
+adapter file (`--out`) and a loss-curve PNG (`--plot`) are written, each
+atomically, once training has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import pathlib
 import time
@@ -28,45 +34,118 @@ import peft
 from peft import models
 from peft._cli import adapt
 from peft._cli import base as base_lib
+from peft._cli import checkpoints
 from peft._cli import forward as forward_lib
+from peft._cli import interrupt
+from peft._cli import metrics as metrics_lib
+from peft._cli import parser as parser_lib
 
 CliError = base_lib.CliError
 
 
-def _step_fn(adapted: adapt.Adapted, tx: optax.GradientTransformation,
-             seed: int):
-  """A compiled training step on the adapters alone."""
-  model, settings = adapted.base.model, adapted.settings
+def total_steps(args: Any, examples: int) -> int:
+  """The optimizer steps of the run: `--steps`, or `--epochs` passes over
+  `examples` (each epoch drops its last partial step) capped by `--steps`.
+
+  Example:
+    >>> import argparse
+    >>> args = argparse.Namespace(steps=None, epochs=2.5, batch_size=4,
+    ...                           grad_accum=2)
+    >>> total_steps(args, 100)  # 12 steps an epoch.
+    30
+  """
+  if args.epochs is None:
+    return args.steps or parser_lib.DEFAULT_STEPS
+  per_epoch = examples // (args.batch_size * args.grad_accum)
+  steps = max(1, math.ceil(args.epochs * per_epoch))
+  return min(steps, args.steps) if args.steps else steps
+
+
+def learning_rate(args: Any, steps: int) -> optax.Schedule:
+  """Linear warm-up from a tenth of the peak, then cosine decay back to a
+  tenth (or constant), over `steps`.
+
+  Raises:
+    CliError: the warm-up is longer than the run.
+  """
+  peak, low = args.learning_rate, args.learning_rate / 10
+  warmup = (max(1, steps // 10) if args.warmup_steps is None
+            else args.warmup_steps)
+  if warmup > steps:
+    raise CliError(f'--warmup-steps {warmup} exceeds the {steps} steps of the '
+                   'run. Pass at most that many.')
+  after = (optax.constant_schedule(peak) if args.lr_schedule == 'constant'
+           else optax.cosine_decay_schedule(peak, max(steps - warmup, 1),
+                                            alpha=low / peak))
+  if not warmup:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(low, peak, warmup), after], [warmup])
+
+
+def optimizer(schedule: optax.Schedule,
+              weight_decay: float) -> optax.GradientTransformation:
+  """AdamW on the adapters only, along `schedule`."""
+  return peft.train_only_adapters(
+      optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def compute_dtype(args: Any) -> Any:
+  return jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+
+
+def in_dtype(frozen: Any, dtype: Any) -> Any:
+  """The frozen base with its float leaves in `dtype` (the compute dtype:
+  the model's layers compute in their weights' dtype)."""
+  def cast(leaf):
+    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+    return leaf.astype(dtype) if floating and leaf.dtype != dtype else leaf
+  return jax.tree.map(cast, frozen)
+
+
+def step_fn(model: models.Decoder, settings: adapt.Settings,
+            tx: optax.GradientTransformation, seed: int):
+  """A compiled optimizer step on the adapters alone.
+
+  `step(lora, opt_state, frozen, tokens, weights, step)` takes `tokens`
+  `(micro-batches, batch, length)` and their loss `weights`; the gradient
+  of each micro-batch's summed NLL is added up and divided by all their
+  target tokens, so any split of a batch into micro-batches gives the same
+  step. Dropout draws from `seed`, the step and the micro-batch.
+  """
   key = jax.random.key(seed)
 
-  def loss_fn(lora, frozen, batch, weights, step):
-    rngs = ({'dropout': jax.random.fold_in(key, step)} if settings.dropout
-            else {})
+  def nll_sum(lora, frozen, tokens, weights, dropout_key):
+    rngs = {'dropout': dropout_key} if settings.dropout else {}
     with settings.applied():
       logits = forward_lib.forward(
-          model, {'params': peft.merge_params(frozen, lora)}, batch[:, :-1],
+          model, {'params': peft.merge_params(frozen, lora)}, tokens[:, :-1],
           rngs=rngs)
-    return adapt.mean_nll(logits, batch[:, 1:], weights)
+    return adapt.nll_sums(logits, tokens[:, 1:], weights)[0]
+
+  grad_fn = jax.value_and_grad(nll_sum)
 
   @jax.jit
-  def step(lora, opt_state, frozen, batch, weights, step):
-    loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, batch, weights,
-                                              step)
+  def step(lora, opt_state, frozen, tokens, weights, step):
+    step_key = jax.random.fold_in(key, step)
+    if tokens.shape[0] == 1:  # No loop to compile.
+      total, grads = grad_fn(lora, frozen, tokens[0], weights[0],
+                             jax.random.fold_in(step_key, 0))
+    else:
+      def micro(carry, xs):
+        total, grads = carry
+        nll, g = grad_fn(lora, frozen, *xs[:2],
+                         jax.random.fold_in(step_key, xs[2]))
+        return (total + nll, jax.tree.map(jnp.add, grads, g)), None
+      start = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, lora))
+      (total, grads), _ = jax.lax.scan(
+          micro, start, (tokens, weights, jnp.arange(tokens.shape[0])))
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, opt_state, lora)
-    return optax.apply_updates(lora, updates), opt_state, loss
+    return optax.apply_updates(lora, updates), opt_state, total / count
 
   return step
-
-
-def optimizer(args: Any) -> optax.GradientTransformation:
-  """AdamW with a short warm-up and a cosine decay, on adapters only."""
-  warmup = max(1, args.steps // 10)
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=args.learning_rate / 10, peak_value=args.learning_rate,
-      warmup_steps=warmup, decay_steps=max(args.steps, warmup + 1),
-      end_value=args.learning_rate / 10)
-  return peft.train_only_adapters(
-      optax.adamw(schedule, weight_decay=args.weight_decay))
 
 
 def save_plot(path: pathlib.Path, losses: list[float],
@@ -88,24 +167,80 @@ def save_plot(path: pathlib.Path, losses: list[float],
   fig.savefig(path, format='png', dpi=100)
 
 
+def _outputs(args: Any) -> dict[str, pathlib.Path]:
+  """Every output path, checked before any work; no two the same."""
+  paths = {'--out': base_lib.output(args, 'adapters.safetensors',
+                                    flag='--out'),
+           '--plot': base_lib.output(args, 'loss.png', flag='--plot'),
+           '--metrics': base_lib.output(args, 'metrics.jsonl',
+                                        flag='--metrics'),
+           '--checkpoint-dir': base_lib.output(args, 'checkpoints',
+                                               flag='--checkpoint-dir',
+                                               directory=True)}
+  seen: dict[pathlib.Path, tuple[str, pathlib.Path]] = {}
+  for flag, path in paths.items():
+    other, first = seen.setdefault(path.resolve(), (flag, path))
+    if other != flag:
+      raise CliError(f'{other} and {flag} both name {str(first)!r}; one '
+                     'output would overwrite the other. Pass two different '
+                     'paths.')
+  return paths
+
+
+def _metadata(adapted: adapt.Adapted, args: Any, steps: int,
+              evals: list[tuple[int, float]]) -> dict[str, Any]:
+  """The adapter file's metadata (the final file's and checkpoints')."""
+  return adapted.metadata(training={
+      'steps': steps, 'batch_size': args.batch_size,
+      'grad_accum': args.grad_accum, 'seq_len': args.seq_len,
+      'learning_rate': args.learning_rate, 'dtype': args.dtype,
+      'data': [str(p) for p in args.data] if args.data else 'shakespeare',
+      'base_perplexity': evals[0][1], 'perplexity': evals[-1][1]})
+
+
+class _Throughput:
+  """Tokens per second of the steps after the first (which compiles),
+  not counting evaluations and checkpoint writes."""
+
+  def __init__(self):
+    self.began = time.perf_counter()
+    self.started = self.first_step = 0.0
+    self.tokens = 0
+    self.paused = 0.0
+
+  def stepped(self, tokens: int, first: bool) -> float:
+    if first:
+      self.started = time.perf_counter()
+      self.first_step = self.started - self.began
+    else:
+      self.tokens += tokens
+    busy = time.perf_counter() - self.started - self.paused
+    return self.tokens / max(busy, 1e-9)
+
+  @contextlib.contextmanager
+  def pause(self):
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused += time.perf_counter() - began
+
+
 def run(args: Any) -> dict[str, Any]:
   """Fine-tunes adapters; returns the perplexities and output paths."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  out = base_lib.output(args, 'adapters.safetensors', flag='--out')
-  plot = base_lib.output(args, 'loss.png', flag='--plot')
-  if out.resolve() == plot.resolve():
-    raise CliError(f'--out and --plot both name {str(out)!r}; one output '
-                   'would overwrite the other. Pass two different paths.')
+  paths = _outputs(args)
   base = base_lib.load_base(base_lib.source_of(args))
   base_lib.check_seq_len(base, args.seq_len)
   train, held = base_lib.training_data(base, args)
-  if len(train) < args.batch_size:
+  per_step = args.batch_size * args.grad_accum
+  if len(train) < per_step:
     more = '--data' if args.data else 'more --max-plays'
     raise CliError(
-        f'--batch-size {args.batch_size} exceeds the {len(train)} training '
-        f'examples of {args.seq_len + 1} tokens. Pass a smaller batch or '
-        f'{more}.')
+        f'--batch-size {args.batch_size} x --grad-accum {args.grad_accum} '
+        f'exceeds the {len(train)} training examples of {args.seq_len + 1} '
+        f'tokens. Pass a smaller batch or {more}.')
+  steps = total_steps(args, len(train))
+  schedule = learning_rate(args, steps)
   if args.data:
     print(base_lib.describe_data(train, held))
   adapted = adapt.initial(base, args)
@@ -114,73 +249,170 @@ def run(args: Any) -> dict[str, Any]:
   summary = report.summary(counted).splitlines()[-2:]
   print(f'base {base.source}: ' + '; '.join(summary))
 
-  def perplexity(lora):
-    return adapt.perplexity(base.config, adapted.settings,
-                            peft.merge_params(adapted.frozen, lora),
-                            held.tokens, held.weights)
+  dtype = compute_dtype(args)
+  tx = optimizer(schedule, args.weight_decay)
+  run = _Run(args=args, paths=paths, base=base, adapted=adapted,
+             frozen=in_dtype(adapted.frozen, dtype), train=train, held=held,
+             steps=steps, schedule=schedule, tx=tx,
+             signature=checkpoints.signature(args, base, train, steps))
+  model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat)
+  step = step_fn(model, adapted.settings, tx, args.seed)
+  # From here a first Ctrl-C stops after the next step, with a checkpoint.
+  with interrupt.stop_requests() as stop_requested:
+    progress = _start(run)
+    progress = _train(run, progress, step, stop_requested)
+  return _finish(run, progress)
 
-  tx = optimizer(args)
-  step = _step_fn(adapted, tx, args.seed)
-  lora, opt_state = adapted.lora, jax.jit(tx.init)(adapted.lora)
-  evals = [(0, perplexity(lora))]
-  quantized = f', {args.quantize}' if args.quantize else ''
-  start = 'init adapters' if args.init_adapters else 'base'
-  print(f'step 0 ({start}{quantized}): held-out perplexity '
-        f'{evals[0][1]:.2f}')
-  # Shuffled example indices; each batch gathers tokens and loss weights.
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class _Run:
+  """What a training run is: its flags, outputs, model, data and schedule."""
+
+  args: Any
+  paths: dict[str, pathlib.Path]
+  base: base_lib.Base
+  adapted: adapt.Adapted
+  frozen: Any  # The frozen base in the compute dtype.
+  train: models.Examples
+  held: models.Examples
+  steps: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  signature: dict[str, Any]  # See `checkpoints.signature`.
+
+  def perplexity(self, lora: Any) -> float:
+    return adapt.perplexity(self.base.config, self.adapted.settings,
+                            peft.merge_params(self.frozen, lora),
+                            self.held.tokens, self.held.weights)
+
+  def save_checkpoint(self, progress: checkpoints.Progress) -> pathlib.Path:
+    return checkpoints.save(
+        self.paths['--checkpoint-dir'], progress, self.adapted,
+        self.signature, _metadata(self.adapted, self.args, self.steps,
+                                  list(progress.evals)),
+        keep=self.args.keep_checkpoints)
+
+
+def _start(run: _Run) -> checkpoints.Progress:
+  """Step 0 (fresh adapters, evaluated) or the `--resume` checkpoint."""
+  args, adapted = run.args, run.adapted
+  if args.resume:
+    found = checkpoints.find(args)
+    progress = checkpoints.load(found, adapted,
+                                jax.eval_shape(run.tx.init, adapted.lora),
+                                run.signature)
+    print(f'resumed at step {progress.step} of {run.steps} from {found}')
+  else:
+    progress = checkpoints.Progress(
+        step=0, lora=adapted.lora,
+        opt_state=jax.jit(run.tx.init)(adapted.lora), losses=(),
+        evals=((0, run.perplexity(adapted.lora)),))
+    quantized = f', {args.quantize}' if args.quantize else ''
+    start = 'init adapters' if args.init_adapters else 'base'
+    print(f'step 0 ({start}{quantized}): held-out perplexity '
+          f'{progress.evals[0][1]:.2f}')
+  if args.epochs is not None:
+    per_step = args.batch_size * args.grad_accum
+    print(f'{run.steps} steps: {args.epochs:g} epochs of {len(run.train)} '
+          f'examples, {len(run.train) // per_step} steps each')
+  return progress
+
+
+def _train(run: _Run, progress: checkpoints.Progress, step: Any,
+           stop_requested: Any) -> checkpoints.Progress:
+  """The optimizer steps after `progress`, logged, evaluated, checkpointed.
+
+  On a stop request (Ctrl-C) it writes a checkpoint and ends the process.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  args, train = run.args, run.train
+  per_step = args.batch_size * args.grad_accum
+  lora, opt_state = progress.lora, progress.opt_state
+  losses, evals = list(progress.losses), list(progress.evals)
+
+  def now(i):
+    return checkpoints.Progress(step=i, lora=lora, opt_state=opt_state,
+                                losses=tuple(losses), evals=tuple(evals))
+
+  lr_at = jax.jit(run.schedule)  # One compile, not one per jnp op per step.
+  lr_at(0)  # Compiled now, outside the timed steps.
+  # Shuffled example indices, `per_step` at a time: the data position is
+  # the step, so a resumed run replays the stream up to it.
   stream = models.batches(np.arange(len(train))[:, None],
-                          batch_size=args.batch_size, seed=args.seed)
-  tokens_per_step = args.batch_size * args.seq_len
-  losses: list[float] = []
-  began = time.perf_counter()
-  # The first step includes the compile: the throughput counts from its end.
-  started = first_step = rate = 0.0
-  done = 0  # Tokens trained on since the first step.
-  eval_seconds = 0.0  # Excluded from the throughput.
+                          batch_size=per_step, seed=args.seed)
+  for _ in range(progress.step):
+    next(stream)
+  shape = (args.grad_accum, args.batch_size)
+  timer = _Throughput()
+  rate = 0.0
+  metrics = metrics_lib.MetricsLog(
+      run.paths['--metrics'],
+      resume_after=progress.step if args.resume else None)
+  if not args.resume:
+    metrics.write(step=0, eval_loss=math.log(evals[0][1]),
+                  eval_perplexity=evals[0][1])
   # No bar where stderr is not a terminal: a log would fill with redraws.
-  with tqdm(range(1, args.steps + 1), desc='finetune', unit='step',
-            mininterval=1.0, disable=None) as bar:
+  with metrics, tqdm(range(progress.step + 1, run.steps + 1),
+                     initial=progress.step, total=run.steps, desc='finetune',
+                     unit='step', mininterval=1.0, disable=None) as bar:
     for i in bar:
       rows = next(stream)[:, 0]
+      weights = train.weights[rows]
       lora, opt_state, loss = step(
-          lora, opt_state, adapted.frozen, jnp.asarray(train.tokens[rows]),
-          jnp.asarray(train.weights[rows]), np.int32(i))
+          lora, opt_state, run.frozen,
+          jnp.asarray(train.tokens[rows].reshape(*shape, -1)),
+          jnp.asarray(weights.reshape(*shape, -1)), np.int32(i))
       losses.append(float(loss))
       if not math.isfinite(losses[-1]):
         raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
                        f'--learning-rate (now {args.learning_rate}).')
-      if i == 1:
-        started = time.perf_counter()
-        first_step = started - began
-      else:
-        done += tokens_per_step
-      rate = done / max(time.perf_counter() - started - eval_seconds, 1e-9)
+      first = i == progress.step + 1
+      rate = timer.stepped(per_step * args.seq_len, first=first)
+      # The first step's time is mostly its compile: no rate for it.
+      metrics.write(step=i, loss=losses[-1], lr=float(lr_at(i - 1)),
+                    tokens_per_s=None if first else round(rate, 1),
+                    target_tokens=int(weights.sum()))
       bar.set_postfix(loss=f'{losses[-1]:.3f}', tok_s=f'{rate:.0f}',
                       refresh=False)
-      if i == args.steps or (args.eval_every and i % args.eval_every == 0):
-        eval_started = time.perf_counter()
-        evals.append((i, perplexity(lora)))
-        eval_seconds += time.perf_counter() - eval_started
-        bar.write(f'step {i}: train loss {losses[-1]:.3f}, held-out '
-                  f'perplexity {evals[-1][1]:.2f}')
-  print(f'{args.steps} steps in {time.perf_counter() - began:.0f} s (the '
-        f'first, which compiles, took {first_step:.0f} s; {rate:.0f} '
-        'tokens/s after it)')
+      with timer.pause():
+        if i == run.steps or (args.eval_every and i % args.eval_every == 0):
+          evals.append((i, run.perplexity(lora)))
+          metrics.write(step=i, eval_loss=math.log(evals[-1][1]),
+                        eval_perplexity=evals[-1][1])
+          bar.write(f'step {i}: train loss {losses[-1]:.3f}, held-out '
+                    f'perplexity {evals[-1][1]:.2f}')
+        saved = None
+        if args.save_every and i % args.save_every == 0:
+          saved = run.save_checkpoint(now(i))
+        if stop_requested():
+          saved = saved or run.save_checkpoint(now(i))
+          metrics.close()
+          interrupt.end_after_stop(
+              f' at step {i}; checkpoint in {saved}; go on with the same '
+              'command and --resume')
+  print(f'{run.steps - progress.step} steps in '
+        f'{time.perf_counter() - timer.began:.0f} s (the first, which '
+        f'compiles, took {timer.first_step:.0f} s; {rate:.0f} tokens/s after '
+        'it)')
+  return now(run.steps)
 
-  trained = adapted.with_lora(lora)
-  meta = trained.metadata(training={
-      'steps': args.steps, 'batch_size': args.batch_size,
-      'seq_len': args.seq_len, 'learning_rate': args.learning_rate,
-      'data': [str(p) for p in args.data] if args.data else 'shakespeare',
-      'base_perplexity': evals[0][1], 'perplexity': evals[-1][1]})
+
+def _finish(run: _Run, progress: checkpoints.Progress) -> dict[str, Any]:
+  """Writes the adapter file and the plot; returns the run's results."""
+  evals, losses = list(progress.evals), list(progress.losses)
+  adapted = run.adapted
+  meta = _metadata(adapted, run.args, run.steps, evals)
   title = (f'LoRA rank {adapted.settings.rank} on '
-           f'{base.source.split(":")[-1]} '
-           f'({args.steps} steps)')
+           f'{run.base.source.split(":")[-1]} ({run.steps} steps)')
+  out, plot = run.paths['--out'], run.paths['--plot']
   with base_lib.staged(out) as out_tmp, base_lib.staged(plot) as plot_tmp:
     save_plot(plot_tmp, losses, evals, title)
-    peft.save_adapters(out_tmp, trained.lora, trained.specs, metadata=meta)
+    peft.save_adapters(out_tmp, progress.lora, adapted.specs, metadata=meta)
   print(f'held-out perplexity: base {evals[0][1]:.2f} -> fine-tuned '
         f'{evals[-1][1]:.2f}')
-  print(f'wrote {out} and {plot}')
+  print(f'wrote {out}, {plot} and {run.paths["--metrics"]}')
   return {'base_perplexity': evals[0][1], 'perplexity': evals[-1][1],
-          'adapters': str(out), 'plot': str(plot), 'losses': losses}
+          'adapters': str(out), 'plot': str(plot),
+          'metrics': str(run.paths['--metrics']), 'losses': losses,
+          'steps': run.steps}

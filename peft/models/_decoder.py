@@ -381,6 +381,9 @@ class Decoder(nn.Module):
     config: the model's hyper-parameters.
     dtype: the computation dtype (norms and softmax run in float32).
     param_dtype: the dtype `init` gives params.
+    remat: recompute each block's activations in the backward pass instead
+      of keeping them (gradient checkpointing): less memory for training,
+      one more forward pass of compute. Outputs and gradients are the same.
 
   Example:
     >>> from peft.models import tiny_config
@@ -397,6 +400,7 @@ class Decoder(nn.Module):
   config: DecoderConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
     c = self.config
@@ -406,8 +410,9 @@ class Decoder(nn.Module):
     self.embedder = nn.Embed(**embed)
     if not c.tie_embeddings:
       self.unembedder = nn.Embed(**embed)
+    block = nn.remat(Block) if self.remat else Block
     self.layers = [
-      Block(config=c, layer=i, dtype=self.dtype, param_dtype=self.param_dtype)
+      block(config=c, layer=i, dtype=self.dtype, param_dtype=self.param_dtype)
       for i in range(c.n_layers)
     ]
     self.final_norm = RMSNorm(eps=c.norm_eps, add_one=c.norm_add_one,
