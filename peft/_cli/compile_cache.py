@@ -48,8 +48,9 @@ def enable(environ: Mapping[str, str] = os.environ) -> pathlib.Path | None:
   """
   import jax  # pylint: disable=g-import-not-at-top
 
+  # `jax.config.values` holds every option (the attributes are dynamic).
   configured = (environ.get('JAX_COMPILATION_CACHE_DIR')
-                or getattr(jax.config, 'jax_compilation_cache_dir'))
+                or jax.config.values.get('jax_compilation_cache_dir'))
   if configured:
     return pathlib.Path(configured)
   path = directory(environ)
