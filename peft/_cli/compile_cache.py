@@ -5,7 +5,8 @@ written to disk, so a second run of a command skips most of its compile.
 The cache lives in `$XDG_CACHE_HOME/peft/jax` (default
 `~/.cache/peft/jax`); `PEFT_COMPILATION_CACHE=DIR` moves it and
 `PEFT_COMPILATION_CACHE=off` turns it off. A `JAX_COMPILATION_CACHE_DIR`
-set by the user is JAX's own setting and wins. Deleting the directory is
+or `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` set by the user is JAX's
+own setting and wins. Deleting the directory is
 always safe.
 """
 
@@ -56,6 +57,8 @@ def enable(environ: Mapping[str, str] = os.environ) -> pathlib.Path | None:
   path = directory(environ)
   if path is not None:
     jax.config.update('jax_compilation_cache_dir', str(path))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs',
-                      MIN_COMPILE_SECONDS)
+    # A user's own threshold (JAX reads the variable itself) wins too.
+    if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in environ:
+      jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                        MIN_COMPILE_SECONDS)
   return path
