@@ -102,11 +102,6 @@ def signature(args: Any, base: base_lib.Base, train: Any,
           'data_digest': data_digest(train), **flags}
 
 
-def directory(args: Any) -> pathlib.Path:
-  return (pathlib.Path(args.checkpoint_dir) if args.checkpoint_dir
-          else pathlib.Path(args.workdir) / 'checkpoints')
-
-
 def step_dirs(root: pathlib.Path) -> list[pathlib.Path]:
   """The complete checkpoints in `root`, oldest first.
 
@@ -150,20 +145,20 @@ def save(root: pathlib.Path, progress: Progress, adapted: adapt.Adapted,
   return path
 
 
-def find(args: Any) -> pathlib.Path:
+def find(resume: str, root: pathlib.Path) -> pathlib.Path:
   """The checkpoint `--resume` names: a step directory, or the newest one in
-  a directory (by default `--checkpoint-dir`).
+  a directory (for a bare `--resume`, `root`: the run's `--checkpoint-dir`).
 
   Raises:
     CliError: there is none.
   """
-  given = args.resume != 'latest'
-  path = pathlib.Path(args.resume) if given else directory(args)
+  given = resume != 'latest'
+  path = pathlib.Path(resume) if given else root
   if (path / STATE).is_file():
     return path
   found = step_dirs(path)
   if not found:
-    where = (f'--resume {args.resume!r}' if given
+    where = (f'--resume {resume!r}' if given
              else f'--checkpoint-dir {str(path)!r}')
     raise CliError(
         f'{where} holds no checkpoint (a step_NNNNNNNN directory with '

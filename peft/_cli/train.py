@@ -297,7 +297,7 @@ def _start(run: _Run) -> checkpoints.Progress:
   """Step 0 (fresh adapters, evaluated) or the `--resume` checkpoint."""
   args, adapted = run.args, run.adapted
   if args.resume:
-    found = checkpoints.find(args)
+    found = checkpoints.find(args.resume, run.paths['--checkpoint-dir'])
     progress = checkpoints.load(found, adapted,
                                 jax.eval_shape(run.tx.init, adapted.lora),
                                 run.signature)
