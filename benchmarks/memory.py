@@ -29,6 +29,7 @@ import jax
 import optax
 
 from benchmarks import model as model_lib
+from benchmarks import procstats
 from benchmarks import steps as steps_lib
 import peft
 
@@ -52,24 +53,8 @@ def config_from(args: argparse.Namespace) -> model_lib.Config:
                              for f in dataclasses.fields(model_lib.Config)})
 
 
-def _status_kib(field: str) -> int:
-  """A `VmRSS`/`VmHWM`-style line of /proc/self/status, in KiB."""
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith(field + ':'):
-        return int(line.split()[1])
-  raise RuntimeError(
-      f'/proc/self/status has no {field!r} line; benchmarks/memory.py needs '
-      'Linux procfs. Run it on Linux.'
-  )
-
-
-def _reset_peak() -> None:
-  with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')  # resets VmHWM to the current RSS
-
-
-def _xla_bytes(compiled) -> dict[str, int]:
+def xla_bytes(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled program, with its peak."""
   stats = compiled.memory_analysis()
   names = ('argument_size_in_bytes', 'output_size_in_bytes',
            'alias_size_in_bytes', 'temp_size_in_bytes')
@@ -117,8 +102,8 @@ def measure(mode: str, config: model_lib.Config, *, batch: int, seq: int,
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       trained_shapes, opt_shapes, *extra).compile()
   gc.collect()
-  rss_before_kib = _status_kib('VmRSS')
-  _reset_peak()
+  rss_before_kib = procstats.status_kib('VmRSS')
+  procstats.reset_peak()
 
   base = model_lib.random_like(base_shapes, seed=0, scale=1.0)
   if mode != 'full':
@@ -130,7 +115,7 @@ def measure(mode: str, config: model_lib.Config, *, batch: int, seq: int,
   for _ in range(steps):
     trained, opt_state, loss = compiled(trained, opt_state, *rest)
   loss = float(loss)
-  peak_kib = _status_kib('VmHWM')
+  peak_kib = procstats.status_kib('VmHWM')
   trainable = peft.count_params(trained)[1]
   total = config.param_count() + (0 if mode == 'full' else trainable)
   return {
@@ -141,7 +126,7 @@ def measure(mode: str, config: model_lib.Config, *, batch: int, seq: int,
       'train_bytes': (peak_kib - rss_before_kib) * 1024,
       'self_maxrss_bytes': resource.getrusage(
           resource.RUSAGE_SELF).ru_maxrss * 1024,
-      'xla': _xla_bytes(compiled),
+      'xla': xla_bytes(compiled),
       'trainable_params': trainable,
       'total_params': total,
   }

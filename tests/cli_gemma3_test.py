@@ -83,7 +83,7 @@ def test_chat_sample_uses_gemma_turns_and_stops_at_end_of_turn(monkeypatch):
   assert seen['prompts'][0][:3] == [2, 105, 2364]  # <bos><start_of_turn>user
 
 
-def test_merge_writes_a_gemma3_directory_that_loads(trained, tmp_path):
+def test_merge_writes_a_gemma3_directory_that_loads(trained, gemma3, tmp_path):
   workdir, _ = trained
   out_dir = tmp_path / 'merged'
   status, out, err = run_cli('merge', *MODEL, '--workdir', workdir, *DATA,
@@ -95,9 +95,8 @@ def test_merge_writes_a_gemma3_directory_that_loads(trained, tmp_path):
   assert merged.tokenizer.encode('The capital of France is') == [
     2, 818, 5279, 529, 7001, 563]
   assert merged.tokenizer.chat_format == 'gemma'
-  base = models.load_gemma3()
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                       merged.params, base.params)
+                       merged.params, gemma3.params)
   assert moved['layers_0']['attn']['q_einsum']['w'] > 0  # adapters fused
   assert moved['layers_0']['pre_attention_norm']['scale'] == 0
 

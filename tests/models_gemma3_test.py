@@ -7,7 +7,7 @@ Two independent references, both made with transformers in a side venv:
   796-token passage, longer than the 512-token sliding window.
 - `testdata/gemma3/tiny_hf/` (`make_tiny_hf.py`): a tiny random
   `Gemma3ForCausalLM` directory and its logits, for `load_hf_dir`.
-The GGUF is loaded once per session.
+The GGUF is loaded once per session (tests/conftest.py's `gemma3`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ TINY_LOGITS = np.load(DATA / 'tiny_hf_logits.npz')
 # saw max |diff| 2e-5 on logits of size ~20.
 LOGIT_ATOL = 1e-3
 PERPLEXITY_RTOL = 1e-3
-
-
-@pytest.fixture(scope='session')
-def gemma3():
-  return models.load_gemma3()
 
 
 LENGTH = len(GOLDEN['passage_ids'])
@@ -218,22 +213,13 @@ def test_to_hf_config_refuses_what_transformers_would_run_differently(
 # --- Decoder ---------------------------------------------------------------
 
 
-def _random_params(config, tokens, scale=0.2):
-  params = models.Decoder(config=config).init(jax.random.key(0),
-                                              tokens)['params']
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return tree.unflatten([scale * jax.random.normal(k, p.shape)
-                         for k, p in zip(keys, leaves)])
-
-
 def test_cached_decoding_equals_the_full_forward_past_the_window():
   config = models.tiny_gemma3_config(attn_logit_softcap=20.0,
                                      final_logit_softcap=15.0)
   model = models.Decoder(config=config)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 320, (2, 11)),
                        jnp.int32)
-  params = _random_params(config, tokens)
+  params = models.random_params(config, seed=1, scale=0.2)
   full = model.apply({'params': params}, tokens)
   cache = models.init_cache(config, 2, 16)
   chunks = []
@@ -241,13 +227,15 @@ def test_cached_decoding_equals_the_full_forward_past_the_window():
     logits, cache = model.apply({'params': params}, tokens[:, start:stop],
                                 cache, start, method=models.Decoder.decode)
     chunks.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, atol=1e-5)
+  # float32 sums in another order (chunked attention): logits near 4 move
+  # by up to 2e-5.
+  np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, atol=5e-5)
 
 
 def test_attention_soft_cap_and_window_change_the_output():
   config = models.tiny_gemma3_config()
   tokens = jnp.arange(10)[None] * 31 % 320
-  params = _random_params(config, tokens, scale=0.5)
+  params = models.random_params(config, seed=1, scale=0.5)
 
   def run(**changes):
     model = models.Decoder(config=dataclasses.replace(config, **changes))

