@@ -36,6 +36,7 @@ from benchmarks import memory
 from benchmarks import procstats
 import peft
 from peft import models
+from peft._cli import train
 
 RANK, ALPHA = 8, 16
 # q_einsum, kv_einsum (k and v stacked) and attn_vec_einsum (o); the mlp's
@@ -57,14 +58,6 @@ def pretrained(quick: bool) -> models.Pretrained:
     return models.load_smollm2()
   config = models.tiny_config()
   return models.Pretrained(config=config, params=models.random_params(config))
-
-
-def in_dtype(frozen: Any, dtype: Any) -> Any:
-  """The frozen base with its float leaves in `dtype`, as the CLI casts it
-  for `--dtype` (layers compute in their weights' dtype)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, frozen)
 
 
 def make_step(model: models.Decoder, surgery: peft.LoRASurgery,
@@ -106,7 +99,7 @@ def measure(*, quick: bool, seq: int, batch: int, dtype: str, remat: bool,
   """Loads the model, compiles the step, runs `1 + steps` steps."""
   pre = pretrained(quick)
   config = pre.config
-  frozen = in_dtype(pre.params, DTYPES[dtype])
+  frozen = train.in_dtype(pre.params, DTYPES[dtype])  # As the CLI casts.
   del pre  # The float32 copy goes before the steps (bfloat16 runs).
   model = models.Decoder(config=config, dtype=DTYPES[dtype], remat=remat)
   surgery = peft.lora(RANK, alpha=ALPHA, targets=TARGETS)

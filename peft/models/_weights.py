@@ -163,7 +163,7 @@ def _check_tensors(tensors: Mapping[str, Any], config: DecoderConfig,
 
 
 def random_params(config: DecoderConfig, *, seed: int = 0,
-                  scale: float = 0.02) -> dict[str, Any]:
+                  scale: float = 0.02) -> Params:
   """Random params for a `Decoder` of `config`, drawn with numpy.
 
   Every weight is `scale` times a standard normal draw and every norm
