@@ -41,7 +41,8 @@ def gemma3():
 # when a file's cost changes much.
 _SLOW_FIRST = (
   'tests/cli_train_test.py', 'tests/colabs_test.py',
-  'tests/cli_gemma3_test.py', 'tests/docs_test.py',
+  'tests/cli_gemma3_test.py', 'tests/distributed_test.py',
+  'tests/docs_test.py',
   'tests/models_gemma3_test.py', 'tests/cli_test.py',
   'tests/cli_hf_peft_test.py', 'tests/hf_peft_test.py',
   'tests/cli_data_test.py', 'tests/kernel_init_test.py',

@@ -119,6 +119,11 @@ def step_dirs(root: pathlib.Path) -> list[pathlib.Path]:
   return sorted(found, key=lambda p: p.name)
 
 
+def path_of(root: pathlib.Path, step: int) -> pathlib.Path:
+  """The checkpoint directory of `step` in `root`."""
+  return root / f'step_{step:08d}'
+
+
 def save(root: pathlib.Path, progress: Progress, adapted: adapt.Adapted,
          run: dict[str, Any], metadata: dict[str, Any], *,
          keep: int) -> pathlib.Path:
@@ -127,7 +132,7 @@ def save(root: pathlib.Path, progress: Progress, adapted: adapt.Adapted,
   Returns:
     The checkpoint's directory.
   """
-  path = root / f'step_{progress.step:08d}'
+  path = path_of(root, progress.step)
   leaves = jax.tree.leaves(progress.opt_state)
   with base_lib.staged(path) as tmp:
     tmp.mkdir()

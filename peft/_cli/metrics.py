@@ -60,3 +60,17 @@ class MetricsLog:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
+
+
+class NullLog(MetricsLog):
+  """A `MetricsLog` that writes nothing: a multi-process run's processes
+  other than 0."""
+
+  def __init__(self):  # pylint: disable=super-init-not-called
+    pass
+
+  def write(self, **values: Any) -> None:
+    del values
+
+  def close(self) -> None:
+    pass

@@ -159,6 +159,7 @@ def _surgery_flags(p: argparse.ArgumentParser) -> None:
 
 DEFAULT_STEPS = 20
 DTYPES = ('float32', 'bfloat16')
+MESH_AXES = ('data', 'fsdp', 'model')
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -220,6 +221,66 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
                      'uninterrupted run would')
 
 
+def mesh_axes(text: str) -> tuple[tuple[str, int], ...]:
+  """`--mesh`'s value: `name=size` pairs, comma-separated.
+
+  Example:
+    >>> mesh_axes('data=2,fsdp=4')
+    (('data', 2), ('fsdp', 4))
+    >>> mesh_axes('data=2,rows=4')
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: mesh axis 'rows' is not one of data, fsdp, \
+model; write e.g. data=2,fsdp=4
+
+  Raises:
+    argparse.ArgumentTypeError: a malformed pair, an unknown or repeated
+      axis, or a size that is not a positive int.
+  """
+  fix = 'write e.g. data=2,fsdp=4'
+  axes: dict[str, int] = {}
+  for pair in text.split(','):
+    name, eq, size = pair.strip().partition('=')
+    if not eq:
+      raise argparse.ArgumentTypeError(
+          f'mesh axis {pair.strip()!r} has no size; {fix}')
+    if name not in MESH_AXES:
+      raise argparse.ArgumentTypeError(
+          f'mesh axis {name!r} is not one of {", ".join(MESH_AXES)}; {fix}')
+    if name in axes:
+      raise argparse.ArgumentTypeError(f'mesh axis {name!r} is given twice; '
+                                       f'{fix}')
+    if not size.strip().isdigit() or int(size) < 1:
+      raise argparse.ArgumentTypeError(
+          f'mesh axis {name!r} has size {size!r}, not a positive int; {fix}')
+    axes[name] = int(size)
+  return tuple(axes.items())
+
+
+def _mesh_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_argument_group(
+      'devices and processes (see docs/sharding.md, "The main job on a '
+      'mesh")')
+  group.add_argument('--mesh', type=mesh_axes, metavar='AXIS=N,...',
+                     help='train on a device mesh of these axes (data, fsdp, '
+                     'model), whose sizes multiply to the device count of '
+                     'all processes: data and fsdp split the batch, fsdp '
+                     'the weights\' embed axis, model their heads and mlp '
+                     'axes; e.g. data=2,fsdp=4')
+  group.add_argument('--coordinator', metavar='HOST:PORT', help='join a '
+                     'multi-process run through this coordinator (process '
+                     '0 listens there); needs --num-processes and '
+                     '--process-id')
+  group.add_argument('--num-processes', type=positive_int, metavar='N',
+                     help='processes in the run')
+  group.add_argument('--process-id', type=non_negative_int, metavar='I',
+                     help='this process\'s index, 0 to N-1 (0 writes the '
+                     'outputs)')
+  group.add_argument('--heartbeat-timeout', type=positive_int, default=100,
+                     metavar='SECONDS', help='a process silent this long '
+                     'ends the run on every process (default: %(default)s)')
+
+
 def _variant_flags(p: argparse.ArgumentParser) -> None:
   which = p.add_mutually_exclusive_group()
   which.add_argument('--adapters', metavar='PATH',
@@ -263,6 +324,7 @@ def build() -> Parser:
            _surgery_flags)
   _training_flags(p)
   _checkpoint_flags(p)
+  _mesh_flags(p)
   p.add_argument('--out', help='adapter file (default: '
                  'WORKDIR/adapters.safetensors)')
   p.add_argument('--init-adapters', metavar='PATH', help='continue '

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -37,6 +38,7 @@ from peft._cli import base as base_lib
 from peft._cli import checkpoints
 from peft._cli import forward as forward_lib
 from peft._cli import interrupt
+from peft._cli import mesh as mesh_lib
 from peft._cli import metrics as metrics_lib
 from peft._cli import parser as parser_lib
 
@@ -111,7 +113,9 @@ def step_fn(model: models.Decoder, settings: adapt.Settings,
   `(micro-batches, batch, length)` and their loss `weights`; the gradient
   of each micro-batch's summed NLL is added up and divided by all their
   target tokens, so any split of a batch into micro-batches gives the same
-  step. Dropout draws from `seed`, the step and the micro-batch.
+  step. Dropout draws from `seed`, the step and the micro-batch. On a mesh
+  the inputs' shardings decide the program's (the adapters come back
+  sharded as they went in).
   """
   key = jax.random.key(seed)
 
@@ -227,8 +231,24 @@ class _Throughput:
 
 
 def run(args: Any) -> dict[str, Any]:
-  """Fine-tunes adapters; returns the perplexities and output paths."""
+  """Fine-tunes adapters; returns the perplexities and output paths.
+
+  In a multi-process run every process calls it; process 0 alone prints
+  and writes (see `mesh`).
+  """
+  mesh_lib.initialize(args)  # Before any other JAX work.
+  if mesh_lib.is_writer():
+    return _run(args)
+  with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):
+    return _run(args)
+
+
+def _run(args: Any) -> dict[str, Any]:
   paths = _outputs(args)
+  if args.mesh and args.quantize:
+    raise CliError(f'--mesh does not shard a --quantize {args.quantize} base '
+                   'yet (its int kernels and scales have no axis names). '
+                   'Drop --mesh or --quantize.')
   base = base_lib.load_base(base_lib.source_of(args))
   base_lib.check_seq_len(base, args.seq_len)
   train, held = base_lib.training_data(base, args)
@@ -251,9 +271,17 @@ def run(args: Any) -> dict[str, Any]:
 
   dtype = compute_dtype(args)
   tx = optimizer(schedule, args.weight_decay)
+  frozen = in_dtype(adapted.frozen, dtype)
+  placement = None
+  if args.mesh:
+    placement = mesh_lib.build(args.mesh, frozen, adapted.specs,
+                               adapted.lora)
+    _check_batch(args, placement)
+    frozen = mesh_lib.put(frozen, placement.frozen)
+    adapted = adapted.with_lora(mesh_lib.put(adapted.lora, placement.lora))
   run = _Run(args=args, paths=paths, base=base, adapted=adapted,
-             frozen=in_dtype(adapted.frozen, dtype), train=train, held=held,
-             steps=steps, schedule=schedule, tx=tx,
+             frozen=frozen, train=train, held=held, steps=steps,
+             schedule=schedule, tx=tx, placement=placement,
              signature=checkpoints.signature(args, base, train, steps))
   model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat)
   step = step_fn(model, adapted.settings, tx, args.seed)
@@ -262,6 +290,15 @@ def run(args: Any) -> dict[str, Any]:
     progress = _start(run)
     progress = _train(run, progress, step, stop_requested)
   return _finish(run, progress)
+
+
+def _check_batch(args: Any, placement: mesh_lib.Placement) -> None:
+  ways = placement.batch_ways
+  if args.batch_size % ways:
+    raise CliError(
+        f'--batch-size {args.batch_size} does not split over the {ways} '
+        'devices of --mesh\'s data and fsdp axes. Pass a multiple of '
+        f'{ways}.')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -278,6 +315,7 @@ class _Run:
   steps: int
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  placement: mesh_lib.Placement | None  # With --mesh.
   signature: dict[str, Any]  # See `checkpoints.signature`.
 
   def perplexity(self, lora: Any) -> float:
@@ -285,9 +323,38 @@ class _Run:
                             peft.merge_params(self.frozen, lora),
                             self.held.tokens, self.held.weights)
 
+  def host(self, tree: Any) -> Any:
+    """`tree` whole on the host (a collective on a mesh)."""
+    return mesh_lib.gather(tree) if self.placement else tree
+
+  def init_opt_state(self, lora: Any) -> Any:
+    """The optimizer's initial state, on the mesh as `lora` is (if any)."""
+    if not self.placement:
+      return jax.jit(self.tx.init)(lora)
+    shardings = self._opt_shardings(self.placement)
+    return jax.jit(self.tx.init, out_shardings=shardings)(lora)
+
+  def _opt_shardings(self, placement: mesh_lib.Placement) -> Any:
+    return mesh_lib.like_params(
+        jax.eval_shape(self.tx.init, self.adapted.lora), self.adapted.lora,
+        placement.lora, placement.replicated())
+
+  def on_mesh(self, lora: Any, opt_state: Any) -> tuple[Any, Any]:
+    """Host adapters and optimizer state put on the mesh (if any)."""
+    if not self.placement:
+      return lora, opt_state
+    return (mesh_lib.put(lora, self.placement.lora),
+            mesh_lib.put(opt_state, self._opt_shardings(self.placement)))
+
   def save_checkpoint(self, progress: checkpoints.Progress) -> pathlib.Path:
+    """Writes a checkpoint (process 0; every process must call it)."""
+    progress = dataclasses.replace(progress, lora=self.host(progress.lora),
+                                   opt_state=self.host(progress.opt_state))
+    root = self.paths['--checkpoint-dir']
+    if not mesh_lib.is_writer():
+      return checkpoints.path_of(root, progress.step)
     return checkpoints.save(
-        self.paths['--checkpoint-dir'], progress, self.adapted,
+        root, progress, self.adapted,
         self.signature, _metadata(self.adapted, self.args, self.steps,
                                   list(progress.evals)),
         keep=self.args.keep_checkpoints)
@@ -301,11 +368,13 @@ def _start(run: _Run) -> checkpoints.Progress:
     progress = checkpoints.load(found, adapted,
                                 jax.eval_shape(run.tx.init, adapted.lora),
                                 run.signature)
+    lora, opt_state = run.on_mesh(progress.lora, progress.opt_state)
+    progress = dataclasses.replace(progress, lora=lora, opt_state=opt_state)
     print(f'resumed at step {progress.step} of {run.steps} from {found}')
   else:
     progress = checkpoints.Progress(
         step=0, lora=adapted.lora,
-        opt_state=jax.jit(run.tx.init)(adapted.lora), losses=(),
+        opt_state=run.init_opt_state(adapted.lora), losses=(),
         evals=((0, run.perplexity(adapted.lora)),))
     quantized = f', {args.quantize}' if args.quantize else ''
     start = 'init adapters' if args.init_adapters else 'base'
@@ -346,23 +415,24 @@ def _train(run: _Run, progress: checkpoints.Progress, step: Any,
   shape = (args.grad_accum, args.batch_size)
   timer = _Throughput()
   rate = 0.0
-  metrics = metrics_lib.MetricsLog(
+  metrics = (metrics_lib.MetricsLog(
       run.paths['--metrics'],
       resume_after=progress.step if args.resume else None)
+      if mesh_lib.is_writer() else metrics_lib.NullLog())
   if not args.resume:
     metrics.write(step=0, eval_loss=math.log(evals[0][1]),
                   eval_perplexity=evals[0][1])
   # No bar where stderr is not a terminal: a log would fill with redraws.
   with metrics, tqdm(range(progress.step + 1, run.steps + 1),
                      initial=progress.step, total=run.steps, desc='finetune',
-                     unit='step', mininterval=1.0, disable=None) as bar:
+                     unit='step', mininterval=1.0,
+                     disable=None if mesh_lib.is_writer() else True) as bar:
     for i in bar:
       rows = next(stream)[:, 0]
       weights = train.weights[rows]
       lora, opt_state, loss = step(
-          lora, opt_state, run.frozen,
-          jnp.asarray(train.tokens[rows].reshape(*shape, -1)),
-          jnp.asarray(weights.reshape(*shape, -1)), np.int32(i))
+          lora, opt_state, run.frozen, *_batch(run, rows.reshape(shape)),
+          np.int32(i))
       losses.append(float(loss))
       if not math.isfinite(losses[-1]):
         raise CliError(f'the training loss is {losses[-1]} at step {i}. Lower '
@@ -385,7 +455,7 @@ def _train(run: _Run, progress: checkpoints.Progress, step: Any,
         saved = None
         if args.save_every and i % args.save_every == 0:
           saved = run.save_checkpoint(now(i))
-        if stop_requested():
+        if mesh_lib.any_process(stop_requested()):  # All stop together.
           saved = saved or run.save_checkpoint(now(i))
           metrics.close()
           interrupt.end_after_stop(
@@ -398,17 +468,32 @@ def _train(run: _Run, progress: checkpoints.Progress, step: Any,
   return now(run.steps)
 
 
+def _batch(run: _Run, rows: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """The tokens and loss weights of the examples `rows` (micro-batches,
+  batch); on a mesh this process reads only its own devices' rows."""
+  data = run.train
+  if not run.placement:
+    return (jnp.asarray(data.tokens[rows]), jnp.asarray(data.weights[rows]))
+  def part(array):
+    def index(where):  # (micro-batches, rows, positions) slices.
+      return array[rows[where[:2]]][..., where[2]]
+    return run.placement.put_batch(index, (*rows.shape, array.shape[-1]))
+  return part(data.tokens), part(data.weights)
+
+
 def _finish(run: _Run, progress: checkpoints.Progress) -> dict[str, Any]:
   """Writes the adapter file and the plot; returns the run's results."""
   evals, losses = list(progress.evals), list(progress.losses)
   adapted = run.adapted
+  lora = run.host(progress.lora)
   meta = _metadata(adapted, run.args, run.steps, evals)
   title = (f'LoRA rank {adapted.settings.rank} on '
            f'{run.base.source.split(":")[-1]} ({run.steps} steps)')
   out, plot = run.paths['--out'], run.paths['--plot']
-  with base_lib.staged(out) as out_tmp, base_lib.staged(plot) as plot_tmp:
-    save_plot(plot_tmp, losses, evals, title)
-    peft.save_adapters(out_tmp, progress.lora, adapted.specs, metadata=meta)
+  if mesh_lib.is_writer():
+    with base_lib.staged(out) as out_tmp, base_lib.staged(plot) as plot_tmp:
+      save_plot(plot_tmp, losses, evals, title)
+      peft.save_adapters(out_tmp, lora, adapted.specs, metadata=meta)
   print(f'held-out perplexity: base {evals[0][1]:.2f} -> fine-tuned '
         f'{evals[-1][1]:.2f}')
   print(f'wrote {out}, {plot} and {run.paths["--metrics"]}')

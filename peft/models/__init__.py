@@ -71,6 +71,9 @@ from peft.models._hf_peft import HFAdapters
 from peft.models._hf_peft import load_hf_peft
 from peft.models._hf_peft_export import save_hf_peft
 
+# Sharding.
+from peft.models._partition import partition_names
+
 # Sampling and tokenization.
 from peft.models._sampling import Sampler
 from peft.models._sentencepiece import SentencePieceModel
@@ -144,4 +147,6 @@ __all__ = [
   'shakespeare_windows',
   'split_plays',
   'token_windows',
+  # Sharding.
+  'partition_names',
 ]

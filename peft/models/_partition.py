@@ -1,0 +1,66 @@
+"""Logical axis names of the decoder's params, for sharding them on a mesh.
+
+`Decoder` declares its weights without partitioning boxes, so a pretrained
+checkpoint loads as plain arrays. This table says what each weight axis
+is (`'vocab'`, `'embed'`, `'heads'`, `'kv_heads'`, `'kv'`, `'mlp'`, or
+`None` for a small axis that stays whole), keyed by the weight's name in
+the param tree. A mesh's rules then map names to mesh axes, as flax's
+`nn.logical_to_mesh_axes` does for boxed params (see docs/sharding.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+AxisNames = tuple[str | None, ...]
+
+# Weight name (the last key of its path, and the module before it for the
+# attention einsums' shared name `w`) -> the names of its axes.
+_BY_NAME: dict[tuple[str, ...], AxisNames] = {
+    ('embedding',): ('vocab', 'embed'),
+    ('q_einsum', 'w'): ('heads', 'embed', 'kv'),
+    ('kv_einsum', 'w'): (None, 'kv_heads', 'embed', 'kv'),
+    ('attn_vec_einsum', 'w'): ('heads', 'kv', 'embed'),
+    ('gating_einsum',): (None, 'embed', 'mlp'),
+    ('linear',): ('mlp', 'embed'),
+    ('scale',): (None,),  # RMSNorm scales: small, replicated.
+}
+
+
+def _names(path: tuple[str, ...], shape: tuple[int, ...]) -> AxisNames:
+  for suffix, names in _BY_NAME.items():
+    if path[-len(suffix):] == suffix and len(names) == len(shape):
+      return names
+  raise ValueError(
+      f'The param {"/".join(path)!r} of shape {shape} is not a weight of '
+      'peft.models.Decoder, so it has no axis names. Pass the params of a '
+      'Decoder (as its loaders return them).')
+
+
+def partition_names(params: Any) -> Any:
+  """The logical axis names of each of a `Decoder`'s params.
+
+  Example:
+    >>> from peft import models
+    >>> params = models.random_params(models.tiny_config())
+    >>> names = models.partition_names(params)
+    >>> names['layers_0']['attn']['q_einsum']['w']
+    ('heads', 'embed', 'kv')
+    >>> names['embedder']['embedding'], names['final_norm']['scale']
+    (('vocab', 'embed'), (None,))
+
+  Args:
+    params: the decoder's params (arrays or `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    A tree like `params` with a tuple of names (one per axis) per leaf.
+
+  Raises:
+    ValueError: a param that is no weight of the decoder.
+  """
+  def names(path, leaf):
+    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    return _names(keys, tuple(leaf.shape))
+  return jax.tree_util.tree_map_with_path(names, params)
