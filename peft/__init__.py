@@ -46,7 +46,9 @@ from peft._linen.lora_adapters import LoRAEmbedAdapter
 
 # isort: split
 
-# Param trees: split, merge, fuse.
+# Param trees: split, merge, fuse, combine.
+from peft._core.combine import CombinedAdapters
+from peft._core.combine import combine_adapters
 from peft._core.fuse import fuse_params
 from peft._core.fuse import fuse_state
 from peft._core.fuse import unfuse_params
@@ -124,6 +126,7 @@ from peft._quant.qlora import QLoRAEinsumLike
 
 __all__ = [
     'AdapterSpec',
+    'CombinedAdapters',
     'IntDense',
     'IntDenseGeneral',
     'IntEinsum',
@@ -164,6 +167,7 @@ __all__ = [
     'adapter_mask',
     'adapters_for_original_base',
     'check_adapters_match',
+    'combine_adapters',
     'count_params',
     'dequantize',
     'fuse_into_quantized',

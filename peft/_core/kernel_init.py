@@ -63,6 +63,11 @@ def _roles(delta_str: str) -> tuple[str, str, str, str]:
   return rank, batch, rows, cols
 
 
+def rank_letter(delta_str: str) -> str:
+  """The letter of the rank axis in a delta `a,b->weights`."""
+  return _roles(delta_str)[0]
+
+
 def factor_matrices(m: jax.Array, rank: int, scale: float, *,
                     method: Method) -> tuple[jax.Array, jax.Array]:
   """`(A, B)` of matrices `m (..., rows, cols)`, `scale * A @ B` their
@@ -133,21 +138,58 @@ def kernel_factors(kernel: jax.Array, spec: _spec.AdapterSpec, *,
       rank, n_rows, n_cols, method=method, where=where,
       what=(f'adapter {spec.key!r} (kernel {tuple(spec.weight_shape)}, delta '
             f'{spec.delta_str!r})'))
-  stack = tuple(spec.stack_shape)
-  lead = next(c for c in string.ascii_letters if c not in spec.delta_str)
+  lead = _lead(spec)
   k = jnp.asarray(kernel, jnp.float32).reshape((-1, *spec.weight_shape))
   m = jnp.einsum(f'{lead}{weights}->{lead}{batch}{rows}{cols}', k)
   m = m.reshape((k.shape[0], -1, n_rows, n_cols))
-  a_m, b_m = factor_matrices(m, rank, spec.scale, method=method)
+  return from_matrices(*factor_matrices(m, rank, spec.scale, method=method),
+                       spec)
+
+
+def _lead(spec: _spec.AdapterSpec) -> str:
+  """A letter for the flattened stack axes, unused by the delta."""
+  return next(c for c in string.ascii_letters if c not in spec.delta_str)
+
+
+def to_matrices(a: jax.Array, b: jax.Array, spec: _spec.AdapterSpec
+                ) -> tuple[jax.Array, jax.Array]:
+  """A and B (with `spec.stack_shape` leading axes) as batches of matrices:
+  A `(stack, batch, rows, rank)` and B `(stack, batch, rank, cols)`, the
+  stack flattened to one axis, the rows and columns as in `kernel_factors`,
+  so that `A @ B` is the delta's matrix; float32."""
+  rank_axis, batch, rows, cols = _roles(spec.delta_str)
+  a_axes, b_axes, _ = _einsum.split_delta(spec.delta_str)
+  lead, n = _lead(spec), len(spec.stack_shape)
+
+  def grouped(x, axes_from: str, groups: tuple[str, ...]) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    x = x.reshape((-1, *x.shape[n:]))
+    x = jnp.einsum(f'{lead}{axes_from}->{lead}{"".join(groups)}', x)
+    size = dict(zip(''.join(groups), x.shape[1:]))
+    return x.reshape((x.shape[0],
+                      *(math.prod(size[c] for c in g) for g in groups)))
+
+  return (grouped(a, a_axes, (batch, rows, rank_axis)),
+          grouped(b, b_axes, (batch, rank_axis, cols)))
+
+
+def from_matrices(a_m: jax.Array, b_m: jax.Array, spec: _spec.AdapterSpec
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The inverse of `to_matrices`: A and B shaped as `spec` says (its
+  rank, and `spec.stack_shape` leading axes)."""
+  rank_axis, batch, rows, cols = _roles(spec.delta_str)
+  a_axes, b_axes, weights = _einsum.split_delta(spec.delta_str)
+  size = dict(zip(weights, spec.weight_shape))
+  lead = _lead(spec)
+  stack = tuple(spec.stack_shape)
 
   def arrange(x, axes_from: str, axes_to: str, shape) -> jax.Array:
-    dims = [k.shape[0], *(size.get(c, rank) for c in axes_from)]
+    dims = [x.shape[0], *(size.get(c, spec.rank) for c in axes_from)]
     x = jnp.einsum(f'{lead}{axes_from}->{lead}{axes_to}', x.reshape(dims))
     return x.reshape((*stack, *shape))
 
-  a = arrange(a_m, batch + rows + rank_axis, a_axes, spec.a_shape)
-  b = arrange(b_m, batch + rank_axis + cols, b_axes, spec.b_shape)
-  return a, b
+  return (arrange(a_m, batch + rows + rank_axis, a_axes, spec.a_shape),
+          arrange(b_m, batch + rank_axis + cols, b_axes, spec.b_shape))
 
 
 def init_from_kernels(params: _params.Params,
@@ -216,10 +258,10 @@ def init_from_kernels(params: _params.Params,
                       _params.to_dict(_params.merge_params(base, lora)))
 
 
-def _with_rank(shape: Sequence[int], axes: str, rank_axis: str,
+def with_rank(shape: Sequence[int], axes: str, letter: str,
                rank: int) -> tuple[int, ...]:
   """`shape` (of A or B, named by `axes`) with its rank axis set to `rank`."""
-  return tuple(rank if c == rank_axis else d for c, d in zip(axes, shape))
+  return tuple(rank if c == letter else d for c, d in zip(axes, shape))
 
 
 def adapters_for_original_base(
@@ -270,15 +312,15 @@ def adapters_for_original_base(
     a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
     a0, b0, _ = _adapter_tree.adapter_and_spec(initial, spec, name)
     a_axes, b_axes, _ = _einsum.split_delta(spec.delta_str)
-    rank_axis = _roles(spec.delta_str)[0]
+    letter = rank_letter(spec.delta_str)
     n = len(spec.stack_shape)
     node = _adapter_tree.adapter_node(out, spec)
-    node['a'] = jnp.concatenate([a, a0], axis=n + a_axes.index(rank_axis))
+    node['a'] = jnp.concatenate([a, a0], axis=n + a_axes.index(letter))
     node['b'] = jnp.concatenate([b, -jnp.asarray(b0)],
-                                axis=n + b_axes.index(rank_axis))
+                                axis=n + b_axes.index(letter))
     rank = 2 * spec.rank
     new_specs.append(dataclasses.replace(
         spec, rank=rank, alpha=spec.scale * rank, use_rslora=False,
-        a_shape=_with_rank(spec.a_shape, a_axes, rank_axis, rank),
-        b_shape=_with_rank(spec.b_shape, b_axes, rank_axis, rank)))
+        a_shape=with_rank(spec.a_shape, a_axes, letter, rank),
+        b_shape=with_rank(spec.b_shape, b_axes, letter, rank)))
   return out, tuple(new_specs)
