@@ -46,7 +46,9 @@ from peft._linen.lora_adapters import LoRAEmbedAdapter
 
 # isort: split
 
-# Param trees: split, merge, fuse, combine.
+# Param trees: split, merge, fuse, combine, banks of named adapters.
+from peft._core.active_adapter import adapters_disabled
+from peft._core.bank import AdapterBank
 from peft._core.combine import CombinedAdapters
 from peft._core.combine import combine_adapters
 from peft._core.fuse import fuse_params
@@ -125,6 +127,7 @@ from peft._quant.qlora import QLoRAEinsum
 from peft._quant.qlora import QLoRAEinsumLike
 
 __all__ = [
+    'AdapterBank',
     'AdapterSpec',
     'CombinedAdapters',
     'IntDense',
@@ -165,6 +168,7 @@ __all__ = [
     'SplittedParams',
     'adapter_labels',
     'adapter_mask',
+    'adapters_disabled',
     'adapters_for_original_base',
     'check_adapters_match',
     'combine_adapters',

@@ -175,7 +175,8 @@ def _other_model_adapters():
     (lambda a: peft.combine_adapters({**a, 'de': _other_model_adapters()}),
      ValueError,
      r"adapter 'dense/lora' of 'de' has weight_shape=\(5, 7\), but an "
-     r"earlier adapter of that kernel \(among \['de', 'fr'\]\) has \(5, 6\)"),
+     r"earlier adapter of that kernel \(among \['de', 'fr'\]\) has \(5, 6\)\. "
+     r'Use adapters made for the same model'),
     (lambda a: peft.combine_adapters(a, method='svd', rank=6), ValueError,
      r"combine_adapters: the combined adapter 'dense/lora' has rank 6, but "
      r"its kernel is a 5x6 matrix, so method='svd' gives at most rank 5"),

@@ -121,7 +121,7 @@ def combine_adapters(adapters: Mapping[str, Any],
       a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, _NAME)
       entries = by_key.setdefault(spec.key, [])
       if entries:
-        _check_same_kernel(entries[0][3], spec, name, named)
+        check_same_kernel(entries[0][3], spec, name, named, _NAME)
       entries.append((weight * spec.scale, a, b, spec))
   out: dict[str, Any] = {}
   new_specs, errors = [], {}
@@ -132,7 +132,7 @@ def combine_adapters(adapters: Mapping[str, Any],
       a_m, b_m, errors[key] = _truncate(a_m, b_m, rank, entries[0][3])
     else:
       errors[key] = 0.0
-    spec = _with_rank(entries[0][3], a_m.shape[-1])
+    spec = with_rank(entries[0][3], a_m.shape[-1])
     a, b = _kernel_init.from_matrices(a_m, b_m, spec)
     dtype = jnp.result_type(*(e[1] for e in entries))
     node = _adapter_tree.adapter_node(out, spec)
@@ -154,40 +154,50 @@ def _check_inputs(adapters: Any, weights: Any, method: Any, rank: Any
     raise ValueError(f"{_NAME}: rank={rank!r} is for method='svd'; 'concat' "
                      'keeps the sum of the ranks. Drop rank or pass '
                      "method='svd'.")
+  return check_named(adapters, weights, _NAME)
+
+
+def check_named(adapters: Any, weights: Any, name: str
+                ) -> dict[str, tuple[float, Any, tuple[_spec.AdapterSpec,
+                                                       ...]]]:
+  """`{adapter name: (weight, lora, specs)}` from a dict of `(lora, specs)`
+  pairs and one of weights (None: 1 each), checked; errors say `name`."""
   if not isinstance(adapters, Mapping) or not adapters:
-    raise ValueError(f'{_NAME}: adapters must be a non-empty dict name -> '
+    raise ValueError(f'{name}: adapters must be a non-empty dict name -> '
                      f'(lora, specs); got {adapters!r:.80}. Pass e.g. '
                      "{'french': peft.load_adapters('fr.safetensors')}.")
   weights = dict.fromkeys(adapters, 1.0) if weights is None else weights
   if not isinstance(weights, Mapping) or set(weights) != set(adapters):
     got = sorted(weights) if isinstance(weights, Mapping) else weights
-    raise ValueError(f'{_NAME}: weights must name the adapters '
+    raise ValueError(f'{name}: weights must name the adapters '
                      f'{sorted(adapters)}; got {got!r}. Give one weight per '
                      'adapter, or none for 1 each.')
   named = {}
-  for name, entry in adapters.items():
-    weight = weights[name]
+  for key, entry in adapters.items():
+    weight = weights[key]
     if (not isinstance(weight, numbers.Real) or isinstance(weight, bool)
         or not math.isfinite(weight)):
-      raise ValueError(f'{_NAME}: the weight of {name!r} must be a finite '
+      raise ValueError(f'{name}: the weight of {key!r} must be a finite '
                        f'number; got {weight!r}. Pass e.g. 0.5.')
     if not isinstance(entry, tuple) or len(entry) < 2:
-      raise TypeError(f'{_NAME}: adapters[{name!r}] must be (lora, specs); '
+      raise TypeError(f'{name}: adapters[{key!r}] must be (lora, specs); '
                       f'got {entry!r:.80}. Pass what load_adapters returns, '
                       'or (split_params(params).lora, report.specs).')
-    specs = _adapter_tree.check_specs(entry[1], f'{_NAME}: {name!r}')
-    named[name] = (float(weight), entry[0], specs)
+    specs = _adapter_tree.check_specs(entry[1], f'{name}: {key!r}')
+    named[key] = (float(weight), entry[0], specs)
   return named
 
 
-def _check_same_kernel(first: _spec.AdapterSpec, spec: _spec.AdapterSpec,
-                       name: str, named: Mapping[str, Any]) -> None:
+def check_same_kernel(first: _spec.AdapterSpec, spec: _spec.AdapterSpec,
+                      key: str, named: Mapping[str, Any], name: str) -> None:
+  """Two adapters of one kernel (in adapters `key` and an earlier one of
+  `named`) must agree on it; errors say `name`."""
   for field in (*_KERNEL_FIELDS, 'stack_shape'):
     if getattr(first, field) != getattr(spec, field):
       raise ValueError(
-          f'{_NAME}: adapter {spec.key!r} of {name!r} has {field}='
+          f'{name}: adapter {spec.key!r} of {key!r} has {field}='
           f'{getattr(spec, field)!r}, but an earlier adapter of that kernel '
-          f'(among {sorted(named)}) has {getattr(first, field)!r}. Combine '
+          f'(among {sorted(named)}) has {getattr(first, field)!r}. Use '
           'adapters made for the same model.')
 
 
@@ -227,7 +237,7 @@ def _truncate(a_m: jax.Array, b_m: jax.Array, rank: int,
   return a_new, b_new, error
 
 
-def _with_rank(spec: _spec.AdapterSpec, rank: int) -> _spec.AdapterSpec:
+def with_rank(spec: _spec.AdapterSpec, rank: int) -> _spec.AdapterSpec:
   """`spec` with rank `rank` and scale 1 (the weights are in B)."""
   a_axes, b_axes, _ = _einsum.split_delta(spec.delta_str)
   letter = _kernel_init.rank_letter(spec.delta_str)

@@ -401,6 +401,27 @@ def add_delta(kernel: jax.Array, a: jax.Array, b: jax.Array,
   return out, jnp.max(jnp.abs(out.astype(dtype) - exact), initial=0.0)
 
 
+def batch_axis_out(einsum_str: str, out_ndim: int) -> int | None:
+  """Where the first input axis (the batch) lands in the output, which has
+  `out_ndim` axes; None when the equation contracts it.
+
+  Example:
+    >>> batch_axis_out('BSD,CKDH->CBSKH', 5), batch_axis_out(
+    ...     '...i,io->...o', 3)
+    (1, 0)
+  """
+  inputs, outputs = einsum_str.replace(' ', '').split('->')
+  first = inputs.split(',')[0]
+  explicit = outputs.replace('...', '')
+  ellipsis_ndim = out_ndim - len(explicit)
+  head = '...' if first.startswith('...') else first[:1]
+  if head not in outputs:
+    return None
+  before = outputs[:outputs.index(head)]
+  dots = ellipsis_ndim if '...' in before else 0
+  return len(before.replace('...', '')) + dots
+
+
 def delta_partition_names(
     delta_str: str, kernel_names: Sequence[str | None]
 ) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:

@@ -20,6 +20,7 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 import jax.numpy as jnp
 
+from peft._core import active_adapter as _active
 from peft._core import einsum as _einsum
 from peft._core import params as _params
 from peft._core import spec as _spec
@@ -63,15 +64,25 @@ class LoRAAdapterBase(_lora_fields.LoRAFields):
     only to compare shapes; for the adapters of a model that was most of
     the extra tracing time. We compare the shapes directly instead.
     """
+    where = _params.module_path(self)
+    banked = _active.expected_shape(shape)
     if not self.has_variable('params', name):
+      if banked != shape:
+        raise ValueError(
+            f'LoRA param {name!r} at {where!r} does not exist, and a bank '
+            'selection (AdapterBank.active) is in effect: a bank is not '
+            'initialised by surgery. Init the adapters outside the '
+            'selection, or stack existing ones with peft.AdapterBank.stack.')
       return self.param(name, init, shape, self.options.dtype)
     value = nn.meta.unbox(self.get_variable('params', name))
-    if tuple(value.shape) != shape:
-      where = _params.module_path(self)
+    if tuple(value.shape) != banked:
+      bank = (f' (a bank of {banked[0]} adapters of {shape})'
+              if banked != shape else '')
       raise ValueError(
           f'LoRA param {name!r} at {where!r} has shape {tuple(value.shape)} '
-          f'but this layer with rank {self.options.rank} needs {shape}. Pass '
-          'the adapters made for this model and rank (or init new ones).'
+          f'but this layer with rank {self.options.rank} needs {banked}'
+          f'{bank}. Pass the adapters made for this model and rank (or init '
+          'new ones), and a bank\'s params only under its own active().'
       )
     return value
 
@@ -117,7 +128,27 @@ class LoRAAdapterBase(_lora_fields.LoRAFields):
                   inputs: Array) -> Array:
     """The update of a planned layer: A and B made (or read), then applied."""
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
-    return plan.apply(*self._cast(self._drop(inputs), a, b))
+    return self._selected(
+        lambda x, a, b: plan.apply(*self._cast(x, a, b)), self._drop(inputs),
+        a, b, batch_axis=lambda ndim: _einsum.batch_axis_out(plan.einsum_str,
+                                                             ndim))
+
+  @nn.nowrap
+  def _selected(self, update, inputs: Array, a: Array, b: Array, *,
+                batch_axis=lambda ndim: 0) -> Array:
+    """`update(inputs, A, B)` for the adapter(s) a bank selection picks
+    (see `active_adapter`); the plain update without one."""
+    selection = _active.current()
+    if selection is not None and selection.size is not None and (
+        self.scale != 1.0):
+      raise ValueError(
+          f'A bank selection (AdapterBank.active) is in effect, but the LoRA '
+          f'layer at {_params.module_path(self)!r} has scale {self.scale} '
+          '(alpha / rank); a bank holds its adapters\' scales in B. Run the '
+          'bank under peft.lora(rank=bank.rank) with alpha left unset.')
+    return _active.apply(update, inputs, a, b,
+                         where=_params.module_path(self),
+                         batch_axis=batch_axis)
 
   @nn.nowrap
   def _record_for_foreign_wrapper(self, eq: _einsum.EinsumEquation,
@@ -305,16 +336,20 @@ class LoRAConvAdapter(LoRAAdapterBase):
       plan = conv_plan(window, inputs.shape[-1], self.features,
                        self.options.rank, where=_params.module_path(self))
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
-    x, a, b = self._cast(self._drop(inputs), a, b)
-    # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
-    conv_a = nn.Conv(
-        features=self.options.rank, kernel_size=window, strides=self.strides,
-        padding=self.padding, input_dilation=self.input_dilation,
-        kernel_dilation=self.kernel_dilation, use_bias=False,
-        dtype=x.dtype, parent=None)
-    with _interceptors.suspended():  # conv_a is ours, not the model's
-      low_rank = conv_a.apply({'params': {'kernel': a}}, x)
-    return jnp.einsum('...r,ro->...o', low_rank, b)
+
+    def update(x, a, b):
+      x, a, b = self._cast(x, a, b)
+      # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
+      conv_a = nn.Conv(
+          features=self.options.rank, kernel_size=window,
+          strides=self.strides, padding=self.padding,
+          input_dilation=self.input_dilation,
+          kernel_dilation=self.kernel_dilation, use_bias=False,
+          dtype=x.dtype, parent=None)
+      with _interceptors.suspended():  # conv_a is ours, not the model's
+        low_rank = conv_a.apply({'params': {'kernel': a}}, x)
+      return jnp.einsum('...r,ro->...o', low_rank, b)
+    return self._selected(update, self._drop(inputs), a, b)
 
 
 class LoRAEmbedAdapter(LoRAAdapterBase):
@@ -322,7 +357,7 @@ class LoRAEmbedAdapter(LoRAAdapterBase):
 
   `attend(query)` gives the matching update of `Embed.attend` (tied output
   layers): `query @ (A @ B).T`. Dropout applies to the looked-up rows of A
-  (token ids cannot be dropped out).
+  (token ids cannot be dropped out), except under per-row bank ids.
 
   Example:
     >>> import jax
@@ -347,13 +382,21 @@ class LoRAEmbedAdapter(LoRAAdapterBase):
                       where=_params.module_path(self))
 
   def __call__(self, inputs: Array) -> Array:
-    rows = jnp.take(self.a, inputs, axis=0)
-    rows, _, b = self._cast(self._drop(rows), self.a, self.b)
-    return rows @ b
+    # Per-row bank ids run `update` under `jax.vmap`, where no flax module
+    # (the dropout) may be called: serving runs without dropout.
+    per_row = _active.per_row()
+
+    def update(ids, a, b):
+      rows = jnp.take(a, ids, axis=0)
+      rows, _, b = self._cast(rows if per_row else self._drop(rows), a, b)
+      return rows @ b
+    return self._selected(update, inputs, self.a, self.b)
 
   def attend(self, query: Array) -> Array:
-    query, a, b = self._cast(query, self.a, self.b)
-    return (query @ b.T) @ a.T
+    def update(query, a, b):
+      query, a, b = self._cast(query, a, b)
+      return (query @ b.T) @ a.T
+    return self._selected(update, query, self.a, self.b)
 
 
 def _boxed(init: Initializer, box: nn.Partitioned, names) -> Initializer:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft._core import active_adapter as _active
 from peft._core import einsum as _einsum
 from peft._core import errors as _errors
 from peft._core import options as _options
@@ -224,11 +225,27 @@ class LoRAAdapter(nnx.Module):
     return self.options.scale
 
   def operands(self, x: jax.Array, *, drop: bool = True):
-    """`(dropout(x), A, scale * B)`, cast to the compute dtype."""
+    """`(dropout(x), A, scale * B)`, cast to the compute dtype.
+
+    Under `peft.adapters_disabled()` B is zeros, so the layer computes its
+    base output exactly.
+
+    Raises:
+      ValueError: an `AdapterBank` selection (banks are linen-only).
+    """
+    selection = _active.current()
+    if selection is not None and selection.size is not None:
+      raise ValueError(
+          'An AdapterBank selection is in effect, but peft.nnx layers do not '
+          f'read banks (adapter of kernel {self.delta_str!r}). Run banks '
+          'with linen surgery, or select one adapter before building the '
+          'nnx model.')
     if drop and self.dropout is not None:
       x = self.dropout(x)
     x, a, b = dtypes.promote_dtype((x, self.a[...], self.b[...]),
                                    dtype=self.dtype)
+    if selection is not None:  # adapters_disabled()
+      return x, a, jnp.zeros_like(b)
     if self.scale != 1.0:
       b = b * jnp.asarray(self.scale, b.dtype)
     return x, a, b
