@@ -217,6 +217,28 @@ def test_errors(call, error, match):
     call(_bank(), _bank_params())
 
 
+def test_a_bank_over_a_quantized_base_equals_each_qlora_adapter():
+  model, x = fixtures.Block(), fixtures.features()
+  with peft.quantized('int8'), peft.lora(rank=2) as report:
+    adapters = [peft.split_params(fixtures.random_params(
+        model.init, jax.random.key(0), x, seed=s)).lora for s in (1, 2)]
+  floats = fixtures.random_params(model.init, jax.random.key(0), x, seed=3)
+  qbase = peft.quantize(floats, method='int8')
+  bank = peft.AdapterBank.stack(
+      {f'q{i}': (lora, report.specs) for i, lora in enumerate(adapters)})
+  ids = jnp.array([1, -1])
+
+  with peft.quantized('int8'), peft.lora(rank=2), bank.active(ids):
+    mixed = model.apply({'params': peft.merge_params(qbase, bank.lora)}, x)
+  with peft.quantized('int8'), peft.lora(rank=2):
+    alone = model.apply(
+        {'params': peft.merge_params(qbase, adapters[1])}, x)
+  with peft.quantized('int8'):
+    base = model.apply({'params': qbase}, x)
+  np.testing.assert_allclose(mixed[0], alone[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(mixed[1], base[1])
+
+
 def test_a_layer_that_contracts_the_batch_cannot_take_row_ids():
   class Pooled(nn.Module):
     @nn.compact
