@@ -379,7 +379,7 @@ class LoRAConvAdapter(LoRAAdapterBase):
                        self.options.rank, where=_params.module_path(self))
     self._check_dora(dora)
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
-    x, a, b = self._cast(self._drop(inputs), a, b)
+    x, a_low, b_up = self._cast(self._drop(inputs), a, b)
     # Reuse flax's own conv (padding modes, unbatched inputs) on our A.
     conv_a = nn.Conv(
         features=self.options.rank, kernel_size=window, strides=self.strides,
@@ -387,8 +387,8 @@ class LoRAConvAdapter(LoRAAdapterBase):
         kernel_dilation=self.kernel_dilation, use_bias=False,
         dtype=x.dtype, parent=None)
     with _interceptors.suspended():  # conv_a is ours, not the model's
-      low_rank = conv_a.apply({'params': {'kernel': a}}, x)
-    update = jnp.einsum('...r,ro->...o', low_rank, b)
+      low_rank = conv_a.apply({'params': {'kernel': a_low}}, x)
+    update = jnp.einsum('...r,ro->...o', low_rank, b_up)
     return self._dora_update(dora, plan, a, b, update)
 
 
