@@ -75,12 +75,15 @@ from peft._core.checkpoint import save_adapters
 # isort: split
 
 # The functional API on plain arrays.
+from peft._core.functional import dora_linear
 from peft._core.functional import init_lora_adapter
 from peft._core.functional import lora_delta
 from peft._core.functional import lora_linear
+from peft._core.functional import merge_dora_weight
 from peft._core.functional import merge_lora_weight
 from peft._core.functional import principal_lora_adapter
 from peft._core.functional import tree_lora_delta
+from peft._core.functional import unmerge_dora_weight
 from peft._core.functional import unmerge_lora_weight
 
 # isort: split
@@ -166,6 +169,7 @@ __all__ = [
     'check_adapters_match',
     'count_params',
     'dequantize',
+    'dora_linear',
     'fuse_into_quantized',
     'fuse_params',
     'fuse_quantized_kernel',
@@ -178,6 +182,7 @@ __all__ = [
     'lora_delta',
     'lora_linear',
     'lora_plus',
+    'merge_dora_weight',
     'merge_lora_weight',
     'merge_params',
     'param_bytes',
@@ -196,5 +201,6 @@ __all__ = [
     'train_only_adapters',
     'tree_lora_delta',
     'unfuse_params',
+    'unmerge_dora_weight',
     'unmerge_lora_weight',
 ]

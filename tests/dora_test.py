@@ -124,9 +124,10 @@ def test_output_equals_a_direct_dense_computation(name):
   np.testing.assert_allclose(jitted, want, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_and_stacked_layers_take_dora():
+def test_conv_takes_dora():
   conv = nn.Conv(4, kernel_size=(3,))
-  with peft.lora(rank=2, use_dora=True, targets=nn.Conv) as report:
+  surgery = dict(rank=2, alpha=3.0, use_dora=True, targets=nn.Conv)
+  with peft.lora(**surgery) as report:
     params = conv.init(jax.random.key(0), X3)['params']
   params = _random(params)
   (spec,) = report.specs
@@ -138,7 +139,7 @@ def test_conv_and_stacked_layers_take_dora():
       (v * v).sum(axis=(0, 1), keepdims=True))
   want = conv.apply({'params': {'kernel': fused_w.astype(np.float32),
                                 'bias': params['bias']}}, X3)
-  with peft.lora(rank=2, use_dora=True, targets=nn.Conv):
+  with peft.lora(**surgery):
     got = conv.apply({'params': params}, X3)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -338,3 +339,61 @@ def test_spec_checks_the_magnitude_axes():
   with pytest.raises(ValueError, match=r"magnitude_axes must be ascending "
                      r"kernel axes in \[0, 2\); got \(5,\)"):
     dataclasses.replace(spec, magnitude_axes=(5,), einsum_str=None)
+
+
+def test_functional_dora_against_numpy_and_its_gradients():
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
+  adapter = peft.init_lora_adapter(w, 2, key=jax.random.key(0),
+                                   use_dora=True)
+  np.testing.assert_allclose(adapter['m'], np.linalg.norm(w, axis=0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(peft.dora_linear(x, w, adapter), x @ w,
+                             rtol=1e-5, atol=1e-6)
+  adapter = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+             for k, v in adapter.items()}
+  v = np.asarray(w) + 1.5 * np.asarray(adapter['A']) @ np.asarray(
+      adapter['B'])
+  norm = np.linalg.norm(v, axis=0)
+  want = np.asarray(x) @ (np.asarray(adapter['m']) * v / norm)
+  got = jax.jit(peft.dora_linear)(x, w, adapter, 3.0)  # scale 3 / 2
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  merged, fused_norm = peft.merge_dora_weight(w, adapter, 3.0)
+  np.testing.assert_allclose(merged, np.asarray(adapter['m']) * v / norm,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(x @ merged, got, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      peft.unmerge_dora_weight(merged, adapter, fused_norm, 3.0), w,
+      rtol=1e-5, atol=1e-5)
+  # m's gradient with the norm constant: sum_t (x @ V)[t] / ||V||.
+  grad_m = jax.grad(lambda m: peft.dora_linear(
+      x, w, {**adapter, 'm': m}, 3.0).sum())(adapter['m'])
+  np.testing.assert_allclose(grad_m, (np.asarray(x) @ v).sum(0) / norm,
+                             rtol=1e-5)
+
+
+def test_functional_dora_errors():
+  w = jnp.ones((4, 3))
+  lora = {'A': jnp.ones((4, 1)), 'B': jnp.ones((1, 3))}
+  with pytest.raises(ValueError, match=r"dora_linear: adapter must be a DoRA "
+                     r"adapter \{'A', 'B', 'm'\}; got \['A', 'B'\]"
+                     r".*use_dora=True\)"):
+    peft.dora_linear(jnp.ones((1, 4)), w, lora)
+  with pytest.raises(ValueError, match=r"merge_dora_weight: weight \(4, 3\) "
+                     r"does not fit A \(4, 1\), B \(1, 3\) and m \(2,\)"):
+    peft.merge_dora_weight(w, {**lora, 'm': jnp.ones(2)})
+  dora = {**lora, 'm': jnp.array([1., 0., 1.])}
+  merged, norm = peft.merge_dora_weight(w, dora)
+  with pytest.raises(ValueError, match=r"unmerge_dora_weight: m has 1 zero "
+                     r"entries.*Keep the original weight"):
+    peft.unmerge_dora_weight(merged, dora, norm)
+  with pytest.raises(ValueError, match=r"unmerge_dora_weight: norm has shape "
+                     r"\(2,\); expected \(3,\)"):
+    peft.unmerge_dora_weight(merged, dora, jnp.ones(2))
+  with pytest.raises(ValueError, match=r"dora_linear: x \(1, 3\) does not "
+                     r"fit the weight \(4, 3\)"):
+    peft.dora_linear(jnp.ones((1, 3)), w, {**lora, 'm': jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"use_dora must be a bool; got 'no' "
+                     r"at 'init_lora_adapter'"):
+    peft.init_lora_adapter(w, 1, key=jax.random.key(0), use_dora='no')
