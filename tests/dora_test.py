@@ -397,3 +397,18 @@ def test_functional_dora_errors():
   with pytest.raises(ValueError, match=r"use_dora must be a bool; got 'no' "
                      r"at 'init_lora_adapter'"):
     peft.init_lora_adapter(w, 1, key=jax.random.key(0), use_dora='no')
+
+
+def test_fuse_into_quantized_refuses_dora_on_a_quantized_kernel():
+  model, x, _, _ = CASES['dense']
+  params, specs = _init(model, x)
+  base, lora = peft.split_params(params)
+  qparams = peft.merge_params(peft.quantize(base, method='int8'), lora)
+  with pytest.raises(ValueError, match=r"fuse_into_quantized: adapter "
+                     r"'lora' is DoRA, and its kernel 'kernel' is quantized"
+                     r".*Fuse into the float base with fuse_params"):
+    peft.fuse_into_quantized(qparams, specs)
+  # A float kernel beside quantized ones fuses as fuse_params does.
+  fused, errors = peft.fuse_into_quantized(params, specs)
+  helpers.assert_trees_close(fused, peft.fuse_params(params, specs))
+  assert errors == {}
