@@ -51,6 +51,7 @@ from peft._core.fuse import fuse_params
 from peft._core.fuse import fuse_state
 from peft._core.fuse import unfuse_params
 from peft._core.kernel_init import adapters_for_original_base
+from peft._core.kernel_init import init_dora_magnitudes
 from peft._core.kernel_init import init_from_kernels
 from peft._core.params import SplittedParams
 from peft._core.params import merge_params
@@ -175,6 +176,7 @@ __all__ = [
     'fuse_quantized_kernel',
     'fuse_state',
     'get_axis_to_reduce_from_einsum_str',
+    'init_dora_magnitudes',
     'init_from_kernels',
     'init_lora_adapter',
     'load_adapters',

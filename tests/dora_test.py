@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import peft
+from tests import fixtures
 from tests import helpers
 
 D = 8
@@ -62,7 +63,7 @@ def _random(params, seed=3):
 
   def one(path, leaf):
     keys = [str(getattr(p, 'key', '')) for p in path]
-    if 'lora' not in keys:
+    if not any(k == 'lora' or k.startswith('lora_') for k in keys):
       return leaf
     values = 0.3 * rng.standard_normal(leaf.shape)
     if keys[-1] == 'm':
@@ -412,3 +413,51 @@ def test_fuse_into_quantized_refuses_dora_on_a_quantized_kernel():
   fused, errors = peft.fuse_into_quantized(params, specs)
   helpers.assert_trees_close(fused, peft.fuse_params(params, specs))
   assert errors == {}
+
+
+def test_init_dora_magnitudes_starts_from_the_pretrained_kernels():
+  model, x, _, _ = CASES['dense_general']
+  params, specs = _init(model, x)
+  rng = np.random.default_rng(9)
+  pretrained = jax.tree.map(
+      lambda t: jnp.asarray(rng.standard_normal(t.shape), t.dtype),
+      peft.split_params(params).original)
+  merged = peft.merge_params(pretrained, peft.split_params(params).lora)
+  ready = peft.init_dora_magnitudes(merged, specs)
+  np.testing.assert_allclose(
+      ready['lora']['m'],
+      np.sqrt((np.asarray(pretrained['kernel']) ** 2).sum(axis=(0, 1))),
+      rtol=1e-6)
+  np.testing.assert_allclose(_apply(model, ready, x),
+                             model.apply({'params': pretrained}, x),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"init_dora_magnitudes: the params "
+                     r"hold adapter 'lora' but no AdapterSpec describes it"):
+    peft.init_dora_magnitudes(merged, [])
+
+
+@pytest.mark.parametrize('name', ['scanned', 'custom'])
+def test_stacked_and_custom_einsum_layers(name):
+  # nn.scan stacks m like A and B; a model's own einsum layer (several
+  # kernels in one scope, one with an output axis before the inputs') is
+  # read from its registered equation.
+  model = fixtures.Scanned() if name == 'scanned' else fixtures.CustomModel()
+  x = fixtures.features()
+  with peft.lora(rank=2, alpha=3.0, use_dora=True) as report:
+    params = model.init(jax.random.key(0), x)['params']
+  base = model.apply({'params': peft.split_params(params).original}, x)
+  np.testing.assert_allclose(_apply(model, params, x, alpha=3.0), base,
+                             rtol=1e-5, atol=1e-5)
+  if name == 'scanned':
+    assert params['layers']['up']['lora']['m'].shape == (3, D)
+  else:
+    gating = next(s for s in report.specs if s.weight_name == 'gating_einsum')
+    assert gating.magnitude_axes == (0, 2)  # C and F: kept, D normed over
+  params = _random(params)
+  fused = peft.fuse_params(params, report.specs)
+  np.testing.assert_allclose(model.apply({'params': fused}, x),
+                             _apply(model, params, x, alpha=3.0), rtol=1e-5,
+                             atol=1e-5)
+  helpers.assert_trees_close(
+      peft.unfuse_params(fused, peft.split_params(params).lora,
+                         report.specs), params, rtol=1e-5, atol=1e-5)
