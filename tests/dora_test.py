@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 import peft
+from peft import models
+from peft._core import einsum as peft_einsum
+from peft.models import _hf_peft
 from tests import fixtures
 from tests import helpers
 
@@ -461,3 +464,15 @@ def test_stacked_and_custom_einsum_layers(name):
   helpers.assert_trees_close(
       peft.unfuse_params(fused, peft.split_params(params).lora,
                          report.specs), params, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_peft_export_refuses_dora():
+  lora, specs = _hf_peft._example_adapters(models.tiny_config())
+  spec = specs[0]
+  axes = tuple(range(len(spec.weight_shape)))[-1:]
+  if spec.einsum_str is not None:
+    axes = peft_einsum.EinsumEquation.parse(spec.einsum_str).magnitude_axes
+  dora = dataclasses.replace(spec, use_dora=True, magnitude_axes=axes)
+  with pytest.raises(ValueError, match=r"save_hf_peft: adapter .* is DoRA "
+                     r"\(use_dora=True\).*Save it with peft\.save_adapters"):
+    models.save_hf_peft(os.devnull + '_never', lora, [dora, *specs[1:]])

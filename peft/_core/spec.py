@@ -65,8 +65,10 @@ class AdapterSpec:
   """One adapted kernel: where it lives and how its delta is formed.
 
   The base kernel is at `params[*path][weight_name]` and its adapter at
-  `params[*path][adapter_name] == {'a': A, 'b': B}`. The kernel's update is
-  `scale * einsum(delta_str, A, B)`, shaped exactly like the kernel.
+  `params[*path][adapter_name] == {'a': A, 'b': B}` (`{'a', 'b', 'm'}` for
+  DoRA). The kernel's update is `scale * einsum(delta_str, A, B)`, shaped
+  exactly like the kernel; DoRA then rescales the updated kernel by
+  `m / ||W + update||` along `magnitude_axes`.
 
   Every field is checked when a spec is built (by surgery, `from_json` or
   by hand, `dataclasses.replace` included): alpha is None or finite and
