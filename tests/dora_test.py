@@ -476,3 +476,19 @@ def test_hf_peft_export_refuses_dora():
   with pytest.raises(ValueError, match=r"save_hf_peft: adapter .* is DoRA "
                      r"\(use_dora=True\).*Save it with peft\.save_adapters"):
     models.save_hf_peft(os.devnull + '_never', lora, [dora, *specs[1:]])
+
+
+def test_pissa_on_dora_adapters_keeps_the_magnitude():
+  model, x, _, _ = CASES['dense']
+  params, specs = _init(model, x)
+  pissa = peft.init_from_kernels(params, specs)  # V = residual + sAB = W
+  np.testing.assert_allclose(_apply(model, pissa, x), _apply(model, params, x),
+                             rtol=1e-5, atol=1e-5)
+  trained = _random(pissa)
+  lora, new_specs = peft.adapters_for_original_base(
+      peft.split_params(trained).lora, peft.split_params(pissa).lora, specs)
+  helpers.assert_trees_close(lora['lora']['m'], trained['lora']['m'])
+  original = peft.merge_params(peft.split_params(params).original, lora)
+  np.testing.assert_allclose(
+      model.apply({'params': peft.fuse_params(original, new_specs)}, x),
+      _apply(model, trained, x), rtol=1e-5, atol=1e-5)

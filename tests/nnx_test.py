@@ -827,3 +827,18 @@ def test_dora_errors_in_nnx():
                      r"adapted kernel .*apply_lora\(model, rank=\.\.\., "
                      r"use_dora=True\)"):
     pnnx.LoRA(D, RANK, 3, use_dora=True, rngs=nnx.Rngs(0))
+
+
+def test_dora_magnitudes_follow_loaded_kernels():
+  base, _ = _twin_params(0)
+  twin = _NnxTwin(base)
+  pnnx.apply_lora(twin, rank=RANK, use_dora=True, targets=_NNX_KINDS[:4],
+                  rngs=nnx.Rngs(0))
+  other, _ = _twin_params(5)
+  loaded = _NnxTwin(other)  # the same model with other kernels...
+  for name in ('up', 'gen', 'ein', 'conv', 'emb'):
+    for var, value in vars(getattr(loaded, name)).items():
+      if isinstance(value, nnx.Param):
+        getattr(getattr(twin, name), var)[...] = value[...]
+  pnnx.init_dora_magnitudes(twin)  # ...and m from them
+  assert_trees_close(twin(_X, _IDS), loaded(_X, _IDS), atol=1e-5, rtol=1e-5)

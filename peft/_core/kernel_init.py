@@ -277,6 +277,8 @@ def adapters_for_original_base(
     node['a'] = jnp.concatenate([a, a0], axis=n + a_axes.index(rank_axis))
     node['b'] = jnp.concatenate([b, -jnp.asarray(b0)],
                                 axis=n + b_axes.index(rank_axis))
+    if spec.use_dora:  # V is the same kernel, so m carries over as it is
+      node[_dora.MAGNITUDE] = _adapter_tree.get_magnitude(lora, spec, name)
     rank = 2 * spec.rank
     new_specs.append(dataclasses.replace(
         spec, rank=rank, alpha=spec.scale * rank, use_rslora=False,
