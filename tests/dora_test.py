@@ -492,3 +492,28 @@ def test_pissa_on_dora_adapters_keeps_the_magnitude():
   np.testing.assert_allclose(
       model.apply({'params': peft.fuse_params(original, new_specs)}, x),
       _apply(model, trained, x), rtol=1e-5, atol=1e-5)
+
+
+class OddBias(nn.Module):
+  """A registered einsum layer whose bias is not over its output features."""
+
+  shape: tuple[int, ...] = (D, 3)
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    w = self.param('w', nn.initializers.normal(), self.shape)
+    return jnp.einsum(eqn, x, w) + self.param('bias', nn.initializers.zeros,
+                                              (1, 1))
+
+
+peft.register_einsum_layer(OddBias, weight_name='w')
+
+
+def test_a_bias_not_over_the_output_features_is_refused():
+  with pytest.raises(ValueError, match=r"DoRA at 'OddBias': the bias of "
+                     r"OddBias has shape \(1, 1\), but DoRA adds the bias "
+                     r"after rescaling and needs it over the output features "
+                     r"\(3,\).*Use LoRA \(use_dora=False\)"):
+    with peft.lora(rank=2, use_dora=True):
+      jax.eval_shape(lambda: OddBias().init(jax.random.key(0), 'td,dh->th',
+                                            X2))

@@ -842,3 +842,12 @@ def test_dora_magnitudes_follow_loaded_kernels():
         getattr(getattr(twin, name), var)[...] = value[...]
   pnnx.init_dora_magnitudes(twin)  # ...and m from them
   assert_trees_close(twin(_X, _IDS), loaded(_X, _IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_refuses_an_nnx_bias_not_over_the_output_features():
+  dora = pnnx.LoRALinear(D, 3, rank=RANK, use_dora=True, rngs=nnx.Rngs(0))
+  dora.bias = nnx.Param(jnp.zeros((1, 1)))  # broadcasts, but not per feature
+  with pytest.raises(ValueError, match=r"DoRA on LoRALinear: the bias has "
+                     r"shape \(1, 1\), but DoRA adds the bias after rescaling "
+                     r"and needs it over the output features \(3,\)"):
+    dora(_X[0])
