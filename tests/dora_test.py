@@ -517,3 +517,26 @@ def test_a_bias_not_over_the_output_features_is_refused():
     with peft.lora(rank=2, use_dora=True):
       jax.eval_shape(lambda: OddBias().init(jax.random.key(0), 'td,dh->th',
                                             X2))
+
+
+class MisnamedKernel(nn.Module):
+  """Registered with weight_name='w' but keeping its kernel as 'kernel'."""
+
+  shape: tuple[int, ...] = (D, 3)
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    return jnp.einsum(eqn, x, self.param('kernel', nn.initializers.normal(),
+                                         self.shape))
+
+
+peft.register_einsum_layer(MisnamedKernel, weight_name='w')
+
+
+def test_dora_needs_the_registered_kernel():
+  with pytest.raises(ValueError, match=r"DoRA at 'MisnamedKernel' found no "
+                     r"kernel 'w' in the scope of MisnamedKernel\. Register "
+                     r"the layer with its kernel's param name"):
+    with peft.lora(rank=2, use_dora=True):
+      jax.eval_shape(lambda: MisnamedKernel().init(
+          jax.random.key(0), 'td,dh->th', X2))
