@@ -540,3 +540,19 @@ def test_dora_needs_the_registered_kernel():
     with peft.lora(rank=2, use_dora=True):
       jax.eval_shape(lambda: MisnamedKernel().init(
           jax.random.key(0), 'td,dh->th', X2))
+
+
+def test_dropout_applies_to_the_lora_branch_input_only():
+  model, x, _, _ = CASES['dense']
+  params, _ = _init(model, x)
+  rngs = {'dropout': jax.random.key(5)}
+
+  def run(p):
+    with peft.lora(rank=2, use_dora=True, dropout=0.5):
+      return model.apply({'params': p}, x, rngs=rngs)
+
+  # B = 0: the rescaled base path sees x itself, so dropout changes nothing.
+  base = model.apply({'params': peft.split_params(params).original}, x)
+  np.testing.assert_allclose(run(params), base, rtol=1e-6, atol=1e-6)
+  trained = _random(params)
+  assert float(jnp.abs(run(trained) - _apply(model, trained, x)).max()) > 1e-3
