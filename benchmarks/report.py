@@ -52,6 +52,14 @@ def targets(results: dict[str, Any], *, rank: int) -> list[dict[str, Any]]:
       out.append(_timed(f'{name} / base forward', rows, name, base, 1.05))
   out.append(_timed(f'fused forward r{rank} / base forward', rows,
                     f'fused forward r{rank}', base, 1.01))
+  dora_forward, lora_forward = f'DoRA forward r{rank}', f'LoRA forward r{rank}'
+  out.append(_timed(f'{dora_forward} / {lora_forward}', rows, dora_forward,
+                    lora_forward, 1.3,
+                    note='the norm of W + sBA per call'))
+  out.append(_timed(f'DoRA step r{rank} / {step}', rows, f'DoRA step r{rank}',
+                    step, 1.3))
+  out.append(_timed(f'fused DoRA forward r{rank} / base forward', rows,
+                    f'fused DoRA forward r{rank}', base, 1.01))
   gemma = f'gemma.peft LoRA step r{rank}'
   out.append(_timed(f'{step} / {gemma}', rows, step, gemma, 1.0,
                     note=results['skipped'].get('gemma.peft LoRA', '')))

@@ -1,11 +1,12 @@
 """LoRA speed, compile time and memory, side by side, in one process.
 
 Every variant (base forward, LoRA forwards at several ranks, the fused
-forward, LoRA / full fine-tuning / QLoRA training steps, fuse against a
-plain copy, and the same LoRA forward and step in gemma.peft and qwix when
-they are installed) is traced and compiled ahead of time, warmed up, then
-timed in interleaved rounds (each round runs every variant once, starting
-from a different one), so drift of a shared machine hits all variants alike.
+forward, LoRA / full fine-tuning / QLoRA training steps, DoRA's forward,
+step and fused forward, fuse against a plain copy, and the same LoRA
+forward and step in gemma.peft and qwix when they are installed) is traced
+and compiled ahead of time, warmed up, then timed in interleaved rounds
+(each round runs every variant once, starting from a different one), so
+drift of a shared machine hits all variants alike.
 Reported: medians of wall time and of this process's CPU time, XLA's cost
 analysis of each program, and ratios to the base forward of the same run.
 Peak memory of LoRA, QLoRA and full fine-tuning comes from separate
@@ -158,6 +159,25 @@ def _fuse_variants(params, specs):
           Variant('fuse (eager)', make_fuse, (params,), jit=False)]
 
 
+def _dora_variants(decoder, base, tokens, rank, tx):
+  """DoRA's forward and step (same targets and rank as LoRA's), fused."""
+  dora = steps_lib.init_lora(decoder, tokens, rank=rank, use_dora=True)
+  fused = jax.jit(lambda p: peft.fuse_params(p, dora.specs))(
+      peft.merge_params(base, dora.adapters))
+  return [
+      Variant(f'DoRA forward r{rank}', functools.partial(
+          steps_lib.make_lora_forward, decoder, dora.surgery),
+              (base, dora.adapters, tokens)),
+      Variant(f'fused DoRA forward r{rank}',
+              functools.partial(steps_lib.make_forward, decoder),
+              (fused, tokens)),
+      Variant(f'DoRA step r{rank}', functools.partial(
+          steps_lib.make_lora_step, decoder, dora.surgery, tx),
+              (dora.adapters, jax.jit(tx.init)(dora.adapters), base, tokens),
+              step=True),
+  ]
+
+
 def _qlora_variants(decoder, base, tokens, rank, methods, skipped):
   problem = steps_lib.quantization_api()
   if problem:
@@ -242,6 +262,7 @@ def build_variants(args, config, skipped, versions):
       'full fine-tune step',
       functools.partial(steps_lib.make_full_step, decoder, full_tx),
       (base, jax.jit(full_tx.init)(base), tokens), step=True))
+  variants += _dora_variants(decoder, base, tokens, args.rank, tx)
   variants += _qlora_variants(decoder, base, tokens, args.rank,
                               args.qlora_methods, skipped)
   variants += _library_variants(decoder, base, tokens, args.rank,
@@ -253,15 +274,17 @@ def build_variants(args, config, skipped, versions):
 def check_fused(variants, rank: int) -> None:
   """The fused model must compute what the adapted one does."""
   rows = {v.name: v for v in variants}
-  adapted = rows[f'LoRA forward r{rank}'].output()
-  plain = rows[f'fused forward r{rank}'].output()
-  err = float(jnp.max(jnp.abs(adapted - plain)))
-  scale = float(jnp.max(jnp.abs(adapted)))
-  if not err <= 1e-4 * max(scale, 1.0):
-    raise RuntimeError(
-        f'fused and adapted logits differ by {err} (max |logit| {scale}); '
-        'fuse_params is broken, not the benchmark.'
-    )
+  for kind in ('LoRA', 'DoRA'):
+    adapted = rows[f'{kind} forward r{rank}'].output()
+    fused = 'fused' if kind == 'LoRA' else 'fused DoRA'
+    plain = rows[f'{fused} forward r{rank}'].output()
+    err = float(jnp.max(jnp.abs(adapted - plain)))
+    scale = float(jnp.max(jnp.abs(adapted)))
+    if not err <= 1e-4 * max(scale, 1.0):
+      raise RuntimeError(
+          f'fused and adapted {kind} logits differ by {err} (max |logit| '
+          f'{scale}); fuse_params is broken, not the benchmark.'
+      )
 
 
 def time_variants(variants, *, compiles: int, warmup: int,

@@ -60,7 +60,7 @@ def init_base(decoder: model_lib.Decoder, tokens: jax.Array) -> Any:
 
 def init_lora(decoder: model_lib.Decoder, tokens: jax.Array, *, rank: int,
               context: Callable[[], Any] | None = None,
-              seed: int = 1) -> LoRASetup:
+              seed: int = 1, use_dora: bool = False) -> LoRASetup:
   """Records the adapters of `rank` and fills them from numpy's RNG.
 
   Args:
@@ -70,11 +70,13 @@ def init_lora(decoder: model_lib.Decoder, tokens: jax.Array, *, rank: int,
     context: an extra context manager factory entered outside the LoRA
       surgery (e.g. `peft.quantized` for QLoRA).
     seed: numpy seed of the adapter values.
+    use_dora: DoRA adapters (a magnitude beside A and B; random values
+      around 1, which time as the trained ones do).
 
   Returns:
     The setup.
   """
-  surgery = peft.lora(rank, targets=TARGETS)
+  surgery = peft.lora(rank, targets=TARGETS, use_dora=use_dora)
   init = lambda: decoder.init(jax.random.key(seed), tokens)['params']
   if context is None:
     with surgery as report:
@@ -84,6 +86,10 @@ def init_lora(decoder: model_lib.Decoder, tokens: jax.Array, *, rank: int,
       shapes = jax.eval_shape(init)
   adapters = model_lib.random_like(peft.split_params(shapes).lora,
                                    seed=seed, scale=0.1)
+  if use_dora:  # magnitudes near 1, never 0
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: 1.0 + abs(x) if getattr(
+            path[-1], 'key', None) == 'm' else x, adapters)
   return LoRASetup(surgery=surgery, specs=report.specs, adapters=adapters)
 
 

@@ -55,6 +55,7 @@ from peft._core.fuse import fuse_params
 from peft._core.fuse import fuse_state
 from peft._core.fuse import unfuse_params
 from peft._core.kernel_init import adapters_for_original_base
+from peft._core.kernel_init import init_dora_magnitudes
 from peft._core.kernel_init import init_from_kernels
 from peft._core.params import SplittedParams
 from peft._core.params import merge_params
@@ -79,12 +80,15 @@ from peft._core.checkpoint import save_adapters
 # isort: split
 
 # The functional API on plain arrays.
+from peft._core.functional import dora_linear
 from peft._core.functional import init_lora_adapter
 from peft._core.functional import lora_delta
 from peft._core.functional import lora_linear
+from peft._core.functional import merge_dora_weight
 from peft._core.functional import merge_lora_weight
 from peft._core.functional import principal_lora_adapter
 from peft._core.functional import tree_lora_delta
+from peft._core.functional import unmerge_dora_weight
 from peft._core.functional import unmerge_lora_weight
 
 # isort: split
@@ -174,11 +178,13 @@ __all__ = [
     'combine_adapters',
     'count_params',
     'dequantize',
+    'dora_linear',
     'fuse_into_quantized',
     'fuse_params',
     'fuse_quantized_kernel',
     'fuse_state',
     'get_axis_to_reduce_from_einsum_str',
+    'init_dora_magnitudes',
     'init_from_kernels',
     'init_lora_adapter',
     'load_adapters',
@@ -186,6 +192,7 @@ __all__ = [
     'lora_delta',
     'lora_linear',
     'lora_plus',
+    'merge_dora_weight',
     'merge_lora_weight',
     'merge_params',
     'param_bytes',
@@ -204,5 +211,6 @@ __all__ = [
     'train_only_adapters',
     'tree_lora_delta',
     'unfuse_params',
+    'unmerge_dora_weight',
     'unmerge_lora_weight',
 ]

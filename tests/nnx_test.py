@@ -768,3 +768,86 @@ def test_a_file_for_another_layer_kind_is_refused(tmp_path):
 def test_nnx_lora_rule_is_the_one_rule_type():
   # Documented in docs/api/nnx.md: nnx and linen share one rule language.
   assert pnnx.LoRARule is peft.LoRARule
+
+
+# ------------------------------------------------------------------- DoRA
+
+# DoRA on every kind but Embed (which refuses it).
+_DORA = dict(rank=RANK, alpha=4.0, use_dora=True, targets=_LINEN_KINDS[:4])
+
+
+def test_dora_init_equals_the_plain_model_and_trains_m():
+  base, _ = _twin_params(0)
+  twin = _NnxTwin(base)
+  plain = twin(_X, _IDS)
+  pnnx.apply_lora(twin, rank=RANK, use_dora=True, targets=_NNX_KINDS[:4],
+                  rngs=nnx.Rngs(0))
+  assert_trees_close(twin(_X, _IDS), plain, atol=1e-6, rtol=1e-6)
+  trained = nnx.to_pure_dict(nnx.state(twin, pnnx.LoRAParam))
+  assert sorted(trained['gen']['lora']) == ['a', 'b', 'm']
+  assert trained['gen']['lora']['m'].shape == (2, 3)
+  np.testing.assert_allclose(  # m = ||W|| over the contracted axis
+      trained['ein']['lora']['m'],
+      np.sqrt((np.asarray(base['ein']['kernel']) ** 2).sum(axis=(0, 1))),
+      rtol=1e-6)
+
+
+def test_dora_nnx_equals_linen_on_the_same_weights(tmp_path):
+  base, _ = _twin_params(0)
+  fresh, report = _twin_params(1, **_DORA)
+  params = peft.merge_params(base, peft.split_params(fresh).lora)
+  expected = _linen_twin(params, **_DORA)
+  linen_file = os.fspath(tmp_path / 'linen.safetensors')
+  peft.save_adapters(linen_file, params, report.specs)
+  twin = _NnxTwin(base)
+  pnnx.load_adapters(linen_file, twin)  # builds DoRA layers from the file
+  assert twin.up.lora.options.use_dora
+  assert_trees_close(twin(_X, _IDS), expected, atol=1e-5, rtol=1e-5)
+  # And back: the nnx file holds the same m, and loads into linen.
+  nnx_file = os.fspath(tmp_path / 'nnx.safetensors')
+  pnnx.save_adapters(nnx_file, twin)
+  lora, _, _ = peft.load_adapters(nnx_file, expected=report.specs)
+  assert_trees_close(lora, peft.split_params(params).lora)
+  # fuse gives the plain nnx model, unfuse the DoRA one with its kernels.
+  fused = pnnx.fuse(twin)
+  assert type(twin.gen) is nnx.LinearGeneral
+  assert_trees_close(twin(_X, _IDS), expected, atol=1e-5, rtol=1e-5)
+  pnnx.unfuse(twin, *fused)
+  assert type(twin.gen) is pnnx.LoRALinearGeneral
+  assert_trees_close(twin(_X, _IDS), expected, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(twin.ein.kernel[...], base['ein']['kernel'],
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_dora_errors_in_nnx():
+  with pytest.raises(ValueError, match=r"DoRA \(use_dora=True\) does not "
+                     r"support the nnx\.Embed at 'LoRAEmbed'.*use_dora=False"):
+    pnnx.LoRAEmbed(VOCAB, D, rank=RANK, use_dora=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"LoRA: use_dora=True needs the "
+                     r"adapted kernel .*apply_lora\(model, rank=\.\.\., "
+                     r"use_dora=True\)"):
+    pnnx.LoRA(D, RANK, 3, use_dora=True, rngs=nnx.Rngs(0))
+
+
+def test_dora_magnitudes_follow_loaded_kernels():
+  base, _ = _twin_params(0)
+  twin = _NnxTwin(base)
+  pnnx.apply_lora(twin, rank=RANK, use_dora=True, targets=_NNX_KINDS[:4],
+                  rngs=nnx.Rngs(0))
+  other, _ = _twin_params(5)
+  loaded = _NnxTwin(other)  # the same model with other kernels...
+  for name in ('up', 'gen', 'ein', 'conv', 'emb'):
+    for var, value in vars(getattr(loaded, name)).items():
+      if isinstance(value, nnx.Param):
+        getattr(getattr(twin, name), var)[...] = value[...]
+  pnnx.init_dora_magnitudes(twin)  # ...and m from them
+  assert_trees_close(twin(_X, _IDS), loaded(_X, _IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_refuses_an_nnx_bias_not_over_the_output_features():
+  dora = pnnx.LoRALinear(D, 3, rank=RANK, use_dora=True, rngs=nnx.Rngs(0))
+  dora.bias = nnx.Param(jnp.zeros((1, 1)))  # broadcasts, but not per feature
+  with pytest.raises(ValueError, match=r"DoRA on LoRALinear: the bias has "
+                     r"shape \(1, 1\), but DoRA adds the bias after rescaling "
+                     r"and needs it over the output features \(3,\)"):
+    dora(_X[0])

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from peft._core import dora as _dora
 from peft._core import params as _params
 from peft._core import spec as _spec
 
@@ -101,13 +102,51 @@ def adapter_and_spec(lora: Params, spec: _spec.AdapterSpec, name: str):
       )
     node = node[key]
   adapter = node
-  if not isinstance(adapter, Mapping) or set(adapter) != {'a', 'b'}:
+  keys = adapter_keys(spec)
+  if not isinstance(adapter, Mapping) or set(adapter) != set(keys):
+    got = sorted(adapter) if isinstance(adapter, Mapping) else adapter
+    if isinstance(adapter, Mapping) and set(adapter) ^ set(keys) == {'m'}:
+      dora = spec.use_dora
+      raise ValueError(
+          f'{name}: adapter {spec.key!r} is '
+          f'{"DoRA" if dora else "LoRA"} (its spec says use_dora={dora}) '
+          f'but the params hold keys {got!r}, '
+          f'{"without" if dora else "with"} a DoRA magnitude m. Pass the '
+          f'specs recorded with these params (use_dora={not dora} '
+          'surgery made them).'
+      )
     raise ValueError(
-        f'{name}: adapter {spec.key!r} must be a dict with keys a and b; got '
-        f'{adapter!r:.80}. Pass the params the adapters were trained in.'
+        f'{name}: adapter {spec.key!r} must be a dict with keys '
+        f'{", ".join(keys[:-1])} and {keys[-1]}; got {adapter!r:.80}. Pass '
+        'the params the adapters were trained in.'
     )
   a, b = adapter['a'], adapter['b']
   return a, b, stacked_spec(spec, a, b, name)
+
+
+def adapter_keys(spec: _spec.AdapterSpec) -> tuple[str, ...]:
+  """The keys of the adapter dict of `spec`: a, b (and m for DoRA)."""
+  return ('a', 'b', _dora.MAGNITUDE) if spec.use_dora else ('a', 'b')
+
+
+def get_magnitude(lora: Params, spec: _spec.AdapterSpec, name: str):
+  """The DoRA magnitude of `spec` (with its stack axes), validated.
+
+  `spec` carries its `stack_shape` (from `adapter_and_spec`).
+  """
+  node = lora
+  for key in spec.adapter_path:
+    node = node[key]
+  m = node[_dora.MAGNITUDE]
+  want = (*spec.stack_shape, *spec.magnitude_shape)
+  if tuple(np.shape(m)) != want:
+    raise ValueError(
+        f'{name}: {spec.key + "/m"!r} has shape {tuple(np.shape(m))} but its '
+        f'spec says {want} (the kernel {spec.weight_shape} along '
+        f'magnitude_axes {spec.magnitude_axes}). The adapter and spec come '
+        'from different models.'
+    )
+  return m
 
 
 def stacked_spec(spec: _spec.AdapterSpec, a, b,

@@ -1,7 +1,8 @@
 """Adapter-only checkpoints: safetensors tensors plus JSON metadata.
 
-A file holds the A and B factors of every adapter, keyed
-`'<module path>/<adapter name>/a'` (e.g. `'block/attn/q/lora/a'`), and in the
+A file holds the A and B factors of every adapter (and a DoRA adapter's
+magnitude `m`), keyed `'<module path>/<adapter name>/a'` (e.g.
+`'block/attn/q/lora/a'`), and in the
 safetensors header metadata: the format name and version, each adapter's
 `AdapterSpec` (rank, alpha, rsLoRA, einsum and delta equations, shapes), the
 tensors' dtypes and SHA-256 digests, the caller's own metadata (rules,
@@ -93,8 +94,8 @@ def _write(f: BinaryIO, data: bytes) -> None:
   f.write(data)
 
 
-def _tensor_names(spec: _spec.AdapterSpec) -> tuple[str, str]:
-  return f'{spec.key}/a', f'{spec.key}/b'
+def _tensor_names(spec: _spec.AdapterSpec) -> tuple[str, ...]:
+  return tuple(f'{spec.key}/{k}' for k in _adapter_tree.adapter_keys(spec))
 
 
 def _header_digest(meta: Mapping[str, Any]) -> str:
@@ -166,7 +167,11 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
     a, b, stored = _adapter_tree.adapter_and_spec(params_or_lora_tree, spec,
                                                   name)
     stored_specs.append(stored)
-    for tensor_name, x in zip(_tensor_names(spec), (a, b)):
+    values = (a, b)
+    if spec.use_dora:
+      values += (_adapter_tree.get_magnitude(params_or_lora_tree, stored,
+                                             name),)
+    for tensor_name, x in zip(_tensor_names(spec), values):
       arr = np.ascontiguousarray(np.asarray(x))
       if arr.dtype not in _CODES:
         raise ValueError(
@@ -394,8 +399,9 @@ def load_adapters(path: str | os.PathLike[str], *,
   lora: dict[str, Any] = {}
   for name, info in stored.items():
     spec = wanted[name]
-    shape = (*spec.stack_shape,
-             *(spec.a_shape if name.endswith('/a') else spec.b_shape))
+    per_layer = {'a': spec.a_shape, 'b': spec.b_shape,
+                 'm': spec.magnitude_shape}[name.rsplit('/', 1)[1]]
+    shape = (*spec.stack_shape, *per_layer)
     code = info['dtype']
     if (code not in _DTYPES or dtypes.get(name) != code
         or tuple(info['shape']) != tuple(shape)):
@@ -404,7 +410,8 @@ def load_adapters(path: str | os.PathLike[str], *,
     if hashlib.sha256(info['data']).hexdigest() != digests.get(name):
       raise _corrupt(path, f'the bytes of {name!r} fail their SHA-256 check')
     arr = np.frombuffer(info['data'], _DTYPES[code]).reshape(shape)
-    _adapter_tree.adapter_node(lora, spec)[name[-1]] = jnp.array(arr)
+    _adapter_tree.adapter_node(lora, spec)[name.rsplit('/', 1)[1]] = (
+        jnp.array(arr))
   if expected is not None:
     _compare_specs(path, specs,
                    _adapter_tree.check_specs(expected, 'load_adapters'))
@@ -426,6 +433,14 @@ def _compare_specs(path, got, expected) -> None:
     # Surgery records per-layer specs; the file also knows the stack.
     stored = got_map[key] if spec.stack_shape else got_map[key].unstacked()
     diff = stored.differences(spec)
+    if 'use_dora' in diff:
+      kinds = ['DoRA' if s.use_dora else 'LoRA' for s in (stored, spec)]
+      raise ValueError(
+          f'load_adapters: adapter {key!r} in {path!r} is {kinds[0]} '
+          f'(use_dora={stored.use_dora}) but the model expects {kinds[1]} '
+          f'(use_dora={spec.use_dora}). Adapt the model with '
+          f'use_dora={stored.use_dora}, as when the file was saved.'
+      )
     if diff:
       raise ValueError(
           f'load_adapters: adapter {key!r} in {path!r} differs from the '

@@ -184,6 +184,13 @@ def check_named(adapters: Any, weights: Any, name: str
                       f'got {entry!r:.80}. Pass what load_adapters returns, '
                       'or (split_params(params).lora, report.specs).')
     specs = _adapter_tree.check_specs(entry[1], f'{name}: {key!r}')
+    for spec in specs:
+      if spec.use_dora:
+        raise ValueError(
+            f'{name}: adapter {spec.key!r} of {key!r} is DoRA (use_dora); '
+            'its magnitude rescales the whole kernel, so DoRA adapters do '
+            'not add up or stack as LoRA updates do. Pass LoRA adapters, or '
+            'fuse the DoRA one into the base first.')
     named[key] = (float(weight), entry[0], specs)
   return named
 

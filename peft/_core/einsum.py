@@ -219,6 +219,49 @@ class EinsumEquation:
         if c in self.inputs and c not in self.outputs
     )
 
+  @property
+  def magnitude_axes(self) -> tuple[int, ...]:
+    """Kernel axes that the outputs keep: the axes of a DoRA magnitude.
+
+    An output feature of the layer is one entry along these axes (output
+    features, and axes shared by inputs, kernel and outputs such as
+    experts); the other kernel axes are summed away, so DoRA's column norm
+    is taken over them (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
+
+    Example:
+      >>> EinsumEquation.parse('BTD,DNH->BTNH').magnitude_axes
+      (1, 2)
+      >>> EinsumEquation.parse('ETD,EDF->ETF').magnitude_axes  # experts
+      (0, 2)
+    """
+    return tuple(i for i, c in enumerate(self.weights) if c in self.outputs)
+
+  def to_outputs(self, value: jax.Array, ndim: int) -> jax.Array:
+    """`value` over `magnitude_axes` (kernel order), laid out to broadcast
+    against an output of `ndim` axes.
+
+    Size-1 axes stand for the output axes `value` lacks; an equation
+    written per output position (a conv's) broadcasts over the leading
+    axes it does not name.
+
+    Example:
+      >>> eq = EinsumEquation.parse('...d,dnh->...hn')
+      >>> eq.to_outputs(jnp.zeros((2, 3)), ndim=4).shape  # (n, h) -> h, n
+      (1, 1, 3, 2)
+    """
+    letters = ''.join(self.weights[i] for i in self.magnitude_axes)
+    terms = _axes(self.outputs)
+    order = ''.join(t for t in terms if t in letters)
+    value = jnp.einsum(f'{letters}->{order}', value) if letters else value
+    size = dict(zip(order, value.shape))
+    shape: list[int] = []
+    for t in terms:
+      if t == _ELLIPSIS:
+        shape += [1] * (ndim - len(terms) + 1)
+      else:
+        shape.append(size.get(t, 1))
+    return value.reshape([1] * (ndim - len(shape)) + shape)
+
   def rank_letter(self) -> str:
     """A letter used nowhere in the equation ('r' when free)."""
     used = set(self.inputs + self.weights + self.outputs)

@@ -8,6 +8,13 @@ zero, so a fresh adapter changes nothing.
 
 The lower-case keys `{'a', 'b'}` that linen adapters use are accepted too,
 so these functions also apply to the 2-D adapters of a param tree.
+
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): an adapter with a
+magnitude `'m'` of shape `(out,)` (`init_lora_adapter(..., use_dora=True)`
+starts it at the weight's column norms) is used by `dora_linear` and
+`merge_dora_weight`; the weight becomes `m * V / ||V||` with `V = W +
+scale * A @ B`, the norm per output column and constant in the backward
+pass (see `peft._core.dora`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 from peft._core import kernel_init as _kernel_init
 from peft._core import options as _options
@@ -57,7 +65,8 @@ def _factors(adapter: Any, where: str) -> tuple[jax.Array, jax.Array]:
 
 def init_lora_adapter(weight: Any, rank: int, init_std: float = 0.01,
                       dtype: Any = None, *,
-                      key: jax.Array | None = None) -> dict[str, Any]:
+                      key: jax.Array | None = None,
+                      use_dora: bool = False) -> dict[str, Any]:
   """A fresh adapter for a 2-D `weight`: A Gaussian, B zeros.
 
   The RNG `key` is a required keyword argument (its `None` default only
@@ -80,9 +89,12 @@ def init_lora_adapter(weight: Any, rank: int, init_std: float = 0.01,
     init_std: standard deviation of A (>= 0).
     dtype: dtype of A and B; default the weight's dtype.
     key: a `jax.random` key (required).
+    use_dora: also return DoRA's magnitude `'m'`, the weight's column
+      norms `(out,)` (so `dora_linear` starts at `x @ W`).
 
   Returns:
-    `{'A': (in, rank) ~ N(0, init_std^2), 'B': zeros (rank, out)}`.
+    `{'A': (in, rank) ~ N(0, init_std^2), 'B': zeros (rank, out)}` (and
+    `'m'` with `use_dora`).
 
   Raises:
     TypeError: no `key`, or `weight` is an RNG key (pass `key=` by
@@ -111,8 +123,136 @@ def init_lora_adapter(weight: Any, rank: int, init_std: float = 0.01,
     )
   if dtype is None:
     dtype = jnp.float32 if w_dtype is None else w_dtype
+  _options.check_lora_options(where, use_dora=use_dora)
   a = init_std * jax.random.normal(key, (n_in, rank), jnp.float32)
-  return {'A': a.astype(dtype), 'B': jnp.zeros((rank, n_out), dtype)}
+  adapter = {'A': a.astype(dtype), 'B': jnp.zeros((rank, n_out), dtype)}
+  if use_dora:
+    adapter['m'] = _dora.column_norm(jnp.asarray(weight), (1,)).astype(dtype)
+  return adapter
+
+
+def _dora_operands(weight: Any, adapter: Any, alpha: Any, where: str):
+  """`(W, A, B, m, scale)` of a DoRA adapter of a 2-D weight, validated."""
+  keys = set(adapter) if isinstance(adapter, Mapping) else set()
+  if 'm' not in keys:
+    raise ValueError(
+        f"{where}: adapter must be a DoRA adapter {{'A', 'B', 'm'}}; got "
+        f'{sorted(keys) if keys else adapter!r:.80}. Create one with '
+        'init_lora_adapter(..., use_dora=True).'
+    )
+  a, b = _factors({k: v for k, v in adapter.items() if k != 'm'}, where)
+  n_in, n_out = _check_2d(weight, 'weight', where)
+  m = jnp.asarray(adapter['m'])
+  if (a.shape[0], b.shape[1], m.shape) != (n_in, n_out, (n_out,)):
+    raise ValueError(
+        f'{where}: weight {(n_in, n_out)} does not fit A {a.shape}, B '
+        f'{b.shape} and m {m.shape}. Expected A (in, rank), B (rank, out), '
+        'm (out,).'
+    )
+  return jnp.asarray(weight), a, b, m, _scale(alpha, a.shape[1], where)
+
+
+def dora_linear(x: jax.Array, frozen_weight: jax.Array, adapter: Adapter,
+                alpha: float = 1.0) -> jax.Array:
+  """DoRA: `(x @ W + scale * (x @ A) @ B) * m / ||W + scale * A @ B||`.
+
+  The norm is per output column and a constant in the backward pass
+  (`stop_gradient`, as the paper's section 4.3); `frozen_weight` is
+  frozen. `W + scale * A @ B` is formed only for its norm.
+
+  Example:
+    >>> w = jnp.array([[3., 0.], [4., 1.]])
+    >>> adapter = init_lora_adapter(w, 1, key=jax.random.key(0),
+    ...                             use_dora=True)
+    >>> adapter['m'].tolist()  # the column norms: at init, x @ W
+    [5.0, 1.0]
+    >>> dora_linear(jnp.array([[1., 1.]]), w, adapter).tolist()
+    [[7.0, 1.0]]
+
+  Args:
+    x: inputs `(..., in)`.
+    frozen_weight: `(in, out)`.
+    adapter: `{'A': (in, rank), 'B': (rank, out), 'm': (out,)}`.
+    alpha: LoRA alpha; the scale is `alpha / rank` (`None`: 1).
+
+  Returns:
+    `(..., out)`.
+
+  Raises:
+    ValueError: no `'m'`, or a shape does not fit.
+  """
+  w, a, b, m, scale = _dora_operands(frozen_weight, adapter, alpha,
+                                     'dora_linear')
+  w = jax.lax.stop_gradient(w)
+  if np.shape(x)[-1:] != (w.shape[0],):
+    raise ValueError(
+        f'dora_linear: x {np.shape(x)} does not fit the weight {w.shape}. '
+        'Expected x (..., in).'
+    )
+  norm = _dora.weight_norm(w, a, b, scale, delta_str='ir,ro->io',
+                           magnitude_axes=(1,))
+  g = _dora.rescale(m, norm).reshape((1,) * (np.ndim(x) - 1) + m.shape)
+  return (x @ w + scale * ((x @ a) @ b)) * g.astype(
+      jnp.result_type(x, w))
+
+
+def merge_dora_weight(weight: jax.Array, adapter: Adapter,
+                      alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """DoRA folded in: `(m * V / ||V||, ||V||)` with `V = W + scale * A @ B`.
+
+  The norm is what `unmerge_dora_weight` needs: the merged weight alone
+  does not give `W` back.
+
+  Example:
+    >>> w = jnp.array([[3., 0.], [4., 1.]])
+    >>> adapter = {'A': jnp.zeros((2, 1)), 'B': jnp.zeros((1, 2)),
+    ...            'm': jnp.array([10., 2.])}
+    >>> merged, norm = merge_dora_weight(w, adapter)
+    >>> merged.tolist(), norm.tolist()
+    ([[6.0, 0.0], [8.0, 2.0]], [5.0, 1.0])
+    >>> unmerge_dora_weight(merged, adapter, norm).tolist()
+    [[3.0, 0.0], [4.0, 1.0]]
+
+  Raises:
+    ValueError: no `'m'`, or a shape does not fit.
+  """
+  w, a, b, m, scale = _dora_operands(weight, adapter, alpha,
+                                     'merge_dora_weight')
+  return _dora.fused_kernel(w, a, b, m, scale, delta_str='ir,ro->io',
+                            magnitude_axes=(1,))
+
+
+def unmerge_dora_weight(merged: jax.Array, adapter: Adapter,
+                        norm: jax.Array, alpha: float = 1.0) -> jax.Array:
+  """Inverse of `merge_dora_weight`, given the norm it returned.
+
+  Example:
+    >>> adapter = {'A': jnp.ones((2, 1)), 'B': jnp.ones((1, 2)),
+    ...            'm': jnp.array([1., 2.])}
+    >>> w = jnp.array([[1., 0.], [0., 1.]])
+    >>> merged, norm = merge_dora_weight(w, adapter)
+    >>> bool(jnp.allclose(unmerge_dora_weight(merged, adapter, norm), w))
+    True
+
+  Raises:
+    ValueError: no `'m'`, a shape does not fit, or `m` has a zero where the
+      norm does not (that column was zeroed and is lost).
+  """
+  where = 'unmerge_dora_weight'
+  w, a, b, m, scale = _dora_operands(merged, adapter, alpha, where)
+  if np.shape(norm) != m.shape:
+    raise ValueError(
+        f'{where}: norm has shape {np.shape(norm)}; expected {m.shape}, the '
+        'norm merge_dora_weight returned.'
+    )
+  if not isinstance(m, jax.core.Tracer) and _dora.lost_columns(m, norm):
+    raise ValueError(
+        f'{where}: m has {_dora.lost_columns(m, norm)} zero entries, so '
+        'merge_dora_weight zeroed those columns and W cannot be restored. '
+        'Keep the original weight instead.'
+    )
+  return _dora.unfused_kernel(w, a, b, m, jnp.asarray(norm), scale,
+                              delta_str='ir,ro->io', magnitude_axes=(1,))
 
 
 def principal_lora_adapter(

@@ -5,6 +5,8 @@ LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) computes a layer with
 each kernel, as described by the `AdapterSpec`s surgery recorded (or a
 checkpoint stored), so the unmodified model serves the adapted one at zero
 overhead; `unfuse_params` subtracts it again and puts the adapters back.
+A DoRA adapter (Liu et al. 2024) folds its magnitude in as well: the kernel
+becomes `m * V / ||V||` with `V = W + scale * delta` (`peft._core.dora`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import adapter_tree as _adapter_tree
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 from peft._core import fuse_ledger as _fuse_ledger
 from peft._core import params as _params
@@ -70,6 +73,47 @@ def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
   return _einsum.add_delta(jnp.asarray(kernel), jnp.asarray(a),
                            jnp.asarray(b), sign * spec.scale,
                            delta_str=delta_str, with_error=with_error)
+
+
+def dora_kernel(kernel, a, b, m, spec: _spec.AdapterSpec, *, fusing: bool,
+                name: str):
+  """`(m * V / ||V||, ||V||)` (fuse) or `(W, None)` (unfuse) for DoRA.
+
+  Unfuse reads the norm that fuse folded into this very kernel array from
+  the fuse ledger: the fused kernel, A, B and m alone do not determine it.
+
+  Raises:
+    ValueError: unfusing a kernel whose norm is not known (it was not
+      returned by a fuse in this process: loaded, copied, or traced under
+      `jax.jit`), or whose column was zeroed by a zero magnitude.
+  """
+  where = _path((*spec.path, spec.weight_name))
+  kwargs = dict(delta_str=spec.delta_str, magnitude_axes=spec.magnitude_axes,
+                n_stack=len(spec.stack_shape))
+  norm = None if fusing or isinstance(kernel, jax.core.Tracer) else (
+      _fuse_ledger.dora_norm(kernel, a, b))
+  kernel, a, b, m = (jnp.asarray(x) for x in (kernel, a, b, m))
+  if fusing:
+    return _dora.fused_kernel(kernel, a, b, m, spec.scale, **kwargs)
+  if norm is None:
+    raise ValueError(
+        f'{name}: kernel {where!r} holds the DoRA adapter {spec.key!r}, '
+        'whose unfuse needs the per-column norm ||W + scale * delta|| that '
+        'the fused kernel no longer determines. fuse records it only for '
+        'the very array it returned, in this process, outside jax.jit; this '
+        'kernel is another (loaded, copied or traced). Unfuse the params '
+        'fuse returned, or keep the base params and fuse them again.'
+    )
+  lost = _dora.lost_columns(m, norm)
+  if lost:
+    raise ValueError(
+        f'{name}: kernel {where!r}: DoRA adapter {spec.key!r} has {lost} '
+        'zero entries in its magnitude m, so fuse zeroed those columns and '
+        'the base kernel cannot be restored from them. Keep the base '
+        'params (split_params(params).original) instead of unfusing.'
+    )
+  return _dora.unfused_kernel(kernel, a, b, m, norm, spec.scale,
+                              **kwargs), None
 
 
 def check_finite(kernel, spec: _spec.AdapterSpec, name: str) -> None:
@@ -134,14 +178,16 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
   """
   out = _params.to_dict(base)
   error = jnp.zeros((), jnp.float32)
-  # kernel path -> (the kernel as given, the (A, B) applied to it).
-  applied: dict[tuple[str, ...], tuple[Any, list[tuple[Any, Any]]]] = {}
+  _check_dora_alone(specs, name)
+  # kernel path -> (the kernel as given, the (A, B) applied to it, norms).
+  applied: dict[tuple[str, ...],
+                tuple[Any, list[tuple[Any, Any]], list[Any]]] = {}
   for spec in specs:
     # Read from `out`: several adapters of one kernel add up.
     kernel = get_kernel(out, spec, name)
     a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
-    original, pairs = applied.setdefault((*spec.path, spec.weight_name),
-                                         (kernel, []))
+    original, pairs, norms = applied.setdefault(
+        (*spec.path, spec.weight_name), (kernel, [], []))
     check_ledger(original, a, b, spec, fusing=sign > 0, name=name)
     if np.shape(kernel) != (*spec.stack_shape, *spec.weight_shape):
       raise ValueError(
@@ -150,21 +196,55 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
           f'{spec.stack_shape}; a stacked kernel needs the same leading axes '
           'as its A and B. The params and specs do not match.'
       )
-    new = apply_delta(kernel, a, b, spec, sign, with_error=with_error)
-    if with_error:
-      new, err = new
-      error = jnp.maximum(error, err.astype(jnp.float32))
+    norm = None
+    if spec.use_dora:
+      m = _adapter_tree.get_magnitude(lora, spec, name)
+      new, norm = dora_kernel(kernel, a, b, m, spec, fusing=sign > 0,
+                              name=name)
+      if with_error:  # the same kernel in float32, against the cast one
+        exact = (dora_kernel(jnp.asarray(kernel, jnp.float32), a, b, m, spec,
+                             fusing=True, name=name)[0] if sign > 0 else
+                 _dora.unfused_kernel(
+                     jnp.asarray(kernel, jnp.float32), a, b, m,
+                     _fuse_ledger.dora_norm(kernel, a, b), spec.scale,
+                     delta_str=spec.delta_str,
+                     magnitude_axes=spec.magnitude_axes,
+                     n_stack=len(spec.stack_shape)))
+        error = jnp.maximum(error, jnp.max(jnp.abs(
+            new.astype(jnp.float32) - exact.astype(jnp.float32)),
+                                           initial=0.0))
+    else:
+      new = apply_delta(kernel, a, b, spec, sign, with_error=with_error)
+      if with_error:
+        new, err = new
+        error = jnp.maximum(error, err.astype(jnp.float32))
     check_finite(new, spec, name)
     pairs.append((a, b))
+    norms.append(norm)
     module = _adapter_tree.module_at(out, spec, name)
     assert isinstance(module, dict)  # `to_dict` made every module a dict.
     module[spec.weight_name] = new
-  for path, (original, pairs) in applied.items():
+  for path, (original, pairs, norms) in applied.items():
     node = out
     for key in path:
       node = node[key]
-    _fuse_ledger.record(original, node, pairs, fusing=sign > 0)
+    _fuse_ledger.record(original, node, pairs, fusing=sign > 0, norms=norms)
   return out, error
+
+
+def _check_dora_alone(specs, name: str) -> None:
+  """A DoRA adapter rescales its whole kernel: it must be the only one."""
+  by_kernel: dict[tuple[str, ...], list[_spec.AdapterSpec]] = {}
+  for spec in specs:
+    by_kernel.setdefault((*spec.path, spec.weight_name), []).append(spec)
+  for path, group in by_kernel.items():
+    if len(group) > 1 and any(s.use_dora for s in group):
+      raise ValueError(
+          f'{name}: kernel {_path(path)!r} has several adapters '
+          f'{[s.key for s in group]!r}, one of them DoRA. A DoRA adapter '
+          'rescales the whole kernel, so it must be the kernel\'s only '
+          'adapter; fuse the others first, or adapt it once.'
+      )
 
 
 @typing.overload

@@ -8,7 +8,9 @@ they read and return, which are base and which are fused, and with which
 adapter arrays; a later call on one of those arrays is checked.
 
 The record is weak (a kernel the user drops drops its entry) and per
-process. Arrays it never saw (loaded from a checkpoint, returned by a
+process. For a DoRA adapter the record of a fused kernel also holds the
+per-column norm `||W + s*BA||` that the fused kernel no longer determines;
+unfuse needs it. Arrays it never saw (loaded from a checkpoint, returned by a
 jitted function, copied) are unknown and not checked; nor are tracers.
 """
 
@@ -28,6 +30,8 @@ class _Entry(NamedTuple):
   state: str
   # (A, B) of each adapter the kernel holds (fused) or was read for (base).
   adapters: tuple[tuple[weakref.ref, weakref.ref], ...]
+  # Per adapter: the DoRA norm fused into the kernel (None for LoRA).
+  norms: tuple[Any, ...] = ()
 
 
 _ENTRIES: dict[int, _Entry] = {}
@@ -45,7 +49,8 @@ def state(kernel: Any) -> str | None:
 
 
 def _remember(kernel: Any, kernel_state: str,
-              adapters: Sequence[tuple[Any, Any]]) -> None:
+              adapters: Sequence[tuple[Any, Any]],
+              norms: Sequence[Any] = ()) -> None:
   if isinstance(kernel, jax.core.Tracer):
     return
   key = id(kernel)
@@ -54,7 +59,22 @@ def _remember(kernel: Any, kernel_state: str,
     refs = tuple((weakref.ref(a), weakref.ref(b)) for a, b in adapters)
   except TypeError:  # Not weak-referenceable (a Python scalar...).
     return
-  _ENTRIES[key] = _Entry(ref, kernel_state, refs)
+  _ENTRIES[key] = _Entry(ref, kernel_state, refs, tuple(norms))
+
+
+def dora_norm(kernel: Any, a: Any, b: Any) -> Any:
+  """The DoRA norm fused with adapter `(a, b)` into `kernel`, or None.
+
+  Known only for a kernel `fuse_params` (or nnx `fuse`) returned in this
+  process, with those very A and B arrays.
+  """
+  entry = _entry(kernel)
+  if entry is None or entry.state != FUSED:
+    return None
+  for (ra, rb), norm in zip(entry.adapters, entry.norms):
+    if ra() is a and rb() is b:
+      return norm
+  return None
 
 
 def check(kernel: Any, a: Any, b: Any, *, fusing: bool, where: str,
@@ -91,13 +111,14 @@ def check(kernel: Any, a: Any, b: Any, *, fusing: bool, where: str,
 
 
 def record(original: Any, result: Any, adapters: Sequence[tuple[Any, Any]],
-           *, fusing: bool) -> None:
+           *, fusing: bool, norms: Sequence[Any] = ()) -> None:
   """Notes that `result` is `original` with `adapters` added (or removed).
 
   A known `original` keeps its state: a fused kernel that takes a second,
-  different adapter is still the fused one for its first.
+  different adapter is still the fused one for its first. `norms` (one per
+  adapter, None for LoRA) are the DoRA norms a fuse folded in.
   """
   before, after = (BASE, FUSED) if fusing else (FUSED, BASE)
   if state(original) is None:
     _remember(original, before, adapters)
-  _remember(result, after, adapters)
+  _remember(result, after, adapters, norms if fusing else ())

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from peft._core import adapter_tree as _adapter_tree
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 from peft._core import fuse as _fuse
 from peft._core import params as _params
@@ -318,9 +319,67 @@ def adapters_for_original_base(
     node['a'] = jnp.concatenate([a, a0], axis=n + a_axes.index(letter))
     node['b'] = jnp.concatenate([b, -jnp.asarray(b0)],
                                 axis=n + b_axes.index(letter))
+    if spec.use_dora:  # V is the same kernel, so m carries over as it is
+      node[_dora.MAGNITUDE] = _adapter_tree.get_magnitude(lora, spec, name)
     rank = 2 * spec.rank
     new_specs.append(dataclasses.replace(
         spec, rank=rank, alpha=spec.scale * rank, use_rslora=False,
         a_shape=with_rank(spec.a_shape, a_axes, letter, rank),
         b_shape=with_rank(spec.b_shape, b_axes, letter, rank)))
   return out, tuple(new_specs)
+
+
+def init_dora_magnitudes(params: _params.Params,
+                         adapters: Sequence[_spec.AdapterSpec]
+                         ) -> _params.Params:
+  """Every DoRA magnitude `m` set to its kernel's norm `||W||`.
+
+  DoRA (Liu et al. 2024) starts `m` at the per-output-feature norm of the
+  kernel it adapts. `model.init` under surgery does so for the kernels it
+  makes; call this after putting the pretrained kernels in
+  (`merge_params(pretrained, split_params(params).lora)`), so the adapted
+  model starts at the pretrained one. LoRA adapters are left as they are.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import peft
+    >>> model, x = nn.Dense(2), jnp.ones((1, 3))
+    >>> with peft.lora(rank=1, use_dora=True) as report:
+    ...   lora = peft.split_params(model.init(jax.random.key(0), x)['params']
+    ...                            ).lora
+    >>> pretrained = {'kernel': jnp.array([[3., 0.], [4., 0.], [0., 2.]]),
+    ...               'bias': jnp.zeros(2)}
+    >>> params = peft.init_dora_magnitudes(
+    ...     peft.merge_params(pretrained, lora), report.specs)
+    >>> params['lora']['m'].tolist()
+    [5.0, 2.0]
+
+  Args:
+    params: base params with adapter branches.
+    adapters: the `AdapterSpec` of every adapter in `params`.
+
+  Returns:
+    The params with new magnitudes (in their dtype); the rest unchanged.
+
+  Raises:
+    ValueError: specs that do not match the params.
+    TypeError: a quantized kernel (DoRA needs the float base).
+  """
+  name = 'init_dora_magnitudes'
+  specs = _adapter_tree.check_specs(adapters, name)
+  original, lora = _params.split_params(params)
+  _adapter_tree.check_covered(lora, specs, name)
+  lora = _params.to_dict(lora)
+  for spec in specs:
+    if not spec.use_dora:
+      continue
+    kernel = _fuse.get_kernel(original, spec, name)
+    _, _, stacked = _adapter_tree.adapter_and_spec(lora, spec, name)
+    m = _adapter_tree.get_magnitude(lora, stacked, name)
+    _adapter_tree.adapter_node(lora, spec)[_dora.MAGNITUDE] = (
+        _dora.column_norm(kernel, spec.magnitude_axes,
+                          n_stack=len(stacked.stack_shape)).astype(
+                              jnp.result_type(m)))
+  return _params.like(params, _params.to_dict(
+      _params.merge_params(original, lora)))

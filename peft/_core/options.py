@@ -1,9 +1,9 @@
 """The LoRA options: one frozen type, and the one check of each value.
 
-`LoRAOptions` declares every LoRA option (rank, alpha, rsLoRA, dropout, the
-A/B dtype and initializers) with its default, and derives the scale. Rules,
-the linen wrappers and adapters, the nnx layers and adapter carry one
-`LoRAOptions`; every entry point that takes the options as keywords
+`LoRAOptions` declares every LoRA option (rank, alpha, rsLoRA, DoRA,
+dropout, the A/B dtype and initializers) with its default, and derives the
+scale. Rules, the linen wrappers and adapters, the nnx layers and adapter
+carry one `LoRAOptions`; every entry point that takes the options as keywords
 (`peft.lora`, `peft.LoRA`, `LoRARule`, `LoRADense(rank=..., wrapped=...)`,
 the nnx layers, `AdapterSpec` when a file is loaded) checks them with
 `check_lora_options`, so one option gets one check and one message
@@ -111,6 +111,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     'rank': _rank,
     'alpha': _alpha,
     'use_rslora': _bool('use_rslora=True'),
+    'use_dora': _bool('use_dora=True'),
     'dropout': _dropout,
     'deterministic': _optional_bool('deterministic=True'),
     'dtype': _float_dtype('dtype=jnp.bfloat16', optional=True),
@@ -186,7 +187,9 @@ class LoRAOptions:
 
   LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) adds
   `scale * x @ A @ B` to a frozen layer; rsLoRA (Kalajdzievski 2023,
-  https://arxiv.org/abs/2312.03732) uses `scale = alpha / sqrt(rank)`.
+  https://arxiv.org/abs/2312.03732) uses `scale = alpha / sqrt(rank)`;
+  DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353) adds a trained
+  magnitude per output feature (`use_dora`, see `peft._core.dora`).
   This is the one declaration of the options and their defaults: a
   `LoRARule` carries one, peft's linen wrappers and adapters and the nnx
   layers build theirs from it (`LoRADense.from_options(options, wrapped=
@@ -209,6 +212,16 @@ Pass e.g. rank=8.
     rank: LoRA rank (a positive int).
     alpha: scale numerator; `None` means `rank` (scale 1, as gemma.peft).
     use_rslora: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    use_dora: DoRA: the kernel becomes `m * V / ||V||` with `V = W +
+      scale * delta(A, B)`, the norm per output feature (over the kernel
+      axes the layer's output does not keep) and held constant in the
+      backward pass (as the paper's section 4.3 and HF PEFT). The
+      magnitude `m` sits beside A and B as `'m'`, starts at `||W||`, so
+      at init the output equals the base's to float rounding (not
+      always bit for bit: it divides by a norm). Each call computes
+      `||V||`, a kernel-sized pass. Dense, DenseGeneral, Einsum,
+      registered einsum layers and Conv take it; Embed and quantized
+      bases raise.
     dropout: dropout rate on the adapter's input, in [0, 1). linen applies
       it only when the model runs with a `'dropout'` rng; nnx until
       `model.eval()`.
@@ -224,6 +237,7 @@ Pass e.g. rank=8.
   rank: int
   alpha: float | None = None
   use_rslora: bool = False
+  use_dora: bool = False
   dropout: float = 0.0
   deterministic: bool | None = None
   dtype: Any = jnp.float32

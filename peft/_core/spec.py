@@ -65,8 +65,10 @@ class AdapterSpec:
   """One adapted kernel: where it lives and how its delta is formed.
 
   The base kernel is at `params[*path][weight_name]` and its adapter at
-  `params[*path][adapter_name] == {'a': A, 'b': B}`. The kernel's update is
-  `scale * einsum(delta_str, A, B)`, shaped exactly like the kernel.
+  `params[*path][adapter_name] == {'a': A, 'b': B}` (`{'a', 'b', 'm'}` for
+  DoRA). The kernel's update is `scale * einsum(delta_str, A, B)`, shaped
+  exactly like the kernel; DoRA then rescales the updated kernel by
+  `m / ||W + update||` along `magnitude_axes`.
 
   Every field is checked when a spec is built (by surgery, `from_json` or
   by hand, `dataclasses.replace` included): alpha is None or finite and
@@ -106,6 +108,12 @@ class AdapterSpec:
     rank: LoRA rank.
     alpha: LoRA alpha (`None` means `rank`).
     use_rslora: whether the scale is `alpha / sqrt(rank)`.
+    use_dora: whether the adapter is DoRA (Liu et al. 2024): its sub-tree
+      holds a magnitude `'m'` beside A and B, and the adapted kernel is
+      `m * V / ||V||` with `V = W + scale * delta` (see `peft._core.dora`).
+    magnitude_axes: DoRA only: the kernel axes the magnitude keeps (those
+      the layer's output keeps; the norm is over the others), ascending.
+      `()` for LoRA.
     stack_shape: leading axes shared by the kernel, A and B when the layer
       is stacked by a lifted transform (`nn.scan`/`nn.vmap` over layers
       with `variable_axes={'params': 0}`); `()` for a plain layer. Surgery
@@ -133,6 +141,8 @@ class AdapterSpec:
   rank: int
   alpha: float | None = None
   use_rslora: bool = False
+  use_dora: bool = False
+  magnitude_axes: tuple[int, ...] = ()
   stack_shape: tuple[int, ...] = ()
 
   def __post_init__(self):
@@ -150,21 +160,33 @@ class AdapterSpec:
               for name in ('weight_shape', 'a_shape', 'b_shape',
                            'stack_shape')}
     options = _options.check_lora_options(
-        where, rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora)
-    for name, value in {'path': path, **shapes, **options}.items():
+        where, rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora,
+        use_dora=self.use_dora)
+    magnitude = _check_magnitude_axes(self, where, options['use_dora'],
+                                      shapes['weight_shape'])
+    for name, value in {'path': path, **shapes, **options,
+                        'magnitude_axes': magnitude}.items():
       object.__setattr__(self, name, value)
     _check_layout(self, where)
 
   @property
   def options(self) -> _options.LoRAOptions:
-    """The LoRA options this spec records (rank, alpha, use_rslora).
+    """The LoRA options this spec records (rank, alpha, use_rslora,
+    use_dora).
 
-    The spec keeps them as three flat fields because they are the adapter
+    The spec keeps them as flat fields because they are the adapter
     file's JSON schema; the others (dropout, dtype, initializers) are
     training choices a file does not record, so they are the defaults.
     """
     return _options.LoRAOptions(rank=self.rank, alpha=self.alpha,
-                                use_rslora=self.use_rslora)
+                                use_rslora=self.use_rslora,
+                                use_dora=self.use_dora)
+
+  @property
+  def magnitude_shape(self) -> tuple[int, ...]:
+    """Shape of the DoRA magnitude `m` (per layer): the kernel's shape
+    along `magnitude_axes`; `()` for LoRA."""
+    return tuple(self.weight_shape[i] for i in self.magnitude_axes)
 
   @property
   def scale(self) -> float:
@@ -316,7 +338,7 @@ _MAX_VALID_LAYOUTS = 4096
 
 def _check_layout(spec: AdapterSpec, where: str) -> None:
   key = (spec.delta_str, spec.einsum_str, spec.weight_shape, spec.a_shape,
-         spec.b_shape, spec.rank)
+         spec.b_shape, spec.rank, spec.use_dora, spec.magnitude_axes)
   if key in _VALID_LAYOUTS:
     return
   _check_delta(spec, where)
@@ -371,6 +393,26 @@ def _check_delta(spec: AdapterSpec, where: str) -> None:
     )
 
 
+def _check_magnitude_axes(spec: AdapterSpec, where: str, use_dora: bool,
+                          weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """`magnitude_axes` as ascending kernel axes; `()` unless DoRA."""
+  value = spec.magnitude_axes
+  ints = isinstance(value, tuple) and all(
+      isinstance(d, numbers.Integral) and not isinstance(d, bool)
+      for d in value)
+  axes = tuple(int(d) for d in value) if ints else None
+  if axes is None or (not use_dora and axes) or (use_dora and (
+      list(axes) != sorted(set(axes))
+      or not all(0 <= d < len(weight_shape) for d in axes))):
+    want = (f'ascending kernel axes in [0, {len(weight_shape)})' if use_dora
+            else '() (the adapter is not DoRA)')
+    raise (ValueError if ints else TypeError)(
+        f'AdapterSpec magnitude_axes must be {want}; got {value!r} at '
+        f'{where!r}. {_SPEC_FIX}'
+    )
+  return axes
+
+
 def _check_einsum(spec: AdapterSpec, where: str) -> None:
   """`einsum_str` fits the kernel and splits it as `delta_str` does."""
   if spec.einsum_str is None:
@@ -391,6 +433,12 @@ def _check_einsum(spec: AdapterSpec, where: str) -> None:
         f'AdapterSpec einsum_str {spec.einsum_str!r} at {where!r} splits the '
         f'kernel as {plan.delta_str!r}, but delta_str is '
         f'{spec.delta_str!r}. {_SPEC_FIX}'
+    )
+  if spec.use_dora and spec.magnitude_axes != eq.magnitude_axes:
+    raise ValueError(
+        f'AdapterSpec magnitude_axes {spec.magnitude_axes!r} at {where!r} '
+        f'are not the kernel axes the output of einsum_str '
+        f'{spec.einsum_str!r} keeps, {eq.magnitude_axes!r}. {_SPEC_FIX}'
     )
 
 

@@ -5,7 +5,11 @@ update `W + scale * A @ B` of a frozen kernel `W`. The adapters here hold `A`
 and `B` and compute the update's contribution; the wrappers in
 `lora_layers.py` add it to the frozen layer's output. `B` starts at zero,
 so an adapter outputs exact zeros at init. rsLoRA (Kalajdzievski 2023)
-scales by `alpha / sqrt(rank)` instead of `alpha / rank`.
+scales by `alpha / sqrt(rank)` instead of `alpha / rank`. With `use_dora`
+(DoRA: Liu et al. 2024, https://arxiv.org/abs/2402.09353) the adapter also
+holds the magnitude `m` and returns what turns the wrapped layer's output
+into DoRA's (`peft._core.dora`); it needs that output and the kernel, so
+only peft's wrappers can call a DoRA adapter.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from flax.typing import Initializer
 import jax.numpy as jnp
 
 from peft._core import active_adapter as _active
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 from peft._core import params as _params
 from peft._core import spec as _spec
@@ -29,6 +34,24 @@ from peft._linen import lora_fields as _lora_fields
 from peft._linen import registry as _registry
 
 _DENSE = _einsum.EinsumEquation.parse('...i,io->...o')
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRABase:
+  """What a DoRA adapter needs of the wrapped layer's call.
+
+  Attributes:
+    equation: the layer's `inputs,weights->outputs` (the magnitude axes
+      and how they lie in the output follow from it).
+    kernel: the base kernel's value (float; per layer).
+    output: the wrapped layer's output `y = x @ W + bias`.
+    bias: the layer's bias (over the magnitude axes), or None.
+  """
+
+  equation: _einsum.EinsumEquation
+  kernel: Array
+  output: Array
+  bias: Array | None
 
 
 class LoRAAdapterBase(_lora_fields.LoRAFields):
@@ -120,18 +143,21 @@ class LoRAAdapterBase(_lora_fields.LoRAFields):
     """
     plan = eq.lora_plan(weight_shape=weight_shape, rank=self.options.rank,
                         where=_params.module_path(self))
+    self._check_dora(None)
     self._record_for_foreign_wrapper(eq, plan, weight_shape)
     return self._apply_plan(plan, inputs)
 
   @nn.nowrap
-  def _apply_plan(self, plan: _einsum.LoRAEinsumPlan,
-                  inputs: Array) -> Array:
+  def _apply_plan(self, plan: _einsum.LoRAEinsumPlan, inputs: Array,
+                  dora: DoRABase | None = None) -> Array:
     """The update of a planned layer: A and B made (or read), then applied."""
+    self._check_dora(dora)
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
-    return self._selected(
+    update = self._selected(
         lambda x, a, b: plan.apply(*self._cast(x, a, b)), self._drop(inputs),
         a, b, batch_axis=lambda ndim: _einsum.batch_axis_out(plan.einsum_str,
                                                              ndim))
+    return self._dora_update(dora, plan, a, b, update)
 
   @nn.nowrap
   def _selected(self, update, inputs: Array, a: Array, b: Array, *,
@@ -149,6 +175,57 @@ class LoRAAdapterBase(_lora_fields.LoRAFields):
     return _active.apply(update, inputs, a, b,
                          where=_params.module_path(self),
                          batch_axis=batch_axis)
+
+  @nn.nowrap
+  def _check_dora(self, dora: DoRABase | None) -> None:
+    if self.options.use_dora and dora is None:
+      raise ValueError(
+          f'{type(self).__name__} at '
+          f'{_params.shown_path(_params.module_path(self))!r} has '
+          'use_dora=True, but DoRA rescales the wrapped layer\'s output, '
+          'which an adapter called on its own does not see. Use peft\'s '
+          'wrapper (peft.LoRADense(..., use_dora=True), LoRAEinsum, ...) '
+          'or surgery (peft.lora(rank=..., use_dora=True)).'
+      )
+
+  @nn.nowrap
+  def _dora_update(self, dora: DoRABase | None,
+                   plan: _einsum.LoRAEinsumPlan, a: Array, b: Array,
+                   update: Array) -> Array:
+    """`update`, or with DoRA `(g - 1) * (y - bias) + g * update`.
+
+    `g = m / stop_gradient(||W + scale * delta||)` over the output; `m`
+    (made here, at `||W||`) sits beside A and B.
+    """
+    if dora is None:
+      return update
+    selection = _active.current()
+    if selection is not None and selection.size is not None:
+      raise ValueError(
+          f'The DoRA adapter at {_params.module_path(self)!r} is under a bank '
+          'selection (AdapterBank.active), but banks hold LoRA adapters only '
+          '(AdapterBank.stack refuses DoRA ones). Run DoRA adapters one at '
+          'a time, without a bank.')
+    eq, kernel, y = dora.equation, dora.kernel, dora.output
+    axes = eq.magnitude_axes
+
+    def m_init(key, shape, dtype=jnp.float32):
+      del key, shape
+      return _dora.column_norm(kernel, axes).astype(dtype)
+
+    box = self.kernel_partitioning
+    if box is not None:
+      m_init = _boxed(m_init, box, tuple(box.names[i] for i in axes))
+    m = self._param(_dora.MAGNITUDE, m_init,
+                    tuple(kernel.shape[i] for i in axes))
+    if selection is not None:  # adapters_disabled(): the base output.
+      return jnp.zeros_like(y)
+    norm = _dora.weight_norm(kernel, a, b, self.scale,
+                             delta_str=plan.delta_str, magnitude_axes=axes)
+    g = eq.to_outputs(_dora.rescale(m, norm), y.ndim)
+    y0 = y if dora.bias is None else y - eq.to_outputs(
+        jnp.asarray(dora.bias), y.ndim).astype(y.dtype)
+    return _dora.correction(y0, update, g, y.dtype)
 
   @nn.nowrap
   def _record_for_foreign_wrapper(self, eq: _einsum.EinsumEquation,
@@ -231,7 +308,8 @@ class LoRAEinsumAdapter(LoRAAdapterBase):
 
   @nn.compact
   def __call__(self, inputs: Array,
-               plan: _einsum.LoRAEinsumPlan | None = None) -> Array:
+               plan: _einsum.LoRAEinsumPlan | None = None,
+               dora: DoRABase | None = None) -> Array:
     """The update for `inputs`.
 
     Args:
@@ -239,12 +317,14 @@ class LoRAEinsumAdapter(LoRAAdapterBase):
       plan: the LoRA plan of `einsum_str` for `shape` and this rank, when
         the caller has it (peft's wrappers parse each call once); `None`
         makes it here.
+      dora: with `use_dora`, the wrapped layer's call (peft's wrappers
+        pass it); the result then turns its output into DoRA's.
     """
     self._require('einsum_str', "the adapted layer's equation",
                   "einsum_str='BTD,DNH->BTNH'")
     self._require('shape', "the adapted kernel's shape", 'shape=layer.shape')
     if plan is not None:  # a peft wrapper, which records the spec itself
-      return self._apply_plan(plan, inputs)
+      return self._apply_plan(plan, inputs, dora)
     return self._einsum_update(self.equation(), inputs, self.shape)
 
 
@@ -323,18 +403,21 @@ class LoRAConvAdapter(LoRAAdapterBase):
 
   @nn.compact
   def __call__(self, inputs: Array,
-               plan: _einsum.LoRAEinsumPlan | None = None) -> Array:
+               plan: _einsum.LoRAEinsumPlan | None = None,
+               dora: DoRABase | None = None) -> Array:
     """The update for `inputs`.
 
     Args:
       inputs: the conv's input.
       plan: `conv_plan(...)` of this kernel and rank when the caller (peft's
         `LoRAConv`) has made it; `None` makes it here.
+      dora: with `use_dora`, the conv's call (as `LoRAEinsumAdapter`).
     """
     window = as_tuple(self.kernel_size)
     if plan is None:
       plan = conv_plan(window, inputs.shape[-1], self.features,
                        self.options.rank, where=_params.module_path(self))
+    self._check_dora(dora)
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
 
     def update(x, a, b):
@@ -349,7 +432,8 @@ class LoRAConvAdapter(LoRAAdapterBase):
       with _interceptors.suspended():  # conv_a is ours, not the model's
         low_rank = conv_a.apply({'params': {'kernel': a}}, x)
       return jnp.einsum('...r,ro->...o', low_rank, b)
-    return self._selected(update, self._drop(inputs), a, b)
+    return self._dora_update(dora, plan, a, b,
+                             self._selected(update, self._drop(inputs), a, b))
 
 
 class LoRAEmbedAdapter(LoRAAdapterBase):
@@ -371,6 +455,14 @@ class LoRAEmbedAdapter(LoRAAdapterBase):
   features: int = 0
 
   def setup(self):
+    if self.options.use_dora:
+      raise ValueError(
+          f'DoRA (use_dora=True) does not support the Embed at '
+          f'{_params.shown_path(_params.module_path(self))!r}: a table '
+          'lookup has no contracted axis to take the per-feature norm over '
+          '(and attend would need the transposed one). Exclude the Embed '
+          'from the DoRA rule, or give it a LoRA rule with use_dora=False.'
+      )
     plan = self.plan()
     self.a, self.b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
 

@@ -40,6 +40,8 @@ class LoRAFields(nn.Module):
     rank: LoRA rank.
     alpha: see `peft.LoRAOptions`.
     use_rslora: see `peft.LoRAOptions`.
+    use_dora: see `peft.LoRAOptions`; needs a peft wrapper (LoRADense,
+      ...), which sees the wrapped layer's kernel and output.
     dropout: see `peft.LoRAOptions`; applies only when the model runs with
       a `'dropout'` rng and `deterministic` is not True.
     deterministic: see `peft.LoRAOptions`.
@@ -52,6 +54,7 @@ class LoRAFields(nn.Module):
   rank: int
   alpha: float | None = _default('alpha')
   use_rslora: bool = _default('use_rslora')
+  use_dora: bool = _default('use_dora')
   dropout: float = _default('dropout')
   deterministic: bool | None = _default('deterministic')
   dtype: Dtype | None = _default('dtype')

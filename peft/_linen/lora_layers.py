@@ -5,7 +5,10 @@ the frozen kernel stays at its original path and the adapter sits beside it:
 `{'kernel': W, 'bias': b, 'lora': {'a': A, 'b': B}}`. B starts at zero, so at
 init the wrapper's output equals the wrapped layer's output bit for bit.
 Every call records an `AdapterSpec` (path, shapes, delta equation, scale) for
-fuse/unfuse and adapter checkpoints.
+fuse/unfuse and adapter checkpoints. With `use_dora=True` (DoRA: Liu et al.
+2024) the adapter also holds a magnitude `'m'` and the output becomes
+`bias + m / ||V|| * (x @ W + scale * x @ A @ B)` (see `peft._core.dora`);
+at init it equals the wrapped layer's to float rounding.
 
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
 """
@@ -17,13 +20,19 @@ from typing import Any, ClassVar, TypeVar
 
 from flax import linen as nn
 from flax.typing import Array
+import numpy as np
 
+from peft._core import einsum as _einsum
 from peft._core import spec as _spec
+from peft._linen import interceptors as _interceptors
 from peft._linen import lora_adapters as _lora_adapters
 from peft._linen import lora_fields as _lora_fields
 from peft._linen import registry as _registry
 from peft._linen import rules as _rules
 from peft._linen import shared_scope as _shared_scope
+from peft._quant import layers as _quant_layers
+from peft._quant import numerics as _numerics
+from peft._quant import surgery as _quant_surgery
 
 _A = TypeVar('_A', bound=_lora_adapters.LoRAAdapterBase)
 
@@ -87,16 +96,68 @@ class LoRAWrapper(_shared_scope.ScopeSharingWrapper, _lora_fields.LoRAFields):
     return None
 
   @nn.nowrap
+  def _dora_base(self, equation: _einsum.EinsumEquation, weight_name: str,
+                 y: Array) -> _lora_adapters.DoRABase | None:
+    """What the DoRA adapter needs of this call (None without DoRA).
+
+    Raises:
+      ValueError: DoRA over a quantized base, or a bias that is not
+        shaped like the kernel's output-side axes.
+    """
+    if not self.options.use_dora:
+      return None
+    kernel = (nn.meta.unbox(self.get_variable('params', weight_name))
+              if self.has_variable('params', weight_name) else None)
+    quantizing = any(isinstance(i, _quant_surgery.QuantizationSurgery)
+                     for i in _interceptors.active_interceptors())
+    if quantizing or isinstance(
+        self.wrapped, _quant_layers.QuantizedEinsumLike) or (
+            _numerics.is_quantized(kernel)):
+      raise ValueError(
+          f'DoRA (use_dora=True) does not support the quantized layer '
+          f'{type(self.wrapped).__name__} at {self.where!r}: its norm '
+          '||W + scale * BA|| needs the float kernel the base computes '
+          'with, dequantized every step (the memory QLoRA saves), and '
+          'fuse_into_quantized does not fold a magnitude. Use LoRA '
+          '(use_dora=False) over a quantized base, or DoRA over a float one.'
+      )
+    if kernel is None:
+      raise ValueError(
+          f'DoRA at {self.where!r} found no kernel {weight_name!r} in the '
+          f'scope of {type(self.wrapped).__name__}. Register the layer with '
+          'its kernel\'s param name (peft.register_einsum_layer).'
+      )
+    axes = equation.magnitude_axes
+    want = tuple(np.shape(kernel)[i] for i in axes)
+    bias = None
+    if self.has_variable('params', 'bias'):
+      bias = nn.meta.unbox(self.get_variable('params', 'bias'))
+      if tuple(np.shape(bias)) != want:
+        raise ValueError(
+            f'DoRA at {self.where!r}: the bias of '
+            f'{type(self.wrapped).__name__} has shape '
+            f'{tuple(np.shape(bias))}, but DoRA adds the bias after '
+            f'rescaling and needs it over the output features {want} '
+            f'(kernel axes {axes} of {equation.einsum_str!r}). Use LoRA '
+            '(use_dora=False) for this layer.'
+        )
+    return _lora_adapters.DoRABase(equation=equation, kernel=kernel,
+                                   output=y, bias=bias)
+
+  @nn.nowrap
   def _record(self, *, layer_type: str, weight_name: str, adapter_name: str,
               weight_shape, a_shape, b_shape, delta_str: str,
+              equation: _einsum.EinsumEquation,
               einsum_str: str | None = None) -> None:
+    dora = self.options.use_dora
     _spec.record_adapter(_spec.AdapterSpec(
         path=tuple(self.path), layer_type=layer_type,
         weight_name=weight_name, adapter_name=adapter_name,
         weight_shape=tuple(weight_shape), a_shape=tuple(a_shape),
         b_shape=tuple(b_shape), delta_str=delta_str, einsum_str=einsum_str,
         rank=self.options.rank, alpha=self.options.alpha,
-        use_rslora=self.options.use_rslora))
+        use_rslora=self.options.use_rslora, use_dora=dora,
+        magnitude_axes=equation.magnitude_axes if dora else ()))
 
 
 class LoRAEinsumLike(LoRAWrapper):
@@ -136,12 +197,14 @@ class LoRAEinsumLike(LoRAWrapper):
         _lora_adapters.LoRAEinsumAdapter, name=call.adapter_name,
         compute_dtype=y.dtype, weight_name=call.weight_name,
         einsum_str=call.equation.einsum_str, shape=call.weight_shape)
-    update = adapter(call.inputs, plan=plan)
+    update = adapter(call.inputs, plan=plan, dora=self._dora_base(
+        call.equation, call.weight_name, y))
     self._record(
         layer_type=type(self.wrapped).__name__, weight_name=call.weight_name,
         adapter_name=call.adapter_name, weight_shape=call.weight_shape,
         a_shape=plan.a_shape, b_shape=plan.b_shape,
-        delta_str=plan.delta_str, einsum_str=call.equation.einsum_str)
+        delta_str=plan.delta_str, equation=call.equation,
+        einsum_str=call.equation.einsum_str)
     return y + update
 
 
@@ -227,12 +290,14 @@ class LoRAConv(LoRAWrapper):
     # One plan per call, for the adapter and the spec.
     plan = _lora_adapters.conv_plan(window, inputs.shape[-1], conv.features,
                                     self.options.rank, where=self.where)
-    update = adapter(inputs, plan=plan)
+    equation = _einsum.conv_equation(len(window), where=self.where)
+    update = adapter(inputs, plan=plan, dora=self._dora_base(
+        equation, 'kernel', y))
     self._record(
         layer_type='Conv', weight_name='kernel', adapter_name='lora',
         weight_shape=(*window, inputs.shape[-1], conv.features),
         a_shape=plan.a_shape, b_shape=plan.b_shape,
-        delta_str=plan.delta_str)
+        delta_str=plan.delta_str, equation=equation)
     return y + update
 
 
@@ -252,6 +317,14 @@ class LoRAEmbed(LoRAWrapper):
 
   def setup(self):
     embed = self.wrapped
+    if self.options.use_dora:
+      raise ValueError(
+          f'DoRA (use_dora=True) does not support the Embed at '
+          f'{self.where!r}: a table lookup has no contracted axis to take '
+          'the per-feature norm over (and attend would need the transposed '
+          'one). Exclude the Embed from the DoRA rule, or give it a LoRA '
+          'rule with use_dora=False.'
+      )
     _ = embed.embedding  # runs the Embed's setup, so its param exists
     # Named by the attribute (setup), so no `name=`.
     self.lora = self._adapter(
@@ -267,7 +340,7 @@ class LoRAEmbed(LoRAWrapper):
         layer_type='Embed', weight_name='embedding', adapter_name='lora',
         weight_shape=(embed.num_embeddings, embed.features),
         a_shape=plan.a_shape, b_shape=plan.b_shape,
-        delta_str=plan.delta_str)
+        delta_str=plan.delta_str, equation=_einsum.EMBED)
 
   def __call__(self, inputs: Array) -> Array:
     y = self._call_wrapped('__call__', inputs)

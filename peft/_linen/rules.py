@@ -185,7 +185,7 @@ class LoRARule:
       Conv and Embed are adapted only when a target names them.
     exclude: same forms; a layer matching any is never selected.
     options: the `LoRAOptions` of the selected layers (rank, alpha,
-      use_rslora, dropout, deterministic, dtype, a_init, b_init).
+      use_rslora, use_dora, dropout, deterministic, dtype, a_init, b_init).
   """
 
   targets: tuple[Any, ...]

@@ -159,6 +159,7 @@ def lora(
     exclude: Any = None,
     alpha: float | None = None,
     use_rslora: bool | None = None,
+    use_dora: bool | None = None,
     dropout: float | None = None,
     deterministic: bool | None = None,
     dtype: Any = None,
@@ -194,6 +195,8 @@ def lora(
     exclude: layers never to adapt (same forms).
     alpha: scale numerator; `None` means `rank` (scale 1).
     use_rslora: scale by `alpha / sqrt(rank)`.
+    use_dora: DoRA, a trained magnitude per output feature (see
+      `peft.LoRAOptions`).
     dropout: adapter-input dropout rate; applies when a 'dropout' rng is
       passed to `apply`.
     deterministic: force dropout off (True) or on (False).
@@ -211,8 +214,9 @@ def lora(
   """
   return LoRASurgery(rules=_rules.make_rules(
       rules, rank=rank, targets=targets, exclude=exclude, alpha=alpha,
-      use_rslora=use_rslora, dropout=dropout, deterministic=deterministic,
-      dtype=dtype, a_init=a_init, b_init=b_init))
+      use_rslora=use_rslora, use_dora=use_dora, dropout=dropout,
+      deterministic=deterministic, dtype=dtype, a_init=a_init,
+      b_init=b_init))
 
 
 class LoRA(nn.Module):
@@ -237,6 +241,7 @@ class LoRA(nn.Module):
     exclude: see `peft.lora`.
     alpha: see `peft.lora`.
     use_rslora: see `peft.lora`.
+    use_dora: see `peft.lora`.
     dropout: see `peft.lora`.
     deterministic: see `peft.lora`.
     dtype: see `peft.lora`.
@@ -252,6 +257,7 @@ class LoRA(nn.Module):
   exclude: Any = None
   alpha: float | None = None
   use_rslora: bool | None = None
+  use_dora: bool | None = None
   dropout: float | None = None
   deterministic: bool | None = None
   dtype: Any = None
@@ -268,7 +274,8 @@ class LoRA(nn.Module):
 
   def surgery(self) -> LoRASurgery:
     options = dict(rank=self.rank, alpha=self.alpha,
-                   use_rslora=self.use_rslora, dropout=self.dropout,
+                   use_rslora=self.use_rslora, use_dora=self.use_dora,
+                   dropout=self.dropout,
                    deterministic=self.deterministic, dtype=self.dtype,
                    a_init=self.a_init, b_init=self.b_init)
     # Checked here too so that errors name this module, not the rule.

@@ -119,6 +119,15 @@ def fuse_into_quantized(params: Any, adapters: Sequence[_spec.AdapterSpec]):
       _params.merge_params(base, _subtree(lora, plain)), plain)
   errors = {}
   for spec in specs:
+    if spec not in plain and spec.use_dora:
+      raise ValueError(
+          f'{name}: adapter {spec.key!r} is DoRA, and its kernel '
+          f'{"/".join((*spec.path, spec.weight_name))!r} is quantized; '
+          'folding a DoRA magnitude into a quantized kernel is not '
+          'supported (DoRA over a quantized base is not either). Fuse into '
+          'the float base with fuse_params, then quantize the result.'
+      )
+  for spec in specs:
     if spec not in plain:
       a, b = _adapter_tree.get_adapter(lora, spec, name)
       new, errors[spec.key] = _requantize(kernels[spec], spec.delta_str, a, b,
@@ -149,8 +158,13 @@ def _kernel(base, spec, name):
 def _subtree(lora, specs):
   out = {}
   for spec in specs:
-    a, b = _adapter_tree.get_adapter(lora, spec, 'fuse_into_quantized')
-    _adapter_tree.adapter_node(out, spec).update(a=a, b=b)
+    a, b, stacked = _adapter_tree.adapter_and_spec(lora, spec,
+                                                   'fuse_into_quantized')
+    node = _adapter_tree.adapter_node(out, spec)
+    node.update(a=a, b=b)
+    if spec.use_dora:
+      node['m'] = _adapter_tree.get_magnitude(lora, stacked,
+                                              'fuse_into_quantized')
   return out
 
 

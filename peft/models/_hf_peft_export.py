@@ -158,10 +158,18 @@ def save_hf_peft(directory: str | os.PathLike[str], lora: Any,
     The config written.
 
   Raises:
-    ValueError: an adapter is not on a decoder projection.
+    ValueError: an adapter is not on a decoder projection, or is DoRA.
   """
   specs = _adapter_tree.check_specs(specs, 'save_hf_peft')
   parts = []
+  for spec in specs:
+    if spec.use_dora:
+      raise ValueError(
+          f'save_hf_peft: adapter {spec.key!r} is DoRA (use_dora=True); '
+          'writing its magnitude as HF PEFT\'s lora_magnitude_vector is not '
+          'supported, and A and B alone would be a different adapter. Save '
+          'it with peft.save_adapters, or fuse it (peft.fuse_params).'
+      )
   for spec in specs:
     a, b = _adapter_tree.get_adapter(lora, spec, 'save_hf_peft')
     parts += _hf_parts(spec, np.asarray(a, np.float32),

@@ -3,7 +3,8 @@
 The same toolkit as peft's linen API, for `flax.nnx`. LoRA (Hu et al. 2021,
 https://arxiv.org/abs/2106.09685) adds a trainable low-rank update
 `scale * einsum(delta_str, A, B)` to frozen kernels; rsLoRA (Kalajdzievski
-2023) scales it by `alpha / sqrt(rank)`.
+2023) scales it by `alpha / sqrt(rank)`; DoRA (Liu et al. 2024,
+`use_dora=True`) adds a trained magnitude per output feature.
 
 * Layers: `LoRA` (standalone, optionally around a base module),
   `LoRALinear`, `LoRALinearGeneral`, `LoRAEinsum`, `LoRAConv`, `LoRAEmbed`.
@@ -38,6 +39,7 @@ from peft.nnx._files import save_adapters
 from peft.nnx._fuse import FusedAdapters
 from peft.nnx._fuse import fuse
 from peft.nnx._fuse import unfuse
+from peft.nnx._kernel_init import init_dora_magnitudes
 from peft.nnx._kernel_init import init_from_kernels
 from peft.nnx._layers import LoRAConv
 from peft.nnx._layers import LoRAEinsum
@@ -64,6 +66,7 @@ __all__ = [
     'adapter_specs',
     'apply_lora',
     'fuse',
+    'init_dora_magnitudes',
     'init_from_kernels',
     'is_lora_layer',
     'lora_class_for',

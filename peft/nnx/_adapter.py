@@ -7,6 +7,10 @@ update `W + scale * einsum(delta_str, A, B)` of a frozen kernel `W`; rsLoRA
 as `LoRAParam`s and computes the update `(x @ A) @ B * scale` for the
 adapted layer's equation; the layers of `_nnx_layers` each hold one. `LoRA`
 is the standalone layer of `flax.nnx`'s API, built on the same adapter.
+With `use_dora` (DoRA: Liu et al. 2024, https://arxiv.org/abs/2402.09353)
+the adapter also holds the magnitude `m` (a `LoRAParam`, started at the
+kernel's per-output-feature norm) and computes DoRA's correction of the
+layer's output (`peft._core.dora`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import active_adapter as _active
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 from peft._core import errors as _errors
 from peft._core import options as _options
@@ -141,14 +146,18 @@ class LoRAAdapter(nnx.Module):
     where: where the adapter sits, quoted in errors.
     stack_shape: leading layer axes of a kernel built under `nnx.vmap` (run
       by `nnx.scan`); A and B get them too, each layer initialised alone.
+    kernel: with `use_dora`, the adapted kernel (with the stack axes);
+      `m` starts at its norm.
+    magnitude_axes: with `use_dora`, the kernel axes the layer's output
+      keeps (`EinsumEquation.magnitude_axes`), per layer.
     **option_values: instead of `options`, the LoRA options as keywords
       (alpha, use_rslora, dropout, deterministic, param_dtype, a_init,
       b_init); the rank is A's last axis.
 
   Raises:
     ValueError: a rank, alpha or dropout out of range, a rank that is not
-      A's, both `options` and keywords, or a dropout without an rng stream
-      for it.
+      A's, both `options` and keywords, a dropout without an rng stream
+      for it, or `use_dora` without the kernel.
   """
 
   def __init__(
@@ -163,6 +172,8 @@ class LoRAAdapter(nnx.Module):
       rngs: nnx.Rngs | None,
       where: str = '',
       stack_shape: Sequence[int] = (),
+      kernel: jax.Array | None = None,
+      magnitude_axes: Sequence[int] = (),
       **option_values: Any,
   ):
     where = where or type(self).__name__
@@ -193,6 +204,18 @@ class LoRAAdapter(nnx.Module):
                                      tuple(a_shape), param_dtype))
     self.b = LoRAParam(_stacked_init(options.b_init, key(), self.stack_shape,
                                      tuple(b_shape), param_dtype))
+    self.magnitude_axes = tuple(magnitude_axes) if options.use_dora else ()
+    if options.use_dora:
+      if kernel is None:
+        raise ValueError(
+            f'{where}: use_dora=True needs the adapted kernel (DoRA rescales '
+            'the layer\'s output by m / ||W + scale * BA||); got none. Use '
+            'a LoRA layer (peft.nnx.LoRALinear(..., use_dora=True)) or '
+            'peft.nnx.apply_lora(model, rank=..., use_dora=True).'
+        )
+      self.m = LoRAParam(_dora.column_norm(
+          kernel, self.magnitude_axes,
+          n_stack=len(self.stack_shape)).astype(param_dtype))
     drop = None
     if options.dropout > 0.0:
       try:
@@ -274,6 +297,26 @@ class LoRAAdapter(nnx.Module):
       (5, 3)
     """
     return plan.apply(*self.operands(x), precision=precision)
+
+  def dora_correction(self, eq: _einsum.EinsumEquation, kernel: jax.Array,
+                      y: jax.Array, bias: jax.Array | None,
+                      update: jax.Array) -> jax.Array:
+    """What turns `y` (the layer's output) into DoRA's: `y + this`.
+
+    `(g - 1) * (y - bias) + g * update` with `g = m / ||W + scale * BA||`
+    (the norm held constant in the backward pass), laid out over the
+    output of `eq`; see `peft._core.dora`. Zeros under
+    `peft.adapters_disabled()`: the layer's base output.
+    """
+    if _active.current() is not None:  # Disabled (operands refuses banks).
+      return jnp.zeros_like(y)
+    axes = self.magnitude_axes
+    norm = _dora.weight_norm(kernel, self.a[...], self.b[...], self.scale,
+                             delta_str=self.delta_str, magnitude_axes=axes)
+    g = eq.to_outputs(_dora.rescale(self.m[...], norm), y.ndim)
+    y0 = y if bias is None else y - eq.to_outputs(
+        jnp.asarray(bias), y.ndim).astype(y.dtype)
+    return _dora.correction(y0, update, g, y.dtype)
 
   def plan(self, einsum_str: str) -> _einsum.LoRAEinsumPlan:
     """The LoRA plan of `einsum_str` for this adapter's kernel and rank."""

@@ -103,8 +103,13 @@ def load_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
     return loaded
   values = []
   for (p, layer), spec in zip(layers, expected):
-    a, b = _adapter_tree.get_adapter(loaded.lora, spec, 'load_adapters')
-    for var, new in ((layer.lora.a, a), (layer.lora.b, b)):
+    a, b, stacked = _adapter_tree.adapter_and_spec(loaded.lora, spec,
+                                                   'load_adapters')
+    pairs = [(layer.lora.a, a), (layer.lora.b, b)]
+    if spec.use_dora:
+      pairs.append((layer.lora.m, _adapter_tree.get_magnitude(
+          loaded.lora, stacked, 'load_adapters')))
+    for var, new in pairs:
       if new.dtype != var.dtype:
         raise ValueError(
             f'load_adapters: {spec.key!r} in {os.fspath(path)!r} is '

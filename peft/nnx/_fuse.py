@@ -32,15 +32,22 @@ def _jit_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float):
 
 
 def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
-                name: str):
+                name: str, m=None):
   """`kernel + sign * scale * delta` (float32 math, kernel's dtype), with
   linen's guards (a finite result, no second fuse of one adapter, no
-  unfuse of a base kernel)."""
+  unfuse of a base kernel); DoRA's `m * V / ||V||` and back given `m`."""
   _fuse.check_ledger(kernel, a, b, spec, fusing=sign > 0, name=name)
-  # The path does not enter the math; dropping it shares compilations.
-  value = _jit_delta(kernel, a, b, dataclasses.replace(spec, path=()), sign)
+  norm = None
+  if spec.use_dora:
+    value, norm = _fuse.dora_kernel(kernel, a, b, m, spec, fusing=sign > 0,
+                                    name=name)
+  else:
+    # The path does not enter the math; dropping it shares compilations.
+    value = _jit_delta(kernel, a, b, dataclasses.replace(spec, path=()),
+                       sign)
   _fuse.check_finite(value, spec, name)
-  _fuse_ledger.record(kernel, value, [(a, b)], fusing=sign > 0)
+  _fuse_ledger.record(kernel, value, [(a, b)], fusing=sign > 0,
+                      norms=[norm])
   return value
 
 
@@ -79,15 +86,15 @@ class FusedAdapters(NamedTuple):
   adapters: dict[str, Any]
 
 
-def _put(tree: dict[str, Any], spec: _spec.AdapterSpec, a, b) -> None:
-  _adapter_tree.adapter_node(tree, spec).update(a=a, b=b)
-
-
 def lora_tree(layers) -> dict[str, Any]:
-  """The linen-layout tree `{path: {'lora': {'a', 'b'}}}` of `layers`."""
+  """The linen-layout tree `{path: {'lora': {'a', 'b'}}}` of `layers`
+  (and `'m'` for DoRA)."""
   tree: dict[str, Any] = {}
   for path, layer in layers:
-    _put(tree, layer.adapter_spec(path), layer.lora.a[...], layer.lora.b[...])
+    node = _adapter_tree.adapter_node(tree, layer.adapter_spec(path))
+    node.update(a=layer.lora.a[...], b=layer.lora.b[...])
+    if layer.lora.options.use_dora:
+      node['m'] = layer.lora.m[...]
   return tree
 
 
@@ -133,7 +140,8 @@ def fuse(model: nnx.Module) -> FusedAdapters:
   # Every kernel is computed (and checked) before any layer is replaced, so
   # an error leaves the model as it was.
   values = [_with_delta(layer.kernel_variable()[...], layer.lora.a[...],
-                        layer.lora.b[...], spec, 1.0, name='fuse')
+                        layer.lora.b[...], spec, 1.0, name='fuse',
+                        m=layer.lora.m[...] if spec.use_dora else None)
             for (_, layer), spec in zip(layers, fused.specs)]
   for (_, layer), value in zip(layers, values):
     kernel = layer.kernel_variable()
@@ -165,7 +173,9 @@ def attach(model, specs, adapters, *, subtract: bool, name: str,
           'there. Use the model the adapters were made for (fused, or '
           'without LoRA).'
       )
-    a, b = _adapter_tree.get_adapter(adapters, spec, name)
+    a, b, stacked = _adapter_tree.adapter_and_spec(adapters, spec, name)
+    m = (_adapter_tree.get_magnitude(adapters, stacked, name)
+         if spec.use_dora else None)
     surgery.check_replaceable(refs, module, _params.fmt_path(spec.path))
     # A and B are set below; zeros make no random numbers for them.
     lora_options = spec.options.replace(
@@ -178,6 +188,8 @@ def attach(model, specs, adapters, *, subtract: bool, name: str,
     # Set after construction: a stacked layer initialises A and B per layer.
     layer.lora.a[...] = jnp.asarray(a)
     layer.lora.b[...] = jnp.asarray(b)
+    if m is not None:
+      layer.lora.m[...] = jnp.asarray(m)
     diff = layer.adapter_spec(spec.path).differences(spec)
     if diff:
       raise ValueError(
@@ -187,7 +199,7 @@ def attach(model, specs, adapters, *, subtract: bool, name: str,
       )
     if subtract:
       kernel = layer.kernel_variable()
-      value = _with_delta(kernel[...], a, b, spec, -1.0, name=name)
+      value = _with_delta(kernel[...], a, b, spec, -1.0, name=name, m=m)
       setattr(layer, layer.weight_name, kernel.replace(value))
     new_layers.append((module, layer))
   for module, layer in new_layers:

@@ -1,7 +1,8 @@
 """PiSSA and OLoRA for flax.nnx models: adapters from their kernels, in place.
 
 The math is the linen one (`peft._core.kernel_init`): A and B from the
-kernel's SVD (PiSSA) or QR (OLoRA), the kernel replaced by its residual.
+kernel's SVD (PiSSA) or QR (OLoRA), the kernel replaced by its residual;
+DoRA's magnitudes from their kernels' norms.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from flax import nnx
 import jax.numpy as jnp
 
+from peft._core import dora as _dora
 from peft._core import fuse as _fuse
 from peft._core import kernel_init as _kernel_init
 from peft.nnx import _fuse as _nnx_fuse
@@ -61,3 +63,36 @@ def init_from_kernels(model: nnx.Module, *,
     layer.lora.a[...] = a
     layer.lora.b[...] = b
     layer.kernel_variable()[...] = residual
+
+
+def init_dora_magnitudes(model: nnx.Module) -> None:
+  """Every DoRA magnitude `m` of `model` set to its kernel's norm, in place.
+
+  `apply_lora(..., use_dora=True)` starts `m` at the norms of the kernels
+  the layers hold then; call this after loading other kernels into the
+  model (`nnx.update` with a pretrained state), so the adapted model starts
+  at the loaded one. See `peft.init_dora_magnitudes`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import peft.nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, use_dora=True,
+    ...                         rngs=nnx.Rngs(1))
+    >>> model.layers[0].kernel[...] = jnp.array([[3., 0.], [4., 2.]])
+    >>> peft.nnx.init_dora_magnitudes(model)
+    >>> model.layers[0].lora.m[...].tolist()
+    [5.0, 2.0]
+
+  Raises:
+    ValueError: the model has no LoRA layer.
+  """
+  name = 'peft.nnx.init_dora_magnitudes'
+  layers = _nnx_fuse.adapted_layers(model, name,
+                                    'peft.nnx.apply_lora(..., use_dora=True)')
+  for _, layer in layers:
+    lora = layer.lora
+    if lora.options.use_dora:
+      lora.m[...] = _dora.column_norm(
+          layer.kernel_variable()[...], lora.magnitude_axes,
+          n_stack=len(lora.stack_shape)).astype(lora.m[...].dtype)

@@ -16,7 +16,10 @@ layer's output equals the plain layer's output bit for bit.
 A and B come from the one einsum parser (`_einsum`): every adapted kernel is
 the weight of an equation `inputs,weights->outputs` (Conv: the einsum of a
 window patch; Embed: a one-hot matmul), which fixes the shapes of A and B
-and the delta equation used by fuse.
+and the delta equation used by fuse. With `use_dora=True` (DoRA: Liu et al.
+2024) the adapter holds a magnitude `m` too and the output becomes
+`bias + m / ||V|| * (x @ W + scale * x @ A @ B)` (`peft._core.dora`); at
+init it equals the plain layer's to float rounding. Embed refuses DoRA.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class _LoRALayer(_NnxLayer):
   weight_name = 'kernel'
   # Whether `_equation` is the layer's actual forward equation.
   records_einsum = False
+  supports_dora = True
 
   def __init__(self, *args, rngs: nnx.Rngs, **kwargs):
     """Builds the nnx layer from `*args, **kwargs`, then its adapter.
@@ -213,11 +217,20 @@ class _LoRALayer(_NnxLayer):
                         where=where)
     if options.dtype is None:
       options = options.replace(dtype=self.param_dtype)
+    if options.use_dora and not self.supports_dora:
+      raise ValueError(
+          f'DoRA (use_dora=True) does not support the nnx.'
+          f'{self.base_type.__name__} at {where!r}: a table lookup has no '
+          'contracted axis to take the per-feature norm over. Exclude it '
+          'from the DoRA rule, or give it a rule with use_dora=False.'
+      )
     self.lora = LoRAAdapter(
         plan.a_shape, plan.b_shape, plan.delta_str, options=options,
         einsum_str=eq.einsum_str if self.records_einsum else None,
         dtype=self.dtype if compute_dtype is None else compute_dtype,
-        where=where, stack_shape=stack, rngs=rngs)
+        where=where, stack_shape=stack, rngs=rngs,
+        kernel=self.kernel_variable()[...] if options.use_dora else None,
+        magnitude_axes=eq.magnitude_axes)
 
   def adapter_spec(self, path: Sequence[Any] = ()) -> _spec.AdapterSpec:
     """The `AdapterSpec` of this layer's adapter at model path `path`.
@@ -236,6 +249,7 @@ class _LoRALayer(_NnxLayer):
         a_shape=tuple(lora.a.shape[n:]), b_shape=tuple(lora.b.shape[n:]),
         delta_str=lora.delta_str, einsum_str=lora.einsum_str,
         rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
+        use_dora=lora.options.use_dora, magnitude_axes=lora.magnitude_axes,
         stack_shape=stack)
 
   def _add_update(self, y: jax.Array, inputs: jax.Array,
@@ -253,7 +267,31 @@ class _LoRALayer(_NnxLayer):
       )
     update = self.lora.apply_plan(plan, inputs,
                                   precision=getattr(self, 'precision', None))
-    return y + update.astype(y.dtype)
+    return self._dora_or_lora(y, eq, update)
+
+  def _dora_or_lora(self, y: jax.Array, eq: _einsum.EinsumEquation,
+                    update: jax.Array) -> jax.Array:
+    """`y + update`, or with DoRA `y` rescaled (see `LoRAAdapter`).
+
+    Raises:
+      ValueError: DoRA on a layer whose bias is not over the output
+        features (DoRA adds the bias after the rescaling).
+    """
+    if not self.lora.options.use_dora:
+      return y + update.astype(y.dtype)
+    kernel = self.kernel_variable()[...]
+    bias = getattr(self, 'bias', None)
+    bias = None if bias is None else bias[...]
+    want = tuple(kernel.shape[i] for i in eq.magnitude_axes)
+    if bias is not None and tuple(bias.shape) != want:
+      raise ValueError(
+          f'DoRA on {type(self).__name__}: the bias has shape '
+          f'{tuple(bias.shape)}, but DoRA adds the bias after rescaling and '
+          f'needs it over the output features {want} (kernel axes '
+          f'{eq.magnitude_axes} of {eq.einsum_str!r}). Use use_dora=False '
+          'for this layer.'
+      )
+    return y + self.lora.dora_correction(eq, kernel, y, bias, update)
 
 
 def _split_stack(kernel_shape, eq: _einsum.EinsumEquation):
@@ -423,7 +461,8 @@ class LoRAConv(_LoRALayer, nnx.Conv):
     low_rank = rank_conv(x)
     update = jnp.einsum('...r,ro->...o', low_rank, b,
                         precision=self.precision)
-    return y + update.astype(y.dtype)
+    return self._dora_or_lora(
+        y, _einsum.conv_equation(len(self.kernel_size)), update)
 
 
 class LoRAEmbed(_LoRALayer, nnx.Embed):
@@ -444,6 +483,7 @@ class LoRAEmbed(_LoRALayer, nnx.Embed):
 
   base_type = nnx.Embed
   weight_name = 'embedding'
+  supports_dora = False
 
   def _equation(self, einsum_str, where):
     del einsum_str, where

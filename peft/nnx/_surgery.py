@@ -153,6 +153,7 @@ def apply_lora(
     exclude: Any = None,
     alpha: float | None = None,
     use_rslora: bool | None = None,
+    use_dora: bool | None = None,
     dropout: float | None = None,
     deterministic: bool | None = None,
     param_dtype: Any = None,
@@ -188,6 +189,8 @@ def apply_lora(
     exclude: layers never to adapt (same forms).
     alpha: scale numerator (`None`: `rank`, i.e. scale 1).
     use_rslora: scale by `alpha / sqrt(rank)`.
+    use_dora: DoRA, a trained magnitude per output feature (see
+      `peft.LoRAOptions`).
     dropout: adapter-input dropout rate (off after `model.eval()`).
     deterministic: start dropout off (True) or on (False, the default).
     param_dtype: dtype of A and B (default float32). Each update is
@@ -215,8 +218,9 @@ def apply_lora(
   check_model(model, 'apply_lora')
   rule_set = _make_rules(
       rules, rank=rank, targets=targets, exclude=exclude, alpha=alpha,
-      use_rslora=use_rslora, dropout=dropout, deterministic=deterministic,
-      dtype=param_dtype, a_init=a_init, b_init=b_init)
+      use_rslora=use_rslora, use_dora=use_dora, dropout=dropout,
+      deterministic=deterministic, dtype=param_dtype, a_init=a_init,
+      b_init=b_init)
   modules = all_modules(model)
   # Never adapt inside a LoRA layer or adapter (peft's or flax's own).
   inside = {p for p, m in modules if isinstance(
