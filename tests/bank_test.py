@@ -286,3 +286,35 @@ def test_nnx_layers_honour_disabled_and_refuse_banks():
       r'read banks')):
     with _bank().active('fr'):
       net(IDS)
+
+
+def test_dora_adapters_are_disabled_exactly_and_refused_by_banks():
+  model = nn.Dense(3)
+  with peft.lora(rank=2, use_dora=True) as report:
+    params = fixtures.random_params(model.init, jax.random.key(0), X[0])
+  base = peft.split_params(params).original
+  with peft.lora(rank=2, use_dora=True), peft.adapters_disabled():
+    off = model.apply({'params': params}, X[0])
+  np.testing.assert_array_equal(off, model.apply({'params': base}, X[0]))
+  lora = peft.split_params(params).lora
+  for call in (lambda: peft.AdapterBank.stack({'d': (lora, report.specs)}),
+               lambda: peft.combine_adapters({'d': (lora, report.specs)})):
+    with pytest.raises(ValueError, match=(
+        r"adapter 'lora' of 'd' is DoRA \(use_dora\); its magnitude rescales "
+        r'the whole kernel')):
+      call()
+
+
+def test_nnx_dora_layers_are_disabled_exactly():
+  layer = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+  base = layer(X)
+
+  class Holder(nnx.Module):
+    def __init__(self, layer):
+      self.layer = layer
+  model = Holder(layer)
+  pnnx.apply_lora(model, rank=2, use_dora=True, b_init=nn.initializers.ones,
+                  rngs=nnx.Rngs(1))
+  assert not np.allclose(model.layer(X), base)
+  with peft.adapters_disabled():
+    np.testing.assert_array_equal(model.layer(X), base)

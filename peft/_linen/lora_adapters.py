@@ -199,13 +199,9 @@ class LoRAAdapterBase(_lora_fields.LoRAFields):
     """
     if dora is None:
       return update
+    # Banks hold no DoRA adapters (AdapterBank.stack refuses them), so a
+    # selection here is adapters_disabled().
     selection = _active.current()
-    if selection is not None and selection.size is not None:
-      raise ValueError(
-          f'The DoRA adapter at {_params.module_path(self)!r} is under a bank '
-          'selection (AdapterBank.active), but banks hold LoRA adapters only '
-          '(AdapterBank.stack refuses DoRA ones). Run DoRA adapters one at '
-          'a time, without a bank.')
     eq, kernel, y = dora.equation, dora.kernel, dora.output
     axes = eq.magnitude_axes
 
