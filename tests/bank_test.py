@@ -262,30 +262,109 @@ def _apply(selection, params, surgery=SURGERY):
     return Layers().apply({'params': params}, X, IDS, IMG)
 
 
-def test_nnx_layers_honour_disabled_and_refuse_banks():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.embed = nnx.Embed(11, 5, rngs=rngs)
-      self.dense = nnx.Linear(5, 4, rngs=rngs)
+class _NnxNet(nnx.Module):
+  """Each nnx layer kind, every input with the batch axis first."""
 
-    def __call__(self, ids):
-      return self.dense(self.embed(ids)), self.embed.attend(
-          jnp.ones((3, 5)))
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(11, 5, rngs=rngs)
+    self.dense = nnx.Linear(5, 4, rngs=rngs)
+    self.einsum = nnx.Einsum('btd,cdh->cbth', (2, 5, 3), rngs=rngs)
+    self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
 
-  net = Net(nnx.Rngs(0))
-  base = net(IDS)
-  pnnx.apply_lora(net, rank=2, b_init=nn.initializers.ones,
-                  rngs=nnx.Rngs(1))
-  adapted = net(IDS)
-  assert not np.allclose(adapted[0], base[0])
-  with peft.adapters_disabled():
-    off = net(IDS)
-  assert_trees_close(off, base)
+  def __call__(self, ids, img):
+    h = self.embed(ids)
+    return (h, self.dense(h), self.einsum(h), self.embed.attend(h),
+            self.conv(img))
+
+
+def test_nnx_bank_equals_each_adapter_alone(tmp_path):
+  net = _NnxNet(nnx.Rngs(0))
+  base = net(IDS, IMG)
+  targets = (nnx.Embed, nnx.Linear, nnx.Einsum, nnx.Conv)
+  loaded, alone = {}, {}
+  for seed, name in enumerate(('fr', 'de')):
+    if seed:
+      pnnx.load_adapters(tmp_path / 'fr.safetensors', net)  # Reinit below.
+      for _, layer in pnnx._surgery.lora_layers(net):  # pylint: disable=protected-access
+        layer.lora.b[...] = jnp.asarray(
+            np.random.default_rng(7).standard_normal(layer.lora.b.shape),
+            layer.lora.b.dtype)
+    else:
+      pnnx.apply_lora(net, rank=2, targets=targets,
+                      b_init=nn.initializers.normal(0.5), rngs=nnx.Rngs(1))
+    pnnx.save_adapters(tmp_path / f'{name}.safetensors', net)
+    loaded[name] = peft.load_adapters(tmp_path / f'{name}.safetensors')
+    alone[name] = net(IDS, IMG)
+  bank = peft.AdapterBank.stack(loaded)
+  pnnx.load_bank(net, bank)
+  assert net.dense.lora.a.shape == (2, 5, 2)
+  with bank.active('fr'):
+    assert_trees_close(net(IDS, IMG), alone['fr'], rtol=1e-5, atol=1e-5)
+  with bank.active(None):
+    assert_trees_close(net(IDS, IMG), base)
+  row_ids = [1, -1, 0]
+  with bank.active(jnp.asarray(row_ids)):
+    mixed = net(IDS, IMG)
+  for row, i in enumerate(row_ids):
+    want = base if i < 0 else alone[bank.names[i]]
+    for layer, got, expect in zip(('embed', 'dense', 'einsum', 'attend',
+                                   'conv'), mixed, want):
+      axis = 1 if layer == 'einsum' else 0
+      got = np.take(np.asarray(got), row, axis)
+      expect = np.take(np.asarray(expect), row, axis)
+      if i < 0:
+        np.testing.assert_array_equal(got, expect, err_msg=layer)
+      else:
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5,
+                                   err_msg=layer)
   with pytest.raises(ValueError, match=(
-      r'An AdapterBank selection is in effect, but peft.nnx layers do not '
-      r'read banks')):
-    with _bank().active('fr'):
-      net(IDS)
+      r"The nnx LoRA adapter of kernel '.*' holds a bank of 2 adapters, but "
+      r'no bank selection is in effect. Load the bank with '
+      r"peft.nnx.load_bank and call the model under that bank's active")):
+    net(IDS, IMG)
+
+
+def _dense_adapter():
+  with peft.lora(rank=3) as report:
+    params = nn.Dense(4).init(jax.random.key(0), X)['params']
+  return peft.split_params(params).lora, report.specs
+
+
+def test_nnx_bank_errors():
+  net = _NnxNet(nnx.Rngs(0))
+  bank = _bank()
+  with pytest.raises(ValueError, match=(
+      r'load_bank: the model has no LoRA layers. Adapt it first')):
+    pnnx.load_bank(net, bank)
+  pnnx.apply_lora(net, rank=2, alpha=4.0, targets=nnx.Linear,
+                  rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=(
+      r"The nnx LoRA adapter of kernel 'ir,ro->io' holds one adapter, but a "
+      r'selection of a bank of 2 is in effect')):
+    with bank.active('fr'):
+      net(IDS, IMG)
+  with pytest.raises(ValueError, match=(
+      r"load_bank: the adapter 'dense/lora' has A \(5, 2\), B "
+      r'\(2, 4\), scale 2.0, DoRA False; the bank needs \(5, 3\), \(3, 6\), '
+      r'scale 1 and no DoRA')):
+    pnnx.load_bank(net, bank)
+  other = _NnxNet(nnx.Rngs(0))
+  pnnx.apply_lora(other, rank=2, targets=nnx.Conv, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=(
+      r"load_bank: the model's adapter 'conv/lora' is not in the bank \(it "
+      r"holds \['lora'\]\)")):
+    pnnx.load_bank(other, peft.AdapterBank.stack({'x': _dense_adapter()}))
+
+  class Dense(nnx.Module):  # The bank's `dense` layer alone.
+    def __init__(self):
+      self.dense = nnx.Linear(5, 6, rngs=nnx.Rngs(0))
+  only = Dense()
+  pnnx.apply_lora(only, rank=3, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=(
+      r"load_bank: the bank adapts \['conv/lora', 'einsum/lora', "
+      r"'embed/lora', 'general/lora', 'moved/lora'\], which the model does "
+      r'not')):
+    pnnx.load_bank(only, bank)
 
 
 def test_dora_adapters_are_disabled_exactly_and_refused_by_banks():

@@ -21,7 +21,8 @@ default alpha (scale 1: the adapters' own scales are in their B); another
 scale is refused.
 
 `bank.select('french')` gives back one adapter as `(lora, specs)`, to
-fuse or save.
+fuse or save. An nnx model takes a bank with `peft.nnx.load_bank(model,
+bank)` and selects with the same `bank.active(...)`.
 """
 
 from __future__ import annotations

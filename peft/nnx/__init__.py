@@ -35,6 +35,7 @@ from peft.nnx._adapter import LoRA
 from peft.nnx._adapter import LoRAAdapter
 from peft.nnx._adapter import LoRAParam
 from peft.nnx._files import load_adapters
+from peft.nnx._files import load_bank
 from peft.nnx._files import save_adapters
 from peft.nnx._fuse import FusedAdapters
 from peft.nnx._fuse import fuse
@@ -71,6 +72,7 @@ __all__ = [
     'is_lora_layer',
     'lora_class_for',
     'load_adapters',
+    'load_bank',
     'save_adapters',
     'unfuse',
 ]

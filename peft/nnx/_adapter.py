@@ -229,6 +229,8 @@ class LoRAAdapter(nnx.Module):
             'rngs=nnx.Rngs(0) (or nnx.Rngs(params=0, dropout=1)).'
         ) from None
     self.dropout = drop
+    # Adapters stacked in A and B by `peft.nnx.load_bank` (0: one adapter).
+    self.bank_size = 0
 
   @property
   def rank(self) -> int:
@@ -251,23 +253,29 @@ class LoRAAdapter(nnx.Module):
     """`(dropout(x), A, scale * B)`, cast to the compute dtype.
 
     Under `peft.adapters_disabled()` B is zeros, so the layer computes its
-    base output exactly.
+    base output exactly. A bank's A and B (`load_bank`) keep their bank
+    axis; `selected` picks from it.
 
     Raises:
-      ValueError: an `AdapterBank` selection (banks are linen-only).
+      ValueError: a bank selection on an adapter that holds no bank of its
+        size, or a bank without a selection.
     """
     selection = _active.current()
-    if selection is not None and selection.size is not None:
+    size = None if selection is None else selection.size
+    if size != (self.bank_size or None):
+      held = (f'holds a bank of {self.bank_size} adapters'
+              if self.bank_size else 'holds one adapter')
+      given = ('no bank selection' if size is None
+               else f'a selection of a bank of {size}')
       raise ValueError(
-          'An AdapterBank selection is in effect, but peft.nnx layers do not '
-          f'read banks (adapter of kernel {self.delta_str!r}). Run banks '
-          'with linen surgery, or select one adapter before building the '
-          'nnx model.')
+          f'The nnx LoRA adapter of kernel {self.delta_str!r} {held}, but '
+          f'{given} is in effect. Load the bank with peft.nnx.load_bank and '
+          'call the model under that bank\'s active(...).')
     if drop and self.dropout is not None:
       x = self.dropout(x)
     x, a, b = dtypes.promote_dtype((x, self.a[...], self.b[...]),
                                    dtype=self.dtype)
-    if selection is not None:  # adapters_disabled()
+    if selection is not None and selection.off and size is None:  # Disabled.
       return x, a, jnp.zeros_like(b)
     if self.scale != 1.0:
       b = b * jnp.asarray(self.scale, b.dtype)
@@ -296,7 +304,25 @@ class LoRAAdapter(nnx.Module):
       >>> adapter.apply_plan(plan, jnp.ones((5, 2))).shape
       (5, 3)
     """
-    return plan.apply(*self.operands(x), precision=precision)
+    return self.selected(
+        lambda x, a, b: plan.apply(x, a, b, precision=precision), x,
+        batch_axis=lambda ndim: _einsum.batch_axis_out(plan.einsum_str,
+                                                       ndim))
+
+  def selected(self, update: Any, x: jax.Array, *, drop: bool = True,
+               ids: bool = False,
+               batch_axis: Any = lambda ndim: 0) -> jax.Array:
+    """`update(x, A, scale * B)` (after `operands`) for the adapter(s) a
+    bank selection picks; the plain update without one (see
+    `peft._core.active_adapter`). Under per-row ids no dropout applies (it
+    cannot run per row). `ids=True`: `x` are token ids, passed as they
+    are (A and B are cast as for a float input of A's dtype)."""
+    if ids:
+      _, a, b = self.operands(self.a[...], drop=False)
+    else:
+      x, a, b = self.operands(x, drop=drop and not _active.per_row())
+    return _active.apply(update, x, a, b, where=self.delta_str,
+                         batch_axis=batch_axis)
 
   def dora_correction(self, eq: _einsum.EinsumEquation, kernel: jax.Array,
                       y: jax.Array, bias: jax.Array | None,

@@ -122,3 +122,71 @@ def load_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
   for var, new in values:
     var[...] = new
   return loaded
+
+
+def load_bank(model: nnx.Module, bank: Any) -> None:
+  """Puts a `peft.AdapterBank`'s stacked adapters into `model`'s LoRA layers.
+
+  The model must be adapted as the bank's adapters were (the same layers,
+  `rank=bank.rank`, alpha unset so the scale is 1: the bank holds each
+  adapter's scale in its B). Afterwards the model runs under
+  `bank.active(...)` only: one adapter by name, one per batch row (ids),
+  or none (None), as a linen model does. Nothing changes on error.
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> import peft, peft.nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> _ = peft.nnx.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+    >>> file = os.path.join(tempfile.mkdtemp(), 'x.safetensors')
+    >>> _ = save_adapters(file, model)
+    >>> x = peft.load_adapters(file)
+    >>> bank = peft.AdapterBank.stack({'x': x, 'y': x})
+    >>> peft.nnx.load_bank(model, bank)
+    >>> model.layers[0].lora.a.shape  # (adapters, in, rank)
+    (2, 2, 1)
+    >>> with bank.active(jnp.array([1, -1])):
+    ...   model(jnp.ones((2, 2))).shape
+    (2, 3)
+
+  Raises:
+    ValueError: the model has no LoRA layers, or they differ from the
+      bank's adapters (paths, shapes, rank, scale, DoRA).
+  """
+  name = 'load_bank'
+  surgery.check_model(model, name)
+  layers = surgery.lora_layers(model)
+  if not layers:
+    raise ValueError(f'{name}: the model has no LoRA layers. Adapt it first: '
+                     'peft.nnx.apply_lora(model, rank=bank.rank, ...).')
+  by_key = {spec.key: spec for spec in bank.specs}
+  values = []
+  for path, layer in layers:
+    spec = layer.adapter_spec(path)
+    theirs = by_key.pop(spec.key, None)
+    if theirs is None:
+      raise ValueError(f'{name}: the model\'s adapter {spec.key!r} is not in '
+                       f'the bank (it holds {sorted(s.key for s in bank.specs)}'
+                       '). Stack adapters made for this model.')
+    mine = (spec.a_shape, spec.b_shape, spec.scale, spec.use_dora)
+    want = (theirs.a_shape, theirs.b_shape, 1.0, False)
+    if mine != want:
+      raise ValueError(
+          f'{name}: the adapter {spec.key!r} has A {spec.a_shape}, B '
+          f'{spec.b_shape}, scale {spec.scale}, DoRA {spec.use_dora}; the '
+          f'bank needs {want[0]}, {want[1]}, scale 1 and no DoRA. Adapt the '
+          f'model with peft.nnx.apply_lora(model, rank={bank.rank}) and '
+          'alpha unset.')
+    node = bank.lora
+    for key in spec.adapter_path:
+      node = node[key]
+    values.append((layer.lora, node['a'], node['b']))
+  if by_key:
+    raise ValueError(f'{name}: the bank adapts {sorted(by_key)}, which the '
+                     'model does not. Adapt the same layers the bank\'s '
+                     'adapters were made for.')
+  for lora, a, b in values:
+    lora.a.set_value(a)  # A new shape: the bank axis.
+    lora.b.set_value(b)
+    lora.bank_size = len(bank.names)

@@ -33,6 +33,7 @@ from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
 
+from peft._core import active_adapter as _active
 from peft._core import einsum as _einsum
 from peft._core import options as _options
 from peft._core import spec as _spec
@@ -447,20 +448,28 @@ class LoRAConv(_LoRALayer, nnx.Conv):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding=out_sharding)
-    x, a, b = self.lora.operands(inputs)
+
     # A runs through nnx.Conv's own code (padding modes, batch axes) on a
-    # shallow copy of this layer that holds A as its kernel.
+    # shallow copy of this layer that holds A as its kernel. Split here and
+    # merged in `conv_update`, so that it also runs under the per-row
+    # `jax.vmap` of a bank (a module may not change inside a transform).
     rank_conv = retype(self, nnx.Conv)
-    rank_conv.kernel = nnx.Param(a)
+    rank_conv.kernel = nnx.Param(jnp.zeros(
+        (*self.kernel_size, self.in_features, self.lora.rank)))
     rank_conv.kernel_shape = (*self.kernel_size, self.in_features,
                               self.lora.rank)
     rank_conv.bias = nnx.data(None)
     rank_conv.use_bias = False
     rank_conv.out_features = self.lora.rank
-    rank_conv.dtype = a.dtype
-    low_rank = rank_conv(x)
-    update = jnp.einsum('...r,ro->...o', low_rank, b,
+    graph, state = nnx.split(rank_conv)
+
+    def conv_update(x, a, b):
+      conv = nnx.merge(graph, state)
+      conv.kernel = nnx.Param(a)
+      conv.dtype = a.dtype
+      return jnp.einsum('...r,ro->...o', conv(x), b,
                         precision=self.precision)
+    update = self.lora.selected(conv_update, inputs)
     return self._dora_or_lora(
         y, _einsum.conv_equation(len(self.kernel_size)), update)
 
@@ -493,14 +502,19 @@ class LoRAEmbed(_LoRALayer, nnx.Embed):
     y = super().__call__(inputs, out_sharding=out_sharding)
     if self.num_embeddings == 1:  # nnx.Embed broadcasts its single row.
       inputs = jnp.zeros_like(inputs)
-    rows = jnp.take(self.lora.a[...], inputs, axis=0)
-    rows, _, b = self.lora.operands(rows)
-    return y + (rows @ b).astype(y.dtype)
+    drop = self.lora.dropout if not _active.per_row() else None
+
+    def lookup(ids, a, b):
+      rows = jnp.take(a, ids, axis=0)
+      return (rows if drop is None else drop(rows)) @ b
+    update = self.lora.selected(lookup, inputs, ids=True)
+    return y + update.astype(y.dtype)
 
   def attend(self, query: jax.Array, out_sharding=None) -> jax.Array:
     y = super().attend(query, out_sharding=out_sharding)
-    query, a, b = self.lora.operands(query, drop=False)
-    return y + ((query @ b.T) @ a.T).astype(y.dtype)
+    update = self.lora.selected(lambda q, a, b: (q @ b.T) @ a.T, query,
+                                drop=False)
+    return y + update.astype(y.dtype)
 
 
 LORA_LAYERS: tuple[type[_LoRALayer], ...] = (
