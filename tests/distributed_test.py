@@ -209,7 +209,10 @@ def test_a_dead_process_ends_the_other(tmp_path, dies):
   assert other.returncode != 0
   assert took < heartbeat + 60
   err = (tmp_path / f'p{1 - dies}.err').read_text()
-  assert 'another task died' in err, err[-3000:]
+  # JAX's coordination service notices the silence (the heartbeat), or
+  # gloo the broken connection in the middle of a collective: either ends
+  # the process with its message.
+  assert 'another task died' in err or 'gloo::' in err, err[-3000:]
 
 
 def test_adapters_from_one_mesh_load_onto_others_and_one_device(

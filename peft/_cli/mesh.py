@@ -247,6 +247,20 @@ def gather(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def leave() -> None:
+  """Leaves a multi-process run together with the others (a collective).
+
+  Before a process ends without Python's shutdown (`os._exit`, as a
+  stopped run does): every process waits here until all have written what
+  they write, then leaves JAX's distributed runtime. Otherwise the first
+  to exit looks dead to the rest, which then abort.
+  """
+  if jax.process_count() == 1:
+    return
+  multihost_utils.sync_global_devices('peft finetune: leaving')
+  jax.distributed.shutdown()
+
+
 def any_process(flag: bool) -> bool:
   """Whether `flag` is set on any process (a collective)."""
   if jax.process_count() == 1:

@@ -289,7 +289,9 @@ def _run(args: Any) -> dict[str, Any]:
   with interrupt.stop_requests() as stop_requested:
     progress = _start(run)
     progress = _train(run, progress, step, stop_requested)
-  return _finish(run, progress)
+  results = _finish(run, progress)
+  mesh_lib.leave()  # All leave once process 0 has written the outputs.
+  return results
 
 
 def _check_batch(args: Any, placement: mesh_lib.Placement) -> None:
@@ -458,6 +460,7 @@ def _train(run: _Run, progress: checkpoints.Progress, step: Any,
         if mesh_lib.any_process(stop_requested()):  # All stop together.
           saved = saved or run.save_checkpoint(now(i))
           metrics.close()
+          mesh_lib.leave()  # Process 0 has written the checkpoint.
           interrupt.end_after_stop(
               f' at step {i}; checkpoint in {saved}; go on with the same '
               'command and --resume')
