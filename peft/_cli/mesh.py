@@ -78,10 +78,12 @@ def initialize(args: Any) -> None:
                    'fsdp=4) to lay out the devices of all processes.')
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
+    # The processes have JAX's default 5 minutes to join, whatever the
+    # heartbeat: on a busy machine (or hosts that start apart) a short one
+    # would fail a run that is only slow to start.
     jax.distributed.initialize(
         args.coordinator, args.num_processes, args.process_id,
-        heartbeat_timeout_seconds=args.heartbeat_timeout,
-        initialization_timeout=args.heartbeat_timeout)
+        heartbeat_timeout_seconds=args.heartbeat_timeout)
   except RuntimeError as e:
     raise CliError(f'cannot join the processes at --coordinator '
                    f'{args.coordinator!r}: {e}') from None
