@@ -42,6 +42,7 @@ import numpy as np
 import peft
 from peft import models
 from peft._cli import base as base_lib
+from peft._core import adapter_tree as _adapter_tree
 from peft._core import einsum as _einsum
 
 CliError = base_lib.CliError
@@ -109,14 +110,18 @@ class Placement:
   lora: Any
 
   @property
+  def batch_axes(self) -> tuple[str, ...]:
+    """The mesh's axes that split the batch rows."""
+    return tuple(a for a in BATCH_AXES if a in self.mesh.shape)
+
+  @property
   def batch_ways(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in BATCH_AXES
-                     if a in self.mesh.shape)
+    return math.prod(self.mesh.shape[a] for a in self.batch_axes)
 
   def batch_sharding(self) -> NamedSharding:
     """Of `(micro-batches, batch, length)` arrays: rows over the batch axes."""
-    rows = tuple(a for a in BATCH_AXES if a in self.mesh.shape)
-    return NamedSharding(self.mesh, PartitionSpec(None, rows or None))
+    return NamedSharding(self.mesh,
+                         PartitionSpec(None, self.batch_axes or None))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
@@ -184,15 +189,10 @@ def adapter_names(specs: Sequence[peft.AdapterSpec], frozen_names: Any
   """A tree like the adapters with the axis names of each A and B."""
   out: dict[str, Any] = {}
   for spec in specs:
-    kernel = frozen_names
-    for key in spec.path:
-      kernel = kernel[key]
-    a, b = _einsum.delta_partition_names(spec.delta_str,
-                                         kernel[spec.weight_name])
-    node = out
-    for key in spec.path:
-      node = node.setdefault(key, {})
-    node[spec.adapter_name] = {'a': a, 'b': b}
+    kernel = _adapter_tree.module_at(frozen_names, spec, '--mesh')
+    node = _adapter_tree.adapter_node(out, spec)
+    node['a'], node['b'] = _einsum.delta_partition_names(
+        spec.delta_str, kernel[spec.weight_name])
   return out
 
 

@@ -88,11 +88,8 @@ def adapter_node(tree: dict[str, Any],
   return node
 
 
-def adapter_and_spec(lora: Params, spec: _spec.AdapterSpec, name: str):
-  """`(A, B, spec with its stack_shape)`, validated, from a lora tree.
-
-  A and B may carry leading stack axes (`stacked_spec` reads them).
-  """
+def adapter_dict(lora: Params, spec: _spec.AdapterSpec, name: str) -> Any:
+  """What sits at `spec.adapter_path` in a lora tree, or a clear error."""
   node = lora
   for key in spec.adapter_path:
     if not isinstance(node, Mapping) or key not in node:
@@ -101,7 +98,15 @@ def adapter_and_spec(lora: Params, spec: _spec.AdapterSpec, name: str):
           'the specs of the adapters in these params.'
       )
     node = node[key]
-  adapter = node
+  return node
+
+
+def adapter_and_spec(lora: Params, spec: _spec.AdapterSpec, name: str):
+  """`(A, B, spec with its stack_shape)`, validated, from a lora tree.
+
+  A and B may carry leading stack axes (`stacked_spec` reads them).
+  """
+  adapter = adapter_dict(lora, spec, name)
   keys = adapter_keys(spec)
   if not isinstance(adapter, Mapping) or set(adapter) != set(keys):
     got = sorted(adapter) if isinstance(adapter, Mapping) else adapter
@@ -134,10 +139,7 @@ def get_magnitude(lora: Params, spec: _spec.AdapterSpec, name: str):
 
   `spec` carries its `stack_shape` (from `adapter_and_spec`).
   """
-  node = lora
-  for key in spec.adapter_path:
-    node = node[key]
-  m = node[_dora.MAGNITUDE]
+  m = adapter_dict(lora, spec, name)[_dora.MAGNITUDE]
   want = (*spec.stack_shape, *spec.magnitude_shape)
   if tuple(np.shape(m)) != want:
     raise ValueError(

@@ -101,28 +101,20 @@ class AdapterBank:
     """
     named = _combine.check_named(adapters, None, _NAME)
     names = tuple(named)
-    by_key: dict[str, dict[str, tuple[Any, Any, _spec.AdapterSpec]]] = {}
-    for name, (_, lora, specs) in named.items():
-      for spec in specs:
-        a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, _NAME)
-        entries = by_key.setdefault(spec.key, {})
-        if entries:
-          _combine.check_same_kernel(next(iter(entries.values()))[2], spec,
-                                    name, named, _NAME)
-        entries[name] = (a, b, spec)
+    by_key = _combine.by_kernel(named, _NAME)
     out: dict[str, Any] = {}
     specs = []
     # One rank for all, so that one surgery (`peft.lora(rank=bank.rank)`)
     # runs the bank.
     rank = max(spec.rank for entries in by_key.values()
-               for _, _, spec in entries.values())
+               for *_, spec in entries.values())
     for entries in by_key.values():
-      first = next(iter(entries.values()))[2]
+      first = next(iter(entries.values()))[3]
       spec = _combine.with_rank(first, rank)
       a_parts, b_parts = [], []
       for name in names:
         if name in entries:
-          a, b, own = entries[name]
+          _, a, b, own = entries[name]
           a, b = _padded(a, jnp.asarray(b) * own.scale, own, rank)
         else:
           a, b = (jnp.zeros((*spec.stack_shape, *shape), jnp.float32)
@@ -130,7 +122,7 @@ class AdapterBank:
         a_parts.append(a)
         b_parts.append(b)
       n = len(spec.stack_shape)
-      dtype = jnp.result_type(*(a for a, _, _ in entries.values()))
+      dtype = jnp.result_type(*(a for _, a, _, _ in entries.values()))
       node = _adapter_tree.adapter_node(out, spec)
       node['a'] = jnp.stack(a_parts, axis=n).astype(dtype)
       node['b'] = jnp.stack(b_parts, axis=n).astype(dtype)
@@ -203,9 +195,7 @@ class AdapterBank:
     i = self.index(name)
     out: dict[str, Any] = {}
     for spec in self.specs:
-      node = self.lora
-      for key in spec.adapter_path:
-        node = node[key]
+      node = _adapter_tree.adapter_dict(self.lora, spec, 'AdapterBank.select')
       n = np.ndim(node['a']) - len(spec.a_shape) - 1
       picked = _adapter_tree.adapter_node(out, spec)
       picked['a'] = jnp.take(node['a'], i, axis=n)

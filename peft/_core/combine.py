@@ -115,17 +115,11 @@ def combine_adapters(adapters: Mapping[str, Any],
     TypeError: an entry that is no `(lora, specs)` pair.
   """
   named = _check_inputs(adapters, weights, method, rank)
-  by_key: dict[str, list[tuple[float, Any, Any, _spec.AdapterSpec]]] = {}
-  for name, (weight, lora, specs) in named.items():
-    for spec in specs:
-      a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, _NAME)
-      entries = by_key.setdefault(spec.key, [])
-      if entries:
-        check_same_kernel(entries[0][3], spec, name, named, _NAME)
-      entries.append((weight * spec.scale, a, b, spec))
   out: dict[str, Any] = {}
   new_specs, errors = [], {}
-  for key, entries in by_key.items():
+  for key, by_name in by_kernel(named, _NAME).items():
+    entries = [(weight * spec.scale, a, b, spec)
+               for weight, a, b, spec in by_name.values()]
     a_m, b_m = _stacked_factors(entries)
     if method == 'svd':
       assert rank is not None  # `_check_inputs` made sure.
@@ -193,6 +187,24 @@ def check_named(adapters: Any, weights: Any, name: str
             'fuse the DoRA one into the base first.')
     named[key] = (float(weight), entry[0], specs)
   return named
+
+
+def by_kernel(named: Mapping[str, tuple[float, Any, Any]], name: str
+              ) -> dict[str, dict[str, tuple[float, Any, Any,
+                                             _spec.AdapterSpec]]]:
+  """The adapters of `check_named`'s result grouped by kernel: adapter key
+  -> {adapter name: (weight, A, B, spec with its stack_shape)}, checked to
+  agree on each kernel; errors say `name`."""
+  out: dict[str, dict[str, tuple[float, Any, Any, _spec.AdapterSpec]]] = {}
+  for key, (weight, lora, specs) in named.items():
+    for spec in specs:
+      a, b, spec = _adapter_tree.adapter_and_spec(lora, spec, name)
+      entries = out.setdefault(spec.key, {})
+      if entries:
+        check_same_kernel(next(iter(entries.values()))[3], spec, key, named,
+                          name)
+      entries[key] = (weight, a, b, spec)
+  return out
 
 
 def check_same_kernel(first: _spec.AdapterSpec, spec: _spec.AdapterSpec,

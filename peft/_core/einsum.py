@@ -85,6 +85,27 @@ class LoRAEinsumPlan:
       low = jnp.broadcast_to(low, b.shape[:self.lead_ndim] + low.shape)
     return jnp.einsum(self.up_str, low, b, precision=precision)
 
+  def batch_axis(self, out_ndim: int) -> int | None:
+    """Where the input's first axis (the batch) lands in an output of
+    `out_ndim` axes; None when the equation contracts it.
+
+    Example:
+      >>> plan = EinsumEquation.parse('BSD,CKDH->CBSKH').lora_plan(
+      ...     weight_shape=(2, 1, 8, 4), rank=3)
+      >>> plan.batch_axis(5)
+      1
+      >>> EinsumEquation.parse('...i,io->...o').lora_plan(
+      ...     weight_shape=(3, 4), rank=2).batch_axis(3)
+      0
+    """
+    inputs, outputs = self.einsum_str.split('->')
+    head = _axes(inputs.split(',')[0])[0]
+    out = _axes(outputs)
+    if head not in out:
+      return None
+    dots = out_ndim - len(out) + 1  # The axes `...` stands for.
+    return sum(dots if t == _ELLIPSIS else 1 for t in out[:out.index(head)])
+
 
 @dataclasses.dataclass(frozen=True)
 class EinsumEquation:
@@ -442,27 +463,6 @@ def add_delta(kernel: jax.Array, a: jax.Array, b: jax.Array,
   if not with_error:
     return out
   return out, jnp.max(jnp.abs(out.astype(dtype) - exact), initial=0.0)
-
-
-def batch_axis_out(einsum_str: str, out_ndim: int) -> int | None:
-  """Where the first input axis (the batch) lands in the output, which has
-  `out_ndim` axes; None when the equation contracts it.
-
-  Example:
-    >>> batch_axis_out('BSD,CKDH->CBSKH', 5), batch_axis_out(
-    ...     '...i,io->...o', 3)
-    (1, 0)
-  """
-  inputs, outputs = einsum_str.replace(' ', '').split('->')
-  first = inputs.split(',')[0]
-  explicit = outputs.replace('...', '')
-  ellipsis_ndim = out_ndim - len(explicit)
-  head = '...' if first.startswith('...') else first[:1]
-  if head not in outputs:
-    return None
-  before = outputs[:outputs.index(head)]
-  dots = ellipsis_ndim if '...' in before else 0
-  return len(before.replace('...', '')) + dots
 
 
 def delta_partition_names(

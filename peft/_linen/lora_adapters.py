@@ -155,8 +155,7 @@ class LoRAAdapterBase(_lora_fields.LoRAFields):
     a, b = self._ab(plan.a_shape, plan.b_shape, plan.delta_str)
     update = self._selected(
         lambda x, a, b: plan.apply(*self._cast(x, a, b)), self._drop(inputs),
-        a, b, batch_axis=lambda ndim: _einsum.batch_axis_out(plan.einsum_str,
-                                                             ndim))
+        a, b, batch_axis=plan.batch_axis)
     return self._dora_update(dora, plan, a, b, update)
 
   @nn.nowrap

@@ -306,8 +306,7 @@ class LoRAAdapter(nnx.Module):
     """
     return self.selected(
         lambda x, a, b: plan.apply(x, a, b, precision=precision), x,
-        batch_axis=lambda ndim: _einsum.batch_axis_out(plan.einsum_str,
-                                                       ndim))
+        batch_axis=plan.batch_axis)
 
   def selected(self, update: Any, x: jax.Array, *, drop: bool = True,
                ids: bool = False,

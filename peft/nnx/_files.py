@@ -178,9 +178,7 @@ def load_bank(model: nnx.Module, bank: Any) -> None:
           f'bank needs {want[0]}, {want[1]}, scale 1 and no DoRA. Adapt the '
           f'model with peft.nnx.apply_lora(model, rank={bank.rank}) and '
           'alpha unset.')
-    node = bank.lora
-    for key in spec.adapter_path:
-      node = node[key]
+    node = _adapter_tree.adapter_dict(bank.lora, theirs, name)
     values.append((layer.lora, node['a'], node['b']))
   if by_key:
     raise ValueError(f'{name}: the bank adapts {sorted(by_key)}, which the '
