@@ -709,13 +709,19 @@ def _linen_twin(params, **surgery):
 _SURGERY = dict(rank=RANK, alpha=4.0, targets=_LINEN_KINDS)
 
 
-def test_a_linen_file_loads_into_the_identical_nnx_model(tmp_path):
+def _linen_file(tmp_path, surgery):
+  """The linen twin adapted by `surgery` with random adapters, saved:
+  `(base params, params, report, its output, the file)`."""
   base, _ = _twin_params(0)
-  fresh, report = _twin_params(1, **_SURGERY)
+  fresh, report = _twin_params(1, **surgery)
   params = peft.merge_params(base, peft.split_params(fresh).lora)
-  expected = _linen_twin(params, **_SURGERY)
   file = os.fspath(tmp_path / 'linen.safetensors')
   peft.save_adapters(file, params, report.specs)
+  return base, params, report, _linen_twin(params, **surgery), file
+
+
+def test_a_linen_file_loads_into_the_identical_nnx_model(tmp_path):
+  base, _, report, expected, file = _linen_file(tmp_path, _SURGERY)
   assert {s.layer_type for s in report.specs} == {
       'Dense', 'DenseGeneral', 'Einsum', 'Conv', 'Embed'}
 
@@ -793,12 +799,7 @@ def test_dora_init_equals_the_plain_model_and_trains_m():
 
 
 def test_dora_nnx_equals_linen_on_the_same_weights(tmp_path):
-  base, _ = _twin_params(0)
-  fresh, report = _twin_params(1, **_DORA)
-  params = peft.merge_params(base, peft.split_params(fresh).lora)
-  expected = _linen_twin(params, **_DORA)
-  linen_file = os.fspath(tmp_path / 'linen.safetensors')
-  peft.save_adapters(linen_file, params, report.specs)
+  base, params, report, expected, linen_file = _linen_file(tmp_path, _DORA)
   twin = _NnxTwin(base)
   pnnx.load_adapters(linen_file, twin)  # builds DoRA layers from the file
   assert twin.up.lora.options.use_dora

@@ -76,11 +76,14 @@ def apply_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
 
 
 def dora_kernel(kernel, a, b, m, spec: _spec.AdapterSpec, *, fusing: bool,
-                name: str):
-  """`(m * V / ||V||, ||V||)` (fuse) or `(W, None)` (unfuse) for DoRA.
+                name: str, with_error: bool = False):
+  """`(m * V / ||V||, ||V||, error)` (fuse) or `(W, None, error)` (unfuse)
+  for DoRA.
 
   Unfuse reads the norm that fuse folded into this very kernel array from
   the fuse ledger: the fused kernel, A, B and m alone do not determine it.
+  `error` is the largest `|new - exact|` against the same computation on
+  the kernel in float32 (0.0 without `with_error`).
 
   Raises:
     ValueError: unfusing a kernel whose norm is not known (it was not
@@ -93,27 +96,37 @@ def dora_kernel(kernel, a, b, m, spec: _spec.AdapterSpec, *, fusing: bool,
   norm = None if fusing or isinstance(kernel, jax.core.Tracer) else (
       _fuse_ledger.dora_norm(kernel, a, b))
   kernel, a, b, m = (jnp.asarray(x) for x in (kernel, a, b, m))
-  if fusing:
-    return _dora.fused_kernel(kernel, a, b, m, spec.scale, **kwargs)
-  if norm is None:
-    raise ValueError(
-        f'{name}: kernel {where!r} holds the DoRA adapter {spec.key!r}, '
-        'whose unfuse needs the per-column norm ||W + scale * delta|| that '
-        'the fused kernel no longer determines. fuse records it only for '
-        'the very array it returned, in this process, outside jax.jit; this '
-        'kernel is another (loaded, copied or traced). Unfuse the params '
-        'fuse returned, or keep the base params and fuse them again.'
-    )
-  lost = _dora.lost_columns(m, norm)
-  if lost:
-    raise ValueError(
-        f'{name}: kernel {where!r}: DoRA adapter {spec.key!r} has {lost} '
-        'zero entries in its magnitude m, so fuse zeroed those columns and '
-        'the base kernel cannot be restored from them. Keep the base '
-        'params (split_params(params).original) instead of unfusing.'
-    )
-  return _dora.unfused_kernel(kernel, a, b, m, norm, spec.scale,
-                              **kwargs), None
+  if not fusing:
+    if norm is None:
+      raise ValueError(
+          f'{name}: kernel {where!r} holds the DoRA adapter {spec.key!r}, '
+          'whose unfuse needs the per-column norm ||W + scale * delta|| that '
+          'the fused kernel no longer determines. fuse records it only for '
+          'the very array it returned, in this process, outside jax.jit; '
+          'this kernel is another (loaded, copied or traced). Unfuse the '
+          'params fuse returned, or keep the base params and fuse them '
+          'again.'
+      )
+    lost = _dora.lost_columns(m, norm)
+    if lost:
+      raise ValueError(
+          f'{name}: kernel {where!r}: DoRA adapter {spec.key!r} has {lost} '
+          'zero entries in its magnitude m, so fuse zeroed those columns and '
+          'the base kernel cannot be restored from them. Keep the base '
+          'params (split_params(params).original) instead of unfusing.'
+      )
+
+  def compute(k):
+    if fusing:
+      return _dora.fused_kernel(k, a, b, m, spec.scale, **kwargs)
+    return _dora.unfused_kernel(k, a, b, m, norm, spec.scale, **kwargs), None
+
+  new, fused_norm = compute(kernel)
+  error = 0.0
+  if with_error:
+    exact = compute(kernel.astype(jnp.float32))[0]
+    error = jnp.max(jnp.abs(new.astype(jnp.float32) - exact), initial=0.0)
+  return new, fused_norm, error
 
 
 def check_finite(kernel, spec: _spec.AdapterSpec, name: str) -> None:
@@ -199,20 +212,9 @@ def _update_kernels(base, lora, specs, sign: float, name: str, *,
     norm = None
     if spec.use_dora:
       m = _adapter_tree.get_magnitude(lora, spec, name)
-      new, norm = dora_kernel(kernel, a, b, m, spec, fusing=sign > 0,
-                              name=name)
-      if with_error:  # the same kernel in float32, against the cast one
-        exact = (dora_kernel(jnp.asarray(kernel, jnp.float32), a, b, m, spec,
-                             fusing=True, name=name)[0] if sign > 0 else
-                 _dora.unfused_kernel(
-                     jnp.asarray(kernel, jnp.float32), a, b, m,
-                     _fuse_ledger.dora_norm(kernel, a, b), spec.scale,
-                     delta_str=spec.delta_str,
-                     magnitude_axes=spec.magnitude_axes,
-                     n_stack=len(spec.stack_shape)))
-        error = jnp.maximum(error, jnp.max(jnp.abs(
-            new.astype(jnp.float32) - exact.astype(jnp.float32)),
-                                           initial=0.0))
+      new, norm, err = dora_kernel(kernel, a, b, m, spec, fusing=sign > 0,
+                                   name=name, with_error=with_error)
+      error = jnp.maximum(error, err)
     else:
       new = apply_delta(kernel, a, b, spec, sign, with_error=with_error)
       if with_error:

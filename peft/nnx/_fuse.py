@@ -39,8 +39,8 @@ def _with_delta(kernel, a, b, spec: _spec.AdapterSpec, sign: float, *,
   _fuse.check_ledger(kernel, a, b, spec, fusing=sign > 0, name=name)
   norm = None
   if spec.use_dora:
-    value, norm = _fuse.dora_kernel(kernel, a, b, m, spec, fusing=sign > 0,
-                                    name=name)
+    value, norm, _ = _fuse.dora_kernel(kernel, a, b, m, spec,
+                                       fusing=sign > 0, name=name)
   else:
     # The path does not enter the math; dropping it shares compilations.
     value = _jit_delta(kernel, a, b, dataclasses.replace(spec, path=()),
