@@ -60,6 +60,11 @@ def targets(results: dict[str, Any], *, rank: int) -> list[dict[str, Any]]:
                     step, 1.3))
   out.append(_timed(f'fused DoRA forward r{rank} / base forward', rows,
                     f'fused DoRA forward r{rank}', base, 1.01))
+  for name in rows:
+    if name.startswith('QDoRA step '):
+      qlora = name.replace('QDoRA', 'QLoRA', 1)
+      out.append(_timed(f'{name} / {qlora}', rows, name, qlora, 1.3,
+                        note='DoRA over the quantized base'))
   gemma = f'gemma.peft LoRA step r{rank}'
   out.append(_timed(f'{step} / {gemma}', rows, step, gemma, 1.0,
                     note=results['skipped'].get('gemma.peft LoRA', '')))

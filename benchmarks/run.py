@@ -179,28 +179,34 @@ def _dora_variants(decoder, base, tokens, rank, tx):
 
 
 def _qlora_variants(decoder, base, tokens, rank, methods, skipped):
+  """QLoRA's and QDoRA's steps over each quantized base."""
+  kinds = (('QLoRA', False), ('QDoRA', True))
   problem = steps_lib.quantization_api()
   if problem:
     for method in methods:
-      skipped[f'QLoRA step {method} r{rank}'] = problem
+      for kind, _ in kinds:
+        skipped[f'{kind} step {method} r{rank}'] = problem
     return []
   out = []
   for method in methods:
-    name = f'QLoRA step {method} r{rank}'
-    try:
-      qbase = jax.jit(functools.partial(
-          steps_lib.quantize_base, decoder, tokens=tokens,
-          method=method))(base)
-      context = functools.partial(peft.quantized, method)
-      setup = steps_lib.init_lora(decoder, tokens, rank=rank,
-                                  context=context)
-      tx = steps_lib.adapter_optimizer()
-      out.append(Variant(name, functools.partial(
-          steps_lib.make_lora_step, decoder, setup.surgery, tx, context),
-          (setup.adapters, jax.jit(tx.init)(setup.adapters), qbase, tokens),
-          step=True))
-    except Exception as e:  # pylint: disable=broad-except
-      skipped[name] = f'{type(e).__name__}: {e}'
+    qbase = None
+    for kind, use_dora in kinds:
+      name = f'{kind} step {method} r{rank}'
+      try:
+        if qbase is None:
+          qbase = jax.jit(functools.partial(
+              steps_lib.quantize_base, decoder, tokens=tokens,
+              method=method))(base)
+        context = functools.partial(peft.quantized, method)
+        setup = steps_lib.init_lora(decoder, tokens, rank=rank,
+                                    context=context, use_dora=use_dora)
+        tx = steps_lib.adapter_optimizer()
+        out.append(Variant(name, functools.partial(
+            steps_lib.make_lora_step, decoder, setup.surgery, tx, context),
+            (setup.adapters, jax.jit(tx.init)(setup.adapters), qbase,
+             tokens), step=True))
+      except Exception as e:  # pylint: disable=broad-except
+        skipped[name] = f'{type(e).__name__}: {e}'
   return out
 
 

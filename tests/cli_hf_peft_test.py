@@ -20,7 +20,9 @@ from peft._cli import base as base_lib
 from tests.cli_test import DATA
 from tests.cli_test import assert_one_line_error
 from tests.cli_test import perplexities
+from tests.cli_test import reference_perplexity
 from tests.cli_test import run_cli
+from tests.cli_test import tiny  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(scope='module')
@@ -130,9 +132,11 @@ def test_export_of_fresh_adapters_writes_the_hf_layout(tmp_path):
     (('finetune', '--tiny', '--init-adapters', '{hf}', '--rank', '4'),
      r"--init-adapters '.*' brings its own surgery, so --rank would not "
      'apply'),
+    (('finetune', '--tiny', '--init-adapters', '{hf}', '--use-dora'),
+     r"so --use-dora would not apply"),
     (('eval', '--tiny', '--adapters', '{bad}'),
-     r"--adapters '.*': HF PEFT adapter '.*': use_dora=True is not "
-     'supported'),
+     r"--adapters '.*': HF PEFT adapter '.*': the config sets use_dora=True "
+     r"but model\.layers\.0\..* has no lora_magnitude_vector"),
     (('export', '--adapters', 'nowhere.safetensors', '--format', 'hf-peft',
       '{tmp}/out'), r"--adapters 'nowhere.safetensors': no such file"),
     (('eval', '--hf-dir', '{small}', '--adapters', '{hf}'),
@@ -146,13 +150,70 @@ def test_hf_adapter_errors_are_one_line(hf_dir, tmp_path, argv, match):
   config = json.loads((bad / 'adapter_config.json').read_text())
   (bad / 'adapter_config.json').write_text(json.dumps({**config,
                                                        'use_dora': True}))
-  tiny = base_lib.load_base(base_lib.TINY)
+  tiny_base = base_lib.load_base(base_lib.TINY)
   small_config = models.DecoderConfig.from_hf_config(
-      {**tiny.config.to_hf_config(), 'num_hidden_layers': 1})
+      {**tiny_base.config.to_hf_config(), 'num_hidden_layers': 1})
   small = tmp_path / 'small'
-  small_params = {k: v for k, v in tiny.params.items() if k != 'layers_1'}
+  small_params = {k: v for k, v in tiny_base.params.items() if k != 'layers_1'}
   models.save_hf_dir(small, config=small_config, params=small_params,
-                     tokenizer=tiny.tokenizer)
+                     tokenizer=tiny_base.tokenizer)
   names = {'hf': hf_dir, 'bad': bad, 'tmp': tmp_path, 'small': small}
   argv = [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
   assert_one_line_error(*run_cli(*argv), 1, match)
+
+
+@pytest.fixture(scope='module')
+def hf_dora_dir(tmp_path_factory):
+  """An HF PEFT DoRA adapter for the tiny model on q and v only (HF's usual
+  choice, one half of the stacked kv kernel): random B, m moved off
+  ||W||."""
+  base = base_lib.load_base(base_lib.TINY)
+  with peft.lora(rank=2, alpha=4.0, targets='.*attn/(q|kv)_einsum',
+                 use_dora=True) as report:
+    shapes = jax.eval_shape(base.model.init, jax.random.key(0),
+                            jnp.ones((1, 2), jnp.int32))
+  rng = np.random.default_rng(1)
+  lora = jax.tree.map(
+      lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32),
+      peft.split_params(shapes['params']).lora)
+  params = peft.init_dora_magnitudes(peft.merge_params(base.params, lora),
+                                     report.specs)
+  lora = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 1.2 if p[-1].key == 'm' else x,
+      peft.split_params(params).lora)
+  directory = tmp_path_factory.mktemp('hf_dora') / 'adapter'
+  models.save_hf_peft(directory, lora, report.specs, base_model='tiny')
+  weights = directory / 'adapter_model.safetensors'
+  tensors = {k: v for k, v in safetensors.numpy.load_file(weights).items()
+             if '.k_proj.' not in k}
+  safetensors.numpy.save_file(tensors, weights, metadata={'format': 'pt'})
+  return directory
+
+
+def test_an_hf_dora_adapter_evaluates_continues_and_exports(
+    hf_dora_dir, tmp_path, tiny):  # noqa: F811
+  base, held = tiny
+  loaded = models.load_hf_peft(hf_dora_dir, base.config, params=base.params)
+  with peft.lora(rules=loaded.rules):
+    logits = base.model.apply(
+        {'params': peft.merge_params(base.params, loaded.lora)},
+        jnp.asarray(held[:, :-1]))
+  adapted = _perplexity(('eval', '--tiny', *DATA, '--adapters', hf_dora_dir),
+                        'fine-tuned')
+  assert adapted == pytest.approx(reference_perplexity(logits, held),
+                                  rel=1e-4)
+  status, out, err = run_cli(
+      'finetune', '--tiny', *DATA, '--init-adapters', hf_dora_dir,
+      '--steps', '1', '--batch-size', '2', '--workdir', tmp_path)
+  assert status == 0, err
+  file = tmp_path / 'adapters.safetensors'
+  assert peft.load_adapters(file).metadata['peft_cli']['settings'][
+      'use_dora'] is True
+  out_dir = tmp_path / 'exported'
+  status, out, err = run_cli('export', '--adapters', file, '--format',
+                             'hf-peft', out_dir)
+  assert status == 0, err
+  assert json.loads((out_dir / 'adapter_config.json').read_text())[
+      'use_dora'] is True
+  got = safetensors.numpy.load_file(out_dir / 'adapter_model.safetensors')
+  assert sum(k.endswith('lora_magnitude_vector') for k in got) == 2 * 3

@@ -110,7 +110,7 @@ def test_help(command):
   assert out.startswith('usage: python -m peft')
   if command in ('finetune', 'summary'):
     assert all(f in out for f in ('--targets', '--rank', '--alpha',
-                                  '--dropout', '--quantize'))
+                                  '--dropout', '--quantize', '--use-dora'))
   if command is None:
     assert all(c in out for c in COMMANDS)
 
@@ -121,7 +121,7 @@ def test_finetune_writes_adapters_that_load(trained, tiny, forward):
   meta = loaded.metadata['peft_cli']
   assert meta['settings'] == {'targets': list(TARGETS), 'rank': 8,
                               'alpha': 16.0, 'dropout': 0.0, 'quantize': None,
-                              'kernels': []}
+                              'use_dora': False, 'kernels': []}
   assert meta['base']['source'] == 'tiny'
   assert len(loaded.specs) == 10  # 2 layers x (q, kv, out, gate/up, down)
   b = [x for p, x in jax.tree_util.tree_leaves_with_path(loaded.lora)
@@ -258,6 +258,42 @@ def test_qlora_finetune_and_merge(tmp_path, tiny, forward):
   assert meta['settings']['quantize'] == 'int8'
   status, out, err = run_cli('summary', '--tiny', '--adapters', path)
   assert status == 0 and '6 adapted layers' in out and '(int8)' in out
+  status, out, err = run_cli('merge', '--tiny', '--workdir', tmp_path, *DATA,
+                             '--adapters', path)
+  assert status == 0, err
+  assert float(re.search(r'max \|logit diff\| = (\S+)', out)[1]) < 1e-4
+
+
+def test_qdora_finetune_eval_compare_and_merge(tmp_path, tiny):
+  status, out, err = run_cli('finetune', '--tiny', '--workdir', tmp_path,
+                             *DATA, '--steps', '2', '--batch-size', '2',
+                             '--quantize', 'int8', '--use-dora',
+                             '--targets', '.*attn/q.*', '.*mlp')
+  assert status == 0, err
+  path = tmp_path / 'adapters.safetensors'
+  loaded = peft.load_adapters(path)
+  assert loaded.metadata['peft_cli']['settings']['use_dora'] is True
+  assert len(loaded.specs) == 6 and all(s.use_dora for s in loaded.specs)
+  m = [x for p, x in jax.tree_util.tree_leaves_with_path(loaded.lora)
+       if p[-1].key == 'm']
+  assert len(m) == 6
+  # --compare's base is the int8 base itself: B = 0 and m back at ||W_q||,
+  # so it is the plain model on the int8 kernels.
+  status, out, err = run_cli('eval', '--tiny', '--workdir', tmp_path, *DATA,
+                             '--adapters', path, '--compare')
+  assert status == 0, err
+  got = perplexities(out)
+  assert list(got) == ['base (int8)', 'fine-tuned']
+  base, held = tiny
+  model = models.Decoder(config=base.config)
+  tokens = jnp.asarray(held[:, :-1])
+  qbase = peft.quantize(base.params, method='int8',
+                        axes=peft.quantization_axes(model, tokens[:, :1]))
+  with peft.quantized('int8'):
+    logits = model.apply({'params': qbase}, tokens)
+  np.testing.assert_allclose(got['base (int8)'],
+                             reference_perplexity(logits, held), rtol=1e-4)
+  assert got['fine-tuned'] != pytest.approx(got['base (int8)'], rel=1e-6)
   status, out, err = run_cli('merge', '--tiny', '--workdir', tmp_path, *DATA,
                              '--adapters', path)
   assert status == 0, err

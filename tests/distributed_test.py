@@ -292,6 +292,39 @@ def test_tensor_parallel_run_trains_as_one_device(tmp_path, one_process):
                        **TOL)
 
 
+def test_dora_magnitudes_take_their_kernels_names_and_train_on_a_mesh(
+    tmp_path):
+  from peft import models  # pylint: disable=g-import-not-at-top
+
+  base = models.random_params(models.tiny_config())
+  with peft.lora(rank=4, targets=('.*attn/.*', '.*mlp'),
+                 use_dora=True) as report:
+    shapes = jax.eval_shape(models.Decoder(config=models.tiny_config()).init,
+                            jax.random.key(0), np.zeros((1, 4), np.int32))
+  lora = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                      peft.split_params(shapes['params']).lora)
+  placement = mesh_lib.build((('fsdp', 2), ('model', 4)), base, report.specs,
+                             lora)
+  names = jax.tree.map(lambda s: tuple(s.spec), placement.lora)['layers_0']
+  # m: the kernel's names along the output features (q: heads x head_dim;
+  # out: embed; gate/up: the 2 slots x mlp; down: embed).
+  assert names['attn']['q_einsum']['lora_w']['m'] == ('model', None)
+  assert names['attn']['attn_vec_einsum']['lora_w']['m'] == ('fsdp',)
+  assert names['mlp']['lora_gating_einsum']['m'] == (None, 'model')
+  assert names['mlp']['lora_linear']['m'] == ('fsdp',)
+  dora = ('--use-dora', '--steps', '2')
+  for mesh in ((), ('--mesh', 'fsdp=2,model=4')):
+    status, _, err = run_cli('finetune', *RUN, *dora, *mesh, '--workdir',
+                             tmp_path / ('tp' if mesh else 'single'))
+    assert status == 0, err
+  np.testing.assert_allclose(step_losses(tmp_path / 'tp/metrics.jsonl'),
+                             step_losses(tmp_path / 'single/metrics.jsonl'),
+                             **TOL)
+  assert_trees_close(load_file(tmp_path / 'tp/adapters.safetensors'),
+                     load_file(tmp_path / 'single/adapters.safetensors'),
+                     **TOL)
+
+
 @pytest.mark.parametrize('argv, code, match', [
     (('--mesh', 'data=2,rows=4'), 2,
      r"argument --mesh: mesh axis 'rows' is not one of data, fsdp, model; "

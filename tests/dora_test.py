@@ -6,19 +6,19 @@ output drops (written out by hand per layer below), `W' = m * V / ||V||`,
 then the layer's einsum with `W'` plus the bias.
 """
 
+import contextlib
 import dataclasses
+import functools
 import os
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import peft
-from peft import models
-from peft._core import einsum as peft_einsum
-from peft.models import _hf_peft
 from tests import fixtures
 from tests import helpers
 
@@ -83,10 +83,14 @@ def _module(params):
   return params
 
 
-def _direct(params, x, spec, eq, axes, *, m=None):
-  """The DoRA layer by hand: einsum(eq, x, m * V / ||V||) + bias."""
+def _direct(params, x, spec, eq, axes, *, m=None, kernel=None):
+  """The DoRA layer by hand: einsum(eq, x, m * V / ||V||) + bias.
+
+  `kernel` replaces the params' `W` (the dequantized kernel of a quantized
+  base).
+  """
   p = _module(params)
-  w = np.asarray(p['kernel'], np.float64)
+  w = np.asarray(p['kernel'] if kernel is None else kernel, np.float64)
   a, b = (np.asarray(p['lora'][k], np.float64) for k in 'ab')
   m = np.asarray(p['lora']['m'] if m is None else m, np.float64)
   v = w + spec.scale * np.einsum(spec.delta_str, a, b)
@@ -311,20 +315,6 @@ def test_errors_name_the_value_the_place_and_the_fix():
         jax.random.key(0), X2)
 
 
-def test_quantized_bases_are_refused():
-  dense = nn.Dense(4)
-  with pytest.raises(ValueError, match=r"DoRA \(use_dora=True\) does not "
-                     r"support the quantized layer SimulateQuantizedDense "
-                     r"at 'SimulateQuantizedDense'.*Use LoRA "
-                     r"\(use_dora=False\) over a quantized base"):
-    peft.QLoRADense(rank=2, use_dora=True, wrapped=dense).init(
-        jax.random.key(0), X2)
-  with pytest.raises(ValueError, match=r"does not support the quantized "
-                     r"layer Dense at 'Dense'"):
-    with peft.quantized('int8'), peft.lora(rank=2, use_dora=True):
-      jax.eval_shape(dense.init, jax.random.key(0), X2)
-
-
 def test_spec_checks_the_magnitude_axes():
   spec = peft.AdapterSpec(
       path=('d',), layer_type='Dense', weight_name='kernel',
@@ -403,21 +393,6 @@ def test_functional_dora_errors():
     peft.init_lora_adapter(w, 1, key=jax.random.key(0), use_dora='no')
 
 
-def test_fuse_into_quantized_refuses_dora_on_a_quantized_kernel():
-  model, x, _, _ = CASES['dense']
-  params, specs = _init(model, x)
-  base, lora = peft.split_params(params)
-  qparams = peft.merge_params(peft.quantize(base, method='int8'), lora)
-  with pytest.raises(ValueError, match=r"fuse_into_quantized: adapter "
-                     r"'lora' is DoRA, and its kernel 'kernel' is quantized"
-                     r".*Fuse into the float base with fuse_params"):
-    peft.fuse_into_quantized(qparams, specs)
-  # A float kernel beside quantized ones fuses as fuse_params does.
-  fused, errors = peft.fuse_into_quantized(params, specs)
-  helpers.assert_trees_close(fused, peft.fuse_params(params, specs))
-  assert errors == {}
-
-
 def test_init_dora_magnitudes_starts_from_the_pretrained_kernels():
   model, x, _, _ = CASES['dense_general']
   params, specs = _init(model, x)
@@ -464,18 +439,6 @@ def test_stacked_and_custom_einsum_layers(name):
   helpers.assert_trees_close(
       peft.unfuse_params(fused, peft.split_params(params).lora,
                          report.specs), params, rtol=1e-5, atol=1e-5)
-
-
-def test_hf_peft_export_refuses_dora():
-  lora, specs = _hf_peft._example_adapters(models.tiny_config())
-  spec = specs[0]
-  axes = tuple(range(len(spec.weight_shape)))[-1:]
-  if spec.einsum_str is not None:
-    axes = peft_einsum.EinsumEquation.parse(spec.einsum_str).magnitude_axes
-  dora = dataclasses.replace(spec, use_dora=True, magnitude_axes=axes)
-  with pytest.raises(ValueError, match=r"save_hf_peft: adapter .* is DoRA "
-                     r"\(use_dora=True\).*Save it with peft\.save_adapters"):
-    models.save_hf_peft(os.devnull + '_never', lora, [dora, *specs[1:]])
 
 
 def test_pissa_on_dora_adapters_keeps_the_magnitude():
@@ -556,3 +519,226 @@ def test_dropout_applies_to_the_lora_branch_input_only():
   np.testing.assert_allclose(run(params), base, rtol=1e-6, atol=1e-6)
   trained = _random(params)
   assert float(jnp.abs(run(trained) - _apply(model, trained, x)).max()) > 1e-3
+
+
+# QDoRA: DoRA over a quantized base. `W` in `V = W + scale * BA` is the
+# kernel the base computes with: the dequantized QuantizedArray (Int
+# layers, `peft.quantized`) or `simulate_quantize(W)` (QAT).
+
+# name -> method: each layer kind over a 4-bit or an 8-bit base.
+QUANTIZED = {'dense': 'int8', 'dense_general': 'nf4', 'einsum': 'int4',
+             'experts': 'nf4'}
+
+
+@contextlib.contextmanager
+def _qdora_surgery(*, lora_outside=False, simulate=None):
+  """`peft.quantized()` (or simulated) with DoRA, in either order."""
+  quant = (peft.quantized() if simulate is None
+           else peft.simulate_quantization(simulate))
+  lora = peft.lora(rank=2, use_dora=True)
+  outer, inner = (lora, quant) if lora_outside else (quant, lora)
+  with outer as first, inner as second:
+    yield first if lora_outside else second
+
+
+def _nested(name):
+  """CASES[name]'s model inside a parent (surgery leaves the root alone)."""
+  model, x, _, _ = CASES[name]
+  return nn.Sequential([model]), x
+
+
+@functools.cache  # each test only reads them
+def _qdora(name):
+  """(QDoRA params over the quantized pretrained base, specs, that base)."""
+  model, x = _nested(name)
+  pretrained = fixtures.random_params(model.init, jax.random.key(5), x)
+  qbase = peft.quantize(pretrained, method=QUANTIZED[name],
+                        axes=peft.quantization_axes(model, x))
+  with _qdora_surgery() as report:
+    fresh = model.init(jax.random.key(1), x)['params']
+  params = peft.init_dora_magnitudes(
+      peft.merge_params(qbase, peft.split_params(fresh).lora), report.specs)
+  return params, report.specs, qbase
+
+
+def _q_apply(name, params, **surgery):
+  model, x = _nested(name)
+  with _qdora_surgery(**surgery):
+    return model.apply({'params': params}, x)
+
+
+def _dequantized_kernel(params):
+  return np.asarray(peft.dequantize(_module(params)['kernel']), np.float64)
+
+
+@pytest.mark.parametrize('name', sorted(QUANTIZED))
+def test_qdora_starts_at_the_quantized_base(name):
+  _, _, _, axes = CASES[name]
+  model, x = _nested(name)
+  params, specs, qbase = _qdora(name)
+  assert isinstance(_module(params)['kernel'], peft.QuantizedArray)
+  # m is the norm of the kernel the base computes with: the dequantized one.
+  w = _dequantized_kernel(params)
+  np.testing.assert_allclose(_module(params)['lora']['m'],
+                             np.sqrt((w * w).sum(axis=axes)), rtol=1e-6)
+  with peft.quantized():
+    base = model.apply({'params': qbase}, x)
+  for lora_outside in (False, True):
+    np.testing.assert_allclose(
+        _q_apply(name, params, lora_outside=lora_outside), base, rtol=1e-5,
+        atol=1e-6)
+  assert [s.use_dora for s in specs] == [True]
+
+
+@pytest.mark.parametrize('name', sorted(QUANTIZED))
+def test_qdora_equals_dora_on_the_dequantized_kernel_by_hand(name):
+  _, x, eq, axes = CASES[name]
+  params, (spec,), _ = _qdora(name)
+  params = _random(params)
+  want = _direct(params, x, spec, eq, axes,
+                 kernel=_dequantized_kernel(params))
+  np.testing.assert_allclose(_q_apply(name, params), want, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(_q_apply(name, params, lora_outside=True), want,
+                             rtol=1e-5, atol=1e-5)
+  jitted = jax.jit(lambda p: _q_apply(name, p))(params)
+  np.testing.assert_allclose(jitted, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qdora_over_simulated_quantization_and_its_magnitudes():
+  _, _, eq, axes = CASES['einsum']
+  model, x = _nested('einsum')
+  pretrained = fixtures.random_params(model.init, jax.random.key(5), x)
+  with _qdora_surgery(simulate='int4') as report:
+    fresh = model.init(jax.random.key(1), x)['params']
+  merged = peft.merge_params(pretrained, peft.split_params(fresh).lora)
+  params = peft.init_dora_magnitudes(merged, report.specs, simulate='int4')
+  # QAT computes with the simulated kernel; its contracted axes are N, H.
+  w = np.asarray(peft.simulate_quantize(_module(pretrained)['kernel'],
+                                        'int4', axis_to_reduce=(0, 1)),
+                 np.float64)
+  np.testing.assert_allclose(_module(params)['lora']['m'],
+                             np.sqrt((w * w).sum(axis=axes)), rtol=1e-6)
+  with peft.simulate_quantization('int4'):
+    base = model.apply({'params': pretrained}, x)
+  np.testing.assert_allclose(_q_apply('einsum', params, simulate='int4'),
+                             base, rtol=1e-5, atol=1e-6)
+  # Without `simulate`, m is the float kernel's norm: the start is off.
+  float_m = _module(peft.init_dora_magnitudes(merged, report.specs))
+  assert float(jnp.abs(float_m['lora']['m']
+                       - _module(params)['lora']['m']).max()) > 1e-3
+  params = _random(params)
+  (spec,) = report.specs
+  np.testing.assert_allclose(_q_apply('einsum', params, simulate='int4'),
+                             _direct(params, x, spec, eq, axes, kernel=w),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_layers_take_use_dora():
+  dense = nn.Dense(3)
+  layer = peft.QLoRADense(rank=2, use_dora=True, wrapped=dense,
+                          quant_method='nf4')
+  params = layer.init(jax.random.key(0), X2)['params']
+  base, lora = peft.split_params(params)
+  qbase = peft.quantize(base, method='nf4')
+  qparams = peft.merge_params(qbase, lora)
+  # Initialised over the simulated NF4 kernel, m already fits the stored
+  # NF4 one (simulate_quantize equals dequantize(quantize_array)).
+  np.testing.assert_allclose(
+      layer.apply({'params': qparams}, X2),
+      peft.IntDense(wrapped=dense).apply({'params': qbase}, X2), rtol=1e-6,
+      atol=1e-6)
+  qparams = _random(qparams)
+  _, _, eq, axes = CASES['dense']
+  spec = peft.AdapterSpec(
+      path=(), layer_type='Dense', weight_name='kernel', adapter_name='lora',
+      weight_shape=(D, 3), a_shape=(D, 2), b_shape=(2, 3),
+      delta_str='ir,ro->io', rank=2, use_dora=True, magnitude_axes=(1,))
+  np.testing.assert_allclose(
+      layer.apply({'params': qparams}, X2),
+      _direct(qparams, X2, spec, eq, axes,
+              kernel=_dequantized_kernel(qparams)), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_into_quantized_folds_the_magnitude_and_reports_its_error():
+  _, _, _, axes = CASES['dense_general']
+  model, x = _nested('dense_general')
+  params, (spec,), qbase = _qdora('dense_general')
+  params = _random(params)
+  fused, errors = peft.fuse_into_quantized(params, [spec])
+  new = _module(fused)['kernel']
+  assert set(_module(fused)) == {'kernel', 'bias'}
+  assert (new.method, new.axes) == (_module(qbase)['kernel'].method,
+                                    _module(qbase)['kernel'].axes)
+  # The exact fused kernel by hand: m * V / ||V|| of the dequantized W.
+  lora = _module(params)['lora']
+  w = _dequantized_kernel(params)
+  v = w + spec.scale * np.einsum(spec.delta_str, *(
+      np.asarray(lora[k], np.float64) for k in 'ab'))
+  exact = np.expand_dims(np.asarray(lora['m'], np.float64), axes) * v / (
+      np.sqrt((v * v).sum(axis=axes, keepdims=True)))
+  got = np.asarray(peft.dequantize(new), np.float64)
+  err = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+  np.testing.assert_allclose(float(errors[spec.key]), err, rtol=1e-4)
+  assert 0 < err < 0.15  # NF4 rounding of the new kernel
+  with peft.quantized():
+    served = model.apply({'params': fused}, x)
+  adapted = _q_apply('dense_general', params)
+  assert float(jnp.linalg.norm(served - adapted)
+               / jnp.linalg.norm(adapted)) < 2 * err
+  # A float DoRA kernel fuses as fuse_params does, with no error entry.
+  float_params, float_specs = _init(model, x)
+  fused, errors = peft.fuse_into_quantized(float_params, float_specs)
+  helpers.assert_trees_close(fused, peft.fuse_params(float_params,
+                                                     float_specs))
+  assert errors == {}
+
+
+def test_qdora_files_round_trip_and_train(tmp_path):
+  params, specs, qbase = _qdora('dense')
+  model, x = _nested('dense')
+  target = jnp.sin(jnp.arange(15.0).reshape(5, 3))
+
+  def loss(adapters):
+    with _qdora_surgery():
+      y = model.apply({'params': peft.merge_params(qbase, adapters)}, x)
+    return jnp.mean((y - target) ** 2)
+
+  tx = optax.adam(3e-2)
+  adapters = peft.split_params(params).lora
+  state = tx.init(adapters)
+
+  @jax.jit
+  def step(adapters, state):
+    value, grads = jax.value_and_grad(loss)(adapters)
+    updates, state = tx.update(grads, state, adapters)
+    return optax.apply_updates(adapters, updates), state, value, grads
+
+  first = None
+  for _ in range(20):
+    adapters, state, value, grads = step(adapters, state)
+    first = value if first is None else first
+  assert float(value) < 0.7 * float(first)
+  # A, B and m all learn (B starts at zero, so A's first gradient is zero).
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  trained = peft.merge_params(qbase, adapters)
+  path = os.fspath(tmp_path / 'qdora.safetensors')
+  peft.save_adapters(path, trained, specs)
+  loaded, loaded_specs, _ = peft.load_adapters(path, expected=specs)
+  assert loaded_specs == specs
+  helpers.assert_trees_close(loaded, adapters, rtol=0, atol=0)
+  np.testing.assert_array_equal(
+      _q_apply('dense', peft.merge_params(qbase, loaded)),
+      _q_apply('dense', trained))
+
+
+def test_init_dora_magnitudes_simulate_errors():
+  params, specs, _ = _qdora('dense')
+  with pytest.raises(TypeError, match=r"init_dora_magnitudes: kernel "
+                     r"'layers_0/kernel' is a INT8 QuantizedArray, but "
+                     r"simulate='int8' asks for a float kernel.*Leave "
+                     r"simulate unset"):
+    peft.init_dora_magnitudes(params, specs, simulate='int8')
+  with pytest.raises(ValueError, match=r"Unknown quantization method 'int3'"
+                     r" at 'init_dora_magnitudes simulate'. Pass one of"):
+    peft.init_dora_magnitudes(params, specs, simulate='int3')

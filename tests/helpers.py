@@ -29,12 +29,14 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 0.0,
         rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
-def independently_fused(params, specs):
+def independently_fused(params, specs, *, kept_axes=None):
   """`W + scale * einsum(delta_str, A, B)` per adapted kernel, plain jnp.
 
   The reference for fuse and adapted outputs: it shares no code with peft's
   delta computation. Stacked layers (a leading layer axis on W, A and B, from
-  `nn.scan`/`nn.vmap`) go through `jnp.einsum`'s ellipsis.
+  `nn.scan`/`nn.vmap`) go through `jnp.einsum`'s ellipsis. A DoRA adapter
+  makes the kernel `m * V / ||V||` of that `V`, the norm summed over the
+  kernel axes `kept_axes(spec)` (written by the test) does not name.
   """
   original, lora = peft.split_params(params)
   out = jax.tree.map(lambda x: x, original)
@@ -48,7 +50,15 @@ def independently_fused(params, specs):
     a_axes, b_axes = lhs.split(',')
     delta = jnp.einsum(f'...{a_axes},...{b_axes}->...{weights}',
                        adapter['a'], adapter['b'])
-    node[spec.weight_name] = node[spec.weight_name] + spec.scale * delta
+    kernel = node[spec.weight_name] + spec.scale * delta
+    if spec.use_dora:
+      n_stack = kernel.ndim - len(spec.weight_shape)
+      kept = kept_axes(spec)
+      summed = tuple(n_stack + i for i in range(len(spec.weight_shape))
+                     if i not in kept)
+      norm = jnp.sqrt(jnp.sum(kernel * kernel, axis=summed, keepdims=True))
+      kernel = jnp.expand_dims(adapter['m'], summed) * kernel / norm
+    node[spec.weight_name] = kernel
   return out
 
 

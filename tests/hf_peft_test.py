@@ -4,7 +4,10 @@ tests/testdata/hf_peft was made by real HF PEFT 0.21 + transformers 5.23 on
 SmolLM2-135M (make_fixture.py there says how): rank 4 on all seven
 projection types of layers 0, 1 and 29, `rank_pattern` o_proj 2,
 `alpha_pattern` down_proj 16, random non-zero B, and the logits torch gives
-for a fixed prompt with and without the adapter.
+for a fixed prompt with and without the adapter. Two DoRA adapters
+(`use_dora=True`, magnitudes moved off their start) with their logits: all
+seven projections of layers 0 and 29 with `rank_pattern` v_proj 2, and
+HF's usual q/v-only choice with rsLoRA.
 """
 
 import json
@@ -180,7 +183,9 @@ def _copy_with_config(tmp_path, **changes):
 
 
 @pytest.mark.parametrize('changes, match', [
-    (dict(use_dora=True), r'use_dora=True is not supported'),
+    (dict(use_dora=True), r"the config sets use_dora=True but "
+   r"model\.layers\.0\.mlp\.down_proj has no lora_magnitude_vector"),
+  (dict(use_dora='yes'), r"use_dora='yes' is not a bool"),
     (dict(peft_type='IA3'), r"peft_type is 'IA3'.*Only LoRA"),
     (dict(bias='all'), r"bias='all' trains biases"),
     (dict(modules_to_save=['lm_head']), r"modules_to_save=\['lm_head'\]"),
@@ -278,3 +283,134 @@ def test_fan_in_fan_out_is_ignored_with_a_warning_as_hf_peft_does(
     again = models.load_hf_peft(
         _copy_with_config(tmp_path, fan_in_fan_out=True), smollm2.config)
   jax.tree.map(np.testing.assert_array_equal, again.lora, loaded.lora)
+
+
+DORA = FIXTURE / 'adapter_dora'
+DORA_QV = FIXTURE / 'adapter_dora_qv'
+
+
+@pytest.fixture(scope='module')
+def dora_logits():
+  return np.load(FIXTURE / 'logits_dora.npz')
+
+
+def _torch_logits_match(smollm2, loaded, want):
+  """Under surgery and fused, our logits are torch's (to 2e-4: DoRA's norm
+  adds float32 reductions that torch orders differently)."""
+  tokens = jnp.asarray(np.load(FIXTURE / 'logits_dora.npz')['prompt'])[None]
+  params = peft.merge_params(smollm2.params, loaded.lora)
+  with peft.lora(rules=loaded.rules) as report:
+    adapted = _forward(smollm2, params, tokens)
+  assert report.specs == loaded.specs
+  np.testing.assert_allclose(adapted, want, atol=2e-4)
+  fused = peft.fuse_params(params, loaded.specs)
+  np.testing.assert_allclose(_forward(smollm2, fused, tokens), want,
+                             atol=2e-4)
+
+
+def test_an_hf_dora_adapter_reproduces_torch_logits(smollm2, dora_logits,
+                                                    logits):
+  assert np.abs(dora_logits['adapted'] - logits['base']).max() > 1.0
+  loaded = models.load_hf_peft(DORA, smollm2.config)
+  by_key = {s.key: s for s in loaded.specs}
+  assert len(by_key) == 10 and all(s.use_dora for s in loaded.specs)
+  kv = by_key['layers_0/attn/kv_einsum/lora_w']
+  assert (kv.rank, kv.magnitude_shape) == (6, (2, 3, 64))  # k 4 + v 2
+  hf = safetensors.numpy.load_file(DORA / 'adapter_model.safetensors')
+  m = np.asarray(loaded.lora['layers_0']['attn']['kv_einsum']['lora_w']['m'])
+  prefix = 'base_model.model.model.layers.0.self_attn.'
+  np.testing.assert_array_equal(
+      m[1], hf[prefix + 'v_proj.lora_magnitude_vector'].reshape(3, 64))
+  _torch_logits_match(smollm2, loaded, dora_logits['adapted'])
+
+
+def test_dora_on_half_a_stacked_kernel_takes_its_norm_from_the_base(
+    smollm2, dora_logits):
+  with pytest.raises(ValueError, match=r"DoRA adapts "
+                     r"\['model\.layers\.0\.self_attn\.v_proj'\] but not the "
+                     r"other half of 'layers_0/attn/kv_einsum/lora_w'.*Pass "
+                     r"the base params: load_hf_peft\(directory, config, "
+                     r"params=params\)"):
+    models.load_hf_peft(DORA_QV, smollm2.config)
+  loaded = models.load_hf_peft(DORA_QV, smollm2.config,
+                               params=smollm2.params)
+  assert [s.use_rslora for s in loaded.specs] == [True] * 4
+  # k has no HF adapter: its m is ||W_k|| over D, so k computes as before.
+  w_k = np.asarray(smollm2.params['layers_0']['attn']['kv_einsum']['w'][0],
+                   np.float64)  # (K, D, H)
+  m = loaded.lora['layers_0']['attn']['kv_einsum']['lora_w']['m']
+  np.testing.assert_allclose(m[0], np.sqrt((w_k ** 2).sum(axis=1)),
+                             rtol=1e-6)
+  _torch_logits_match(smollm2, loaded, dora_logits['adapted_qv'])
+
+
+def test_an_hf_dora_adapter_round_trips_to_the_same_tensors_and_config(
+    smollm2, tmp_path):
+  loaded = models.load_hf_peft(DORA, smollm2.config)
+  written = models.save_hf_peft(tmp_path, loaded.lora, loaded.specs,
+                                hf_config=loaded.hf_config)
+  assert written == json.loads((DORA / 'adapter_config.json').read_text())
+  want = safetensors.numpy.load_file(DORA / 'adapter_model.safetensors')
+  got = safetensors.numpy.load_file(tmp_path / 'adapter_model.safetensors')
+  assert sorted(got) == sorted(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_our_dora_adapters_export_and_reload(smollm2, tmp_path):
+  tokens = jnp.ones((1, 2), jnp.int32)
+  with peft.lora(rank=3, alpha=6.0, targets='layers_(0|5)/.*',
+                 use_dora=True) as report:
+    shapes = jax.eval_shape(smollm2.model.init, jax.random.key(0),
+                            tokens)['params']
+  lora = peft.split_params(shapes).lora
+  rng = np.random.default_rng(0)
+  lora = jax.tree.map(
+      lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype),
+      lora)
+  params = peft.init_dora_magnitudes(
+      peft.merge_params(smollm2.params, lora), report.specs)
+  lora = peft.split_params(params).lora
+  config = models.save_hf_peft(tmp_path, lora, report.specs)
+  assert config['use_dora'] is True
+  got = safetensors.numpy.load_file(tmp_path / 'adapter_model.safetensors')
+  name = 'base_model.model.model.layers.5.self_attn.k_proj.'
+  assert got[name + 'lora_magnitude_vector'].shape == (192,)  # 3 heads x 64
+  reloaded = models.load_hf_peft(tmp_path, smollm2.config)
+  assert {s.key: s for s in reloaded.specs} == {s.key: s
+                                                for s in report.specs}
+  jax.tree.map(np.testing.assert_array_equal, reloaded.lora, lora)
+
+
+def test_dora_file_errors_name_the_projection_and_the_fix(smollm2, tmp_path):
+  target = tmp_path / 'dora'
+  shutil.copytree(DORA, target)
+  weights = target / 'adapter_model.safetensors'
+  tensors = safetensors.numpy.load_file(weights)
+  name = ('base_model.model.model.layers.0.self_attn.q_proj.'
+          'lora_magnitude_vector')
+  tensors[name] = tensors[name][:5]
+  safetensors.numpy.save_file(tensors, weights)
+  with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj "
+                     r"has lora_magnitude_vector \(5,\) but lora_B \(576, 4\)"
+                     r"; DoRA keeps one magnitude per output row"):
+    models.load_hf_peft(target, smollm2.config)
+  config = json.loads((target / 'adapter_config.json').read_text())
+  (target / 'adapter_config.json').write_text(json.dumps(
+      {**config, 'use_dora': False}))
+  with pytest.raises(ValueError, match=r"has a DoRA magnitude "
+                     r"\(lora_magnitude_vector\) but the config does not set "
+                     r"use_dora\. The config and the weights do not belong"):
+    models.load_hf_peft(target, smollm2.config)
+
+
+def test_exporting_dora_beside_lora_is_refused(smollm2, tmp_path):
+  loaded = models.load_hf_peft(DORA, smollm2.config)
+  plain = models.load_hf_peft(ADAPTER, smollm2.config)
+  spec = next(s for s in plain.specs if s.key.startswith('layers_1/'))
+  lora = {**loaded.lora, 'layers_1': plain.lora['layers_1']}
+  with pytest.raises(ValueError, match=r"save_hf_peft: adapters \[.*\] are "
+                     r"DoRA but \['layers_1/.*'\] are not; an HF PEFT adapter "
+                     r"is DoRA or LoRA as a whole.*Export them as two "
+                     r"adapters"):
+    models.save_hf_peft(tmp_path, lora, [*loaded.specs, spec])

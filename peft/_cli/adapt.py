@@ -1,10 +1,10 @@
 """LoRA and QLoRA surgery on the base model, from flags or an adapter file.
 
 `Settings` holds what the flags say (`--targets`, `--rank`, `--alpha`,
-`--dropout`, `--quantize`); `finetune` stores it in the adapter file's
-metadata, with the base model's config and fingerprint, so that `eval`,
-`sample` and `merge` rebuild the same surgery from the file alone and refuse
-a file made for another base.
+`--dropout`, `--quantize`, `--use-dora`); `finetune` stores it in the
+adapter file's metadata, with the base model's config and fingerprint, so
+that `eval`, `sample` and `merge` rebuild the same surgery from the file
+alone and refuse a file made for another base.
 
 Where `--adapters` (or `finetune --init-adapters`) names a Hugging Face PEFT
 directory instead, `peft.models.load_hf_peft` reads it and the surgery is
@@ -56,6 +56,7 @@ class Settings:
     alpha: scale numerator (`None`: scale 1).
     dropout: adapter-input dropout rate while training.
     quantize: `None`, or the method of a QLoRA base (`int8`, `int4`, `nf4`).
+    use_dora: DoRA adapters (a magnitude beside A and B).
   """
 
   targets: tuple[str, ...]
@@ -63,6 +64,7 @@ class Settings:
   alpha: float | None = None
   dropout: float = 0.0
   quantize: str | None = None
+  use_dora: bool = False
   # (module path, kernel name, rank, alpha, use_rslora) of each adapted
   # kernel, for adapters read from a Hugging Face PEFT directory (their
   # ranks and scales vary per kernel); then `targets` is empty.
@@ -74,7 +76,8 @@ class Settings:
                rank=args.rank or parser_lib.DEFAULT_RANK,
                alpha=parser_lib.DEFAULT_ALPHA if args.alpha is None
                else args.alpha,
-               dropout=args.dropout, quantize=args.quantize)
+               dropout=args.dropout, quantize=args.quantize,
+               use_dora=args.use_dora)
 
   @classmethod
   def from_hf_peft(cls, loaded: models.HFAdapters, *, dropout: float = 0.0,
@@ -83,16 +86,19 @@ class Settings:
     kernels = tuple(
         (rule.targets[0].path, rule.targets[0].weight_name, rule.rank,
          rule.alpha, rule.use_rslora) for rule in loaded.rules)
+    # An HF PEFT adapter is DoRA or LoRA as a whole (one use_dora).
     return cls(targets=(), rank=max(k[2] for k in kernels), dropout=dropout,
-               quantize=quantize, kernels=kernels)
+               quantize=quantize, kernels=kernels,
+               use_dora=any(rule.use_dora for rule in loaded.rules))
 
   def rules(self) -> tuple[peft.LoRARule, ...]:
     if not self.kernels:
       return peft.lora(self.rank, targets=self.targets, alpha=self.alpha,
-                       dropout=self.dropout or None).rules
+                       dropout=self.dropout or None,
+                       use_dora=self.use_dora).rules
     return tuple(
         peft.LoRARule(rank=rank, alpha=alpha, use_rslora=use_rslora,
-                      dropout=self.dropout,
+                      dropout=self.dropout, use_dora=self.use_dora,
                       targets=_hf_peft.KernelTarget(path, weight))
         for path, weight, rank, alpha, use_rslora in self.kernels)
 
@@ -110,7 +116,8 @@ class Settings:
       read = cls(**fields)
       read.rules()  # The kernels' ranks and alphas are valid.
       if (isinstance(read.rank, int) and read.rank > 0
-          and read.quantize in (None, *QUANTIZATIONS)):
+          and read.quantize in (None, *QUANTIZATIONS)
+          and isinstance(read.use_dora, bool)):
         settings = read
     except (TypeError, KeyError, ValueError):
       pass
@@ -154,6 +161,15 @@ class Adapted:
 
   def with_lora(self, lora: dict[str, Any]) -> Adapted:
     return dataclasses.replace(self, lora=lora)
+
+  def as_base(self) -> Adapted:
+    """These adapters made to add nothing: B = 0 and DoRA's `m` back at
+    `||W||`, so the adapted model computes its base (for QLoRA, the
+    quantized base)."""
+    zeroed = peft.merge_params(self.frozen, without_adapters(self.lora))
+    if any(s.use_dora for s in self.specs):
+      zeroed = peft.init_dora_magnitudes(zeroed, self.specs)
+    return self.with_lora(dict(peft.split_params(zeroed).lora))
 
   def metadata(self, **extra: Any) -> dict[str, Any]:
     """What `finetune` stores in the adapter file."""
@@ -278,7 +294,7 @@ def load_hf_peft(base: base_lib.Base, path: str, *, flag: str = '--adapters',
   """A Hugging Face PEFT adapter directory on `base` (`settings`: dropout,
   quantize of the surgery that runs it)."""
   try:
-    loaded = models.load_hf_peft(path, base.config)
+    loaded = models.load_hf_peft(path, base.config, params=base.params)
   except ValueError as e:
     raise CliError(f'{flag} {path!r}: {e}') from None
   surgery = Settings.from_hf_peft(loaded, **settings)
@@ -336,6 +352,7 @@ def initial(base: base_lib.Base, args: Any) -> Adapted:
     return adapt(base, Settings.from_args(args), seed=args.seed)
   given = [f'--{f}' for f in ('targets', 'rank', 'alpha')
            if getattr(args, f) is not None]
+  given += ['--use-dora'] if args.use_dora else []
   if given:
     raise CliError(
         f'--init-adapters {args.init_adapters!r} brings its own surgery, '

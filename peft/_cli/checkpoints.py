@@ -49,8 +49,9 @@ _NAME = re.compile(r'step_(\d{8})')
 # recomputed) may change.
 RUN_FLAGS = ('data', 'eval_data', 'val_fraction', 'skip_bad_rows', 'seq_len',
              'eval_windows', 'max_plays', 'targets', 'rank', 'alpha',
-             'dropout', 'quantize', 'init_adapters', 'steps', 'epochs',
-             'batch_size', 'grad_accum', 'learning_rate', 'warmup_steps',
+             'dropout', 'quantize', 'use_dora', 'init_adapters', 'steps',
+             'epochs', 'batch_size', 'grad_accum', 'learning_rate',
+             'warmup_steps',
              'lr_schedule', 'weight_decay', 'dtype', 'eval_every', 'seed')
 
 

@@ -59,7 +59,7 @@ def variants(args: Any) -> list[Variant]:
   out = [Variant(name='fine-tuned', base=base, settings=settings,
                  params=adapted.params)]
   if args.compare:
-    zeroed = adapted.with_lora(adapt.without_adapters(adapted.lora))
+    zeroed = adapted.as_base()
     name = f'base ({settings.quantize})' if settings.quantize else 'base'
     out.insert(0, Variant(name=name, base=base, settings=settings,
                           params=zeroed.params))

@@ -43,6 +43,7 @@ import peft
 from peft import models
 from peft._cli import base as base_lib
 from peft._core import adapter_tree as _adapter_tree
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 
 CliError = base_lib.CliError
@@ -186,13 +187,17 @@ def sharding(mesh: Mesh, names: Sequence[str | None],
 
 def adapter_names(specs: Sequence[peft.AdapterSpec], frozen_names: Any
                   ) -> dict[str, Any]:
-  """A tree like the adapters with the axis names of each A and B."""
+  """A tree like the adapters with the axis names of each A and B (and a
+  DoRA magnitude: its kernel's names along `magnitude_axes`)."""
   out: dict[str, Any] = {}
   for spec in specs:
-    kernel = _adapter_tree.module_at(frozen_names, spec, '--mesh')
+    names = _adapter_tree.module_at(frozen_names, spec, '--mesh')[
+        spec.weight_name]
     node = _adapter_tree.adapter_node(out, spec)
-    node['a'], node['b'] = _einsum.delta_partition_names(
-        spec.delta_str, kernel[spec.weight_name])
+    node['a'], node['b'] = _einsum.delta_partition_names(spec.delta_str,
+                                                         names)
+    if spec.use_dora:
+      node[_dora.MAGNITUDE] = tuple(names[i] for i in spec.magnitude_axes)
   return out
 
 

@@ -155,6 +155,9 @@ def _surgery_flags(p: argparse.ArgumentParser) -> None:
                      '%(default)s)')
   group.add_argument('--quantize', choices=('int8', 'int4', 'nf4'),
                      help='QLoRA: run the frozen base quantized')
+  group.add_argument('--use-dora', action='store_true',
+                     help='DoRA: also train a magnitude per output feature '
+                     '(with --quantize: QDoRA)')
 
 
 DEFAULT_STEPS = 20

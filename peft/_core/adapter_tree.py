@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -149,6 +149,36 @@ def get_magnitude(lora: Params, spec: _spec.AdapterSpec, name: str):
         'from different models.'
     )
   return m
+
+
+class AdapterArrays(NamedTuple):
+  """An adapter's validated arrays: A, B, DoRA's m (None for LoRA), and
+  its spec with the `stack_shape` read from them."""
+
+  a: Any
+  b: Any
+  m: Any
+  spec: _spec.AdapterSpec
+
+
+def adapter_arrays(lora: Params, spec: _spec.AdapterSpec,
+                   name: str) -> AdapterArrays:
+  """A, B and (with `spec.use_dora`) m of `spec`, validated.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> spec = _spec.AdapterSpec(
+    ...     path=('d',), layer_type='Dense', weight_name='kernel',
+    ...     adapter_name='lora', weight_shape=(3, 2), a_shape=(3, 1),
+    ...     b_shape=(1, 2), delta_str='ir,ro->io', rank=1)
+    >>> lora = {'d': {'lora': {'a': jnp.ones((3, 1)), 'b': jnp.ones((1, 2))}}}
+    >>> arrays = adapter_arrays(lora, spec, 'example')
+    >>> arrays.a.shape, arrays.m, arrays.spec.stack_shape
+    ((3, 1), None, ())
+  """
+  a, b, stacked = adapter_and_spec(lora, spec, name)
+  m = get_magnitude(lora, stacked, name) if spec.use_dora else None
+  return AdapterArrays(a, b, m, stacked)
 
 
 def stacked_spec(spec: _spec.AdapterSpec, a, b,

@@ -164,13 +164,10 @@ def save_adapters(path: str | os.PathLike[str], params_or_lora_tree: Any,
   tensors, digests, stored_specs = {}, {}, []
   for spec in specs:
     # A '/' in a path element is refused when the spec is built.
-    a, b, stored = _adapter_tree.adapter_and_spec(params_or_lora_tree, spec,
-                                                  name)
+    a, b, m, stored = _adapter_tree.adapter_arrays(params_or_lora_tree,
+                                                   spec, name)
     stored_specs.append(stored)
-    values = (a, b)
-    if spec.use_dora:
-      values += (_adapter_tree.get_magnitude(params_or_lora_tree, stored,
-                                             name),)
+    values = (a, b) if m is None else (a, b, m)
     for tensor_name, x in zip(_tensor_names(spec), values):
       arr = np.ascontiguousarray(np.asarray(x))
       if arr.dtype not in _CODES:

@@ -31,8 +31,13 @@ Params = _params.Params
 _path = _params.fmt_path
 
 
-def get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
-  """The kernel of `spec`, whose leading axes may be a layer stack."""
+def get_kernel(original: Params, spec: _spec.AdapterSpec, name: str, *,
+               dequantize: bool = False):
+  """The kernel of `spec`, whose leading axes may be a layer stack.
+
+  A `QuantizedArray` kernel is refused, or with `dequantize` read as the
+  float32 kernel a quantized base computes with.
+  """
   module = _adapter_tree.module_at(original, spec, name)
   if spec.weight_name not in module:
     raise ValueError(
@@ -41,6 +46,8 @@ def get_kernel(original: Params, spec: _spec.AdapterSpec, name: str):
         f'{sorted(module)!r}). Pass the specs recorded for these params.'
     )
   kernel = module[spec.weight_name]
+  if _numerics.is_quantized(kernel) and dequantize:
+    kernel = kernel.dequantize(jnp.float32)
   if _numerics.is_quantized(kernel):
     raise TypeError(
         f'{name}: kernel {_path((*spec.path, spec.weight_name))!r} is a '

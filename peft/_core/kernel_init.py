@@ -330,8 +330,8 @@ def adapters_for_original_base(
 
 
 def init_dora_magnitudes(params: _params.Params,
-                         adapters: Sequence[_spec.AdapterSpec]
-                         ) -> _params.Params:
+                         adapters: Sequence[_spec.AdapterSpec], *,
+                         simulate: Any = None) -> _params.Params:
   """Every DoRA magnitude `m` set to its kernel's norm `||W||`.
 
   DoRA (Liu et al. 2024) starts `m` at the per-output-feature norm of the
@@ -339,6 +339,11 @@ def init_dora_magnitudes(params: _params.Params,
   makes; call this after putting the pretrained kernels in
   (`merge_params(pretrained, split_params(params).lora)`), so the adapted
   model starts at the pretrained one. LoRA adapters are left as they are.
+
+  `W` is the kernel the base computes with: a `QuantizedArray` (QDoRA over
+  `peft.quantize`d params) is dequantized; under
+  `peft.simulate_quantization(method)` pass `simulate=method`, and `W` is
+  `simulate_quantize(kernel)` over the axes the layer contracts.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -354,19 +359,29 @@ def init_dora_magnitudes(params: _params.Params,
     ...     peft.merge_params(pretrained, lora), report.specs)
     >>> params['lora']['m'].tolist()
     [5.0, 2.0]
+    >>> qdora = peft.init_dora_magnitudes(  # over an int8 base (QDoRA)
+    ...     peft.merge_params(peft.quantize(pretrained, method='int8'), lora),
+    ...     report.specs)
+    >>> [round(m, 4) for m in qdora['lora']['m'].tolist()]
+    [5.0, 2.0]
 
   Args:
     params: base params with adapter branches.
     adapters: the `AdapterSpec` of every adapter in `params`.
+    simulate: the method of a simulated-quantization base (QAT), or None.
 
   Returns:
     The params with new magnitudes (in their dtype); the rest unchanged.
 
   Raises:
-    ValueError: specs that do not match the params.
-    TypeError: a quantized kernel (DoRA needs the float base).
+    ValueError: specs that do not match the params, or an unknown
+      `simulate` method.
+    TypeError: `simulate` with a `QuantizedArray` kernel (it is already
+      quantized; leave `simulate` unset).
   """
   name = 'init_dora_magnitudes'
+  method = None if simulate is None else _numerics.parse_method(
+      simulate, where=f'{name} simulate')
   specs = _adapter_tree.check_specs(adapters, name)
   original, lora = _params.split_params(params)
   _adapter_tree.check_covered(lora, specs, name)
@@ -374,12 +389,26 @@ def init_dora_magnitudes(params: _params.Params,
   for spec in specs:
     if not spec.use_dora:
       continue
-    kernel = _fuse.get_kernel(original, spec, name)
-    _, _, stacked = _adapter_tree.adapter_and_spec(lora, spec, name)
-    m = _adapter_tree.get_magnitude(lora, stacked, name)
+    where = _params.fmt_path((*spec.path, spec.weight_name))
+    stored = _adapter_tree.module_at(original, spec, name).get(
+        spec.weight_name)
+    if method is not None and isinstance(stored, _numerics.QuantizedArray):
+      raise TypeError(
+          f'{name}: kernel {where!r} is a {stored.method.name} '
+          f'QuantizedArray, but simulate={simulate!r} asks for a float '
+          'kernel under simulated quantization. Leave simulate unset for a '
+          'quantized base.'
+      )
+    kernel = _fuse.get_kernel(original, spec, name, dequantize=True)
+    _, _, m, stacked = _adapter_tree.adapter_arrays(lora, spec, name)
+    n_stack = len(stacked.stack_shape)
+    if method is not None:
+      kernel = _numerics.simulate_quantize(
+          kernel, method, _dora.norm_axes(len(spec.weight_shape),
+                                          spec.magnitude_axes,
+                                          n_stack=n_stack), where=where)
     _adapter_tree.adapter_node(lora, spec)[_dora.MAGNITUDE] = (
         _dora.column_norm(kernel, spec.magnitude_axes,
-                          n_stack=len(stacked.stack_shape)).astype(
-                              jnp.result_type(m)))
+                          n_stack=n_stack).astype(jnp.result_type(m)))
   return _params.like(params, _params.to_dict(
       _params.merge_params(original, lora)))

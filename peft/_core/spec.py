@@ -11,9 +11,7 @@ hand or recorded by surgery holds values fuse can use (LoRA: Hu et al.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import contextlib
-import contextvars
 import dataclasses
 import numbers
 import re
@@ -23,6 +21,7 @@ from typing import Any
 from peft._core import einsum as _einsum
 from peft._core import options as _options
 from peft._core import params as _params
+from peft._core import recorders as _recorders
 
 # Re-exported: the scale is derived where the options are declared.
 lora_scale = _options.lora_scale
@@ -443,12 +442,12 @@ def _check_einsum(spec: AdapterSpec, where: str) -> None:
 
 
 # Open recorders in the current thread/task; wrappers report into all of them.
-_RECORDERS: contextvars.ContextVar[tuple[dict[str, AdapterSpec], ...]] = (
-    contextvars.ContextVar('peft_adapter_recorders', default=()))
+_RECORDERS: _recorders.Recorders[AdapterSpec] = _recorders.Recorders(
+    'peft_adapter_recorders')
 
 
-@contextlib.contextmanager
-def recording_adapters() -> Iterator[dict[str, AdapterSpec]]:
+def recording_adapters() -> contextlib.AbstractContextManager[
+    dict[str, AdapterSpec]]:
   """Collects the `AdapterSpec` of every LoRA layer that runs inside.
 
   Example:
@@ -457,20 +456,16 @@ def recording_adapters() -> Iterator[dict[str, AdapterSpec]]:
     >>> seen
     {}
 
-  Yields:
-    A dict `spec.key -> spec`, filled as adapted layers run.
+  Returns:
+    A context manager yielding a dict `spec.key -> spec`, filled as adapted
+    layers run.
   """
-  seen: dict[str, AdapterSpec] = {}
-  token = _RECORDERS.set(_RECORDERS.get() + (seen,))
-  try:
-    yield seen
-  finally:
-    _RECORDERS.reset(token)
+  return _RECORDERS.open()
 
 
 def record_adapter(spec: AdapterSpec) -> None:
   """Reports `spec` to every open recorder; a conflicting re-report fails."""
-  for seen in _RECORDERS.get():
+  for seen in _RECORDERS.open_dicts():
     previous = seen.setdefault(spec.key, spec)
     if previous != spec:
       raise ValueError(

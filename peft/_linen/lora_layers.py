@@ -8,7 +8,8 @@ Every call records an `AdapterSpec` (path, shapes, delta equation, scale) for
 fuse/unfuse and adapter checkpoints. With `use_dora=True` (DoRA: Liu et al.
 2024) the adapter also holds a magnitude `'m'` and the output becomes
 `bias + m / ||V|| * (x @ W + scale * x @ A @ B)` (see `peft._core.dora`);
-at init it equals the wrapped layer's to float rounding.
+at init it equals the wrapped layer's to float rounding. Over a quantized
+base (QDoRA) `W` is the kernel the base computes with (dequantized).
 
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
 """
@@ -24,15 +25,12 @@ import numpy as np
 
 from peft._core import einsum as _einsum
 from peft._core import spec as _spec
-from peft._linen import interceptors as _interceptors
 from peft._linen import lora_adapters as _lora_adapters
 from peft._linen import lora_fields as _lora_fields
 from peft._linen import registry as _registry
 from peft._linen import rules as _rules
 from peft._linen import shared_scope as _shared_scope
 from peft._quant import layers as _quant_layers
-from peft._quant import numerics as _numerics
-from peft._quant import surgery as _quant_surgery
 
 _A = TypeVar('_A', bound=_lora_adapters.LoRAAdapterBase)
 
@@ -96,31 +94,40 @@ class LoRAWrapper(_shared_scope.ScopeSharingWrapper, _lora_fields.LoRAFields):
     return None
 
   @nn.nowrap
+  def _call_base(self, *args, **kwargs) -> tuple[Array, dict[str, Array]]:
+    """The wrapped layer's output, and the float kernels it computed with.
+
+    The kernels (weight name -> array) come from a quantized base
+    (`peft.quantized`, `peft.simulate_quantization` or a QLoRA layer): the
+    dequantized or simulated kernel its einsum used. A float base reports
+    none; its kernel is the param.
+    """
+    with _quant_layers.computed_kernels() as computed:
+      y = self._call_wrapped('__call__', *args, **kwargs)
+    return y, computed
+
+  @nn.nowrap
   def _dora_base(self, equation: _einsum.EinsumEquation, weight_name: str,
-                 y: Array) -> _lora_adapters.DoRABase | None:
+                 y: Array, computed: dict[str, Array]
+                 ) -> _lora_adapters.DoRABase | None:
     """What the DoRA adapter needs of this call (None without DoRA).
 
+    The kernel is the one the base computed with: over a quantized base
+    (QDoRA) the dequantized (or simulated) kernel the base reported in
+    `computed`, so `||V||` and the magnitude's init see what the layer
+    computes, and nothing is dequantized twice.
+
     Raises:
-      ValueError: DoRA over a quantized base, or a bias that is not
-        shaped like the kernel's output-side axes.
+      ValueError: no kernel, or a bias that is not shaped like the
+        kernel's output-side axes.
     """
     if not self.options.use_dora:
       return None
     kernel = (nn.meta.unbox(self.get_variable('params', weight_name))
               if self.has_variable('params', weight_name) else None)
-    quantizing = any(isinstance(i, _quant_surgery.QuantizationSurgery)
-                     for i in _interceptors.active_interceptors())
-    if quantizing or isinstance(
-        self.wrapped, _quant_layers.QuantizedEinsumLike) or (
-            _numerics.is_quantized(kernel)):
-      raise ValueError(
-          f'DoRA (use_dora=True) does not support the quantized layer '
-          f'{type(self.wrapped).__name__} at {self.where!r}: its norm '
-          '||W + scale * BA|| needs the float kernel the base computes '
-          'with, dequantized every step (the memory QLoRA saves), and '
-          'fuse_into_quantized does not fold a magnitude. Use LoRA '
-          '(use_dora=False) over a quantized base, or DoRA over a float one.'
-      )
+    if kernel is not None and weight_name in computed and (
+        np.shape(computed[weight_name]) == np.shape(kernel)):
+      kernel = computed[weight_name]
     if kernel is None:
       raise ValueError(
           f'DoRA at {self.where!r} found no kernel {weight_name!r} in the '
@@ -188,7 +195,7 @@ class LoRAEinsumLike(LoRAWrapper):
           f'at {self.where!r}: it is not a registered einsum-like layer. '
           'Call peft.register_einsum_layer(YourLayer, weight_name=...) first.'
       )
-    y = self._call_wrapped('__call__', *args, **kwargs)
+    y, computed = self._call_base(*args, **kwargs)
     call = kind.describe(self.wrapped, args, kwargs)
     # One parse (in `describe`) and one plan per call, passed on.
     plan = call.equation.lora_plan(weight_shape=call.weight_shape,
@@ -198,7 +205,7 @@ class LoRAEinsumLike(LoRAWrapper):
         compute_dtype=y.dtype, weight_name=call.weight_name,
         einsum_str=call.equation.einsum_str, shape=call.weight_shape)
     update = adapter(call.inputs, plan=plan, dora=self._dora_base(
-        call.equation, call.weight_name, y))
+        call.equation, call.weight_name, y, computed))
     self._record(
         layer_type=type(self.wrapped).__name__, weight_name=call.weight_name,
         adapter_name=call.adapter_name, weight_shape=call.weight_shape,
@@ -279,7 +286,7 @@ class LoRAConv(LoRAWrapper):
           f'(feature_group_count={conv.feature_group_count!r}). Exclude it '
           'from the LoRA targets.'
       )
-    y = self._call_wrapped('__call__', inputs)
+    y, computed = self._call_base(inputs)
     adapter = self._adapter(
         _lora_adapters.LoRAConvAdapter, name='lora', compute_dtype=y.dtype,
         weight_name='kernel', features=conv.features,
@@ -292,7 +299,7 @@ class LoRAConv(LoRAWrapper):
                                     self.options.rank, where=self.where)
     equation = _einsum.conv_equation(len(window), where=self.where)
     update = adapter(inputs, plan=plan, dora=self._dora_base(
-        equation, 'kernel', y))
+        equation, 'kernel', y, computed))
     self._record(
         layer_type='Conv', weight_name='kernel', adapter_name='lora',
         weight_shape=(*window, inputs.shape[-1], conv.features),

@@ -1,6 +1,7 @@
 """Fusing trained adapters into a quantized base (QLoRA to serving).
 
-Each quantized kernel is dequantized, gets `scale * delta(A, B)` and is
+Each quantized kernel is dequantized, gets `scale * delta(A, B)` (with a
+DoRA magnitude, QDoRA, becomes `m * V / ||V||` of that `V`) and is
 re-quantized with its own method and axes; the relative error of the
 re-quantized kernel against the exact float one is reported, so a user
 sees what fusing into 4 bits costs (QLoRA: Dettmers et al. 2023).
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import adapter_tree as _adapter_tree
+from peft._core import dora as _dora
 from peft._core import einsum as _einsum
 from peft._core import fuse as _fuse
 from peft._core import params as _params
@@ -60,11 +62,21 @@ def fuse_quantized_kernel(kernel: q.QuantizedArray, a: jax.Array,
                      where='fuse_quantized_kernel')
 
 
-def _requantize(kernel, delta_str, a, b, scale, *, where):
-  exact = _einsum.add_delta(kernel.dequantize(jnp.float32),
-                            jnp.asarray(a, jnp.float32),
-                            jnp.asarray(b, jnp.float32), scale,
-                            delta_str=delta_str)
+def _requantize(kernel, delta_str, a, b, scale, *, where, m=None,
+                magnitude_axes=()):
+  """`(re-quantized fused kernel, its relative error)`.
+
+  The exact fused kernel is `dequantize(kernel) + scale * delta(A, B)`, or
+  with a DoRA magnitude `m` (QDoRA) `m * V / ||V||` of that `V`.
+  """
+  float_kernel = kernel.dequantize(jnp.float32)
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  if m is None:
+    exact = _einsum.add_delta(float_kernel, a, b, scale, delta_str=delta_str)
+  else:
+    exact, _ = _dora.fused_kernel(
+        float_kernel, a, b, jnp.asarray(m, jnp.float32), scale,
+        delta_str=delta_str, magnitude_axes=tuple(magnitude_axes))
   # The kernel's own axes: its channels, or the axes its blocks run along.
   new = q.quantize_array(exact.astype(kernel.dtype), kernel.method,
                          kernel.axes, where=where)
@@ -77,8 +89,9 @@ def fuse_into_quantized(params: Any, adapters: Sequence[_spec.AdapterSpec]):
   """`fuse_params` for a quantized base: returns `(fused, errors)`.
 
   Each quantized kernel is dequantized, gets `scale * einsum(delta_str, A,
-  B)` and is re-quantized with its own method and axes; float kernels are
-  fused in float (by `fuse_params`). `errors` maps each re-quantized
+  B)` (a DoRA adapter's kernel becomes `m * V / ||V||` of that `V`) and is
+  re-quantized with its own method and axes; float kernels are fused in
+  float (by `fuse_params`). `errors` maps each re-quantized
   adapter key to the relative error against the float fused kernel (see
   `fuse_quantized_kernel`). The result has no adapter branches, so the
   plain model under `peft.quantized()` serves it.
@@ -119,19 +132,11 @@ def fuse_into_quantized(params: Any, adapters: Sequence[_spec.AdapterSpec]):
       _params.merge_params(base, _subtree(lora, plain)), plain)
   errors = {}
   for spec in specs:
-    if spec not in plain and spec.use_dora:
-      raise ValueError(
-          f'{name}: adapter {spec.key!r} is DoRA, and its kernel '
-          f'{"/".join((*spec.path, spec.weight_name))!r} is quantized; '
-          'folding a DoRA magnitude into a quantized kernel is not '
-          'supported (DoRA over a quantized base is not either). Fuse into '
-          'the float base with fuse_params, then quantize the result.'
-      )
-  for spec in specs:
     if spec not in plain:
-      a, b = _adapter_tree.get_adapter(lora, spec, name)
-      new, errors[spec.key] = _requantize(kernels[spec], spec.delta_str, a, b,
-                                          spec.scale, where=spec.key)
+      a, b, m, _ = _adapter_tree.adapter_arrays(lora, spec, name)
+      new, errors[spec.key] = _requantize(
+          kernels[spec], spec.delta_str, a, b, spec.scale, where=spec.key,
+          m=m, magnitude_axes=spec.magnitude_axes)
       fused = _replace(fused, (*spec.path, spec.weight_name), new)
   return fused, errors
 
@@ -158,13 +163,12 @@ def _kernel(base, spec, name):
 def _subtree(lora, specs):
   out = {}
   for spec in specs:
-    a, b, stacked = _adapter_tree.adapter_and_spec(lora, spec,
-                                                   'fuse_into_quantized')
+    a, b, m, _ = _adapter_tree.adapter_arrays(lora, spec,
+                                              'fuse_into_quantized')
     node = _adapter_tree.adapter_node(out, spec)
     node.update(a=a, b=b)
-    if spec.use_dora:
-      node['m'] = _adapter_tree.get_magnitude(lora, stacked,
-                                              'fuse_into_quantized')
+    if m is not None:
+      node[_dora.MAGNITUDE] = m
   return out
 
 

@@ -17,9 +17,7 @@ Both families join the registry themselves, so LoRA can wrap them (QLoRA).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
 import contextlib
-import contextvars
 import dataclasses
 from typing import Any, cast
 
@@ -28,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft._core import recorders as _recorders
 from peft._linen import registry as _registry
 from peft._linen import shared_scope as _shared_scope
 from peft._quant import numerics as q
@@ -93,10 +92,12 @@ class QuantizedEinsumLike(_shared_scope.ScopeSharingWrapper, abc.ABC):
           'first.'
       )
     call = kind.describe(self.wrapped, args, kwargs)
-    for seen in _RECORDERS.get():
+    for seen in _AXES.open_dicts():
       seen[self._at(call.weight_name)] = self._axes(call)
     self._ensure_params(call, args, kwargs)
     kernel = self._kernel(self.get_variable('params', call.weight_name), call)
+    for seen in _COMPUTED.open_dicts()[-1:]:
+      seen[call.weight_name] = kernel
     return self._einsum(call, kernel)
 
   @nn.nowrap
@@ -492,17 +493,40 @@ _registry.register_einsum_kind(_WrapperKind(module_type=QuantizedEinsumLike))
 
 
 # Open recorders in this thread/task: kernel path -> reduced axes.
-_RECORDERS: contextvars.ContextVar[tuple[dict[str, Any], ...]] = (
-    contextvars.ContextVar('peft_quantized_kernels', default=()))
+_AXES: _recorders.Recorders[tuple[int, ...] | None] = _recorders.Recorders(
+    'peft_quantized_kernels')
+# Open recorders: weight name -> the float kernel a wrapper computed with.
+_COMPUTED: _recorders.Recorders[jax.Array] = _recorders.Recorders(
+    'peft_computed_kernels')
 
 
-@contextlib.contextmanager
-def recording_kernels() -> Iterator[dict[str, tuple[int, ...] | None]]:
+def recording_kernels() -> contextlib.AbstractContextManager[
+    dict[str, tuple[int, ...] | None]]:
   """Collects `{kernel path: reduced axes}` of the wrappers run inside."""
-  seen: dict[str, tuple[int, ...] | None] = {}
-  token = _RECORDERS.set(_RECORDERS.get() + (seen,))
-  try:
-    yield seen
-  finally:
-    _RECORDERS.reset(token)
+  return _AXES.open()
 
+
+def computed_kernels() -> contextlib.AbstractContextManager[
+    dict[str, jax.Array]]:
+  """Collects `{weight name: float kernel}` of the wrappers run inside.
+
+  The kernel is the one the wrapper's einsum used: the dequantized
+  `QuantizedArray`, or `simulate_quantize(kernel)`. DoRA over a quantized
+  base (QDoRA) opens one around its base call, so its norm and its
+  magnitude's init use the kernel the base computes with, without a second
+  dequantization. Only the innermost open dict gets the reports: it belongs
+  to the layer whose call is running.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import peft
+    >>> layer = SimulateQuantizedDense(wrapped=nn.Dense(2), method='int8')
+    >>> x = jnp.ones((1, 3))
+    >>> params = layer.init(jax.random.key(0), x)
+    >>> with computed_kernels() as seen:
+    ...   _ = layer.apply(params, x)
+    >>> want = peft.simulate_quantize(params['params']['kernel'], 'int8', 0)
+    >>> bool(jnp.all(seen['kernel'] == want))
+    True
+  """
+  return _COMPUTED.open()

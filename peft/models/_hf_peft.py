@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import dataclasses
 import os
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,8 @@ import numpy as np
 import safetensors.numpy
 
 import peft
+from peft._core import adapter_tree as _adapter_tree
+from peft._core import dora as _dora
 from peft.models import _hf_peft_format as fmt
 from peft.models._config import DecoderConfig
 from peft.models._decoder import Decoder
@@ -100,12 +102,14 @@ class HFAdapters(NamedTuple):
 
 
 class _Projection(NamedTuple):
-  """One HF adapter: `model.layers.N.<proj>`, its A `(r, in)`, B `(out, r)`."""
+  """One HF adapter: `model.layers.N.<proj>`, its A `(r, in)`, B `(out, r)`
+  and, for DoRA, its magnitude `m` `(out,)`."""
 
   layer: int
   proj: str
   a: np.ndarray
   b: np.ndarray
+  m: np.ndarray | None = None
 
   @property
   def module(self) -> str:
@@ -135,26 +139,39 @@ def _read_projections(directory: pathlib.Path, config,
     match = fmt.TENSOR.match(name)
     if match is None:
       what = ('an embedding LoRA' if 'lora_embedding' in name else
-              'a DoRA magnitude' if 'magnitude' in name else
               'not a LoRA factor of a Llama/Gemma projection')
       raise fmt.error(file, f'tensor {name!r} is {what}',
                    'peft loads LoRA on q/k/v/o/gate/up/down projections.')
-    layer, proj, factor = int(match[1]), match[2], match[3]
+    layer, proj, factor = int(match[1]), match[2], match[3] or 'm'
     if layer >= n_layers:
       raise fmt.error(file, f'tensor {name!r} is for layer {layer} but the '
                    f'model has {n_layers}', 'Load the base model the '
                    'adapter was trained on.')
     found.setdefault((layer, proj), {})[factor] = value.astype(np.float32)
   projections = []
+  dora = bool(config.get('use_dora', False))
   for (layer, proj), factors in sorted(found.items()):
-    if set(factors) != {'A', 'B'}:
-      raise fmt.error(file, f'model.layers.{layer}.{proj} has only lora_'
-                   f'{"".join(factors)}', 'The file is incomplete.')
-    p = _Projection(layer, proj, factors['A'], factors['B'])
+    module = f'model.layers.{layer}.{proj}'
+    if not {'A', 'B'} <= set(factors):
+      raise fmt.error(file, f'{module} has only lora_'
+                   f'{"".join(sorted(set(factors) - {"m"}))}',
+                   'The file is incomplete.')
+    if ('m' in factors) != dora:
+      raise fmt.error(
+          file, f'{module} has a DoRA magnitude ({fmt.MAGNITUDE_SUFFIX}) but '
+          'the config does not set use_dora' if not dora else
+          f'the config sets use_dora=True but {module} has no '
+          f'{fmt.MAGNITUDE_SUFFIX}', 'The config and the weights do not '
+          'belong together.')
+    p = _Projection(layer, proj, factors['A'], factors['B'], factors.get('m'))
     if p.a.ndim != 2 or p.b.ndim != 2 or p.a.shape[0] != p.b.shape[1]:
       raise fmt.error(file, f'{p.module} has lora_A {p.a.shape} and lora_B '
                    f'{p.b.shape}, which do not share a rank',
                    'The file is corrupt.')
+    if p.m is not None and p.m.shape != p.b.shape[:1]:
+      raise fmt.error(file, f'{p.module} has {fmt.MAGNITUDE_SUFFIX} '
+                   f'{p.m.shape} but lora_B {p.b.shape}; DoRA keeps one '
+                   'magnitude per output row', 'The file is corrupt.')
     expected_rank = fmt.pattern_value(config.get('rank_pattern'), p.module,
                                    config['r'])
     if p.a.shape[0] != expected_rank:
@@ -217,9 +234,47 @@ def _specs_for(config: DecoderConfig, rules) -> tuple[peft.AdapterSpec, ...]:
   return report.specs
 
 
+def _magnitude(parts: Sequence[_Projection], spec: peft.AdapterSpec,
+               params: Any, directory: pathlib.Path) -> np.ndarray:
+  """Our DoRA `m` (`spec.magnitude_shape`) from the HF parts' magnitudes.
+
+  A stacked kernel (k and v, gate and up) takes one slot per part; a slot
+  no HF adapter covers has B = 0 there, so its `m` is the base kernel's
+  norm (read from `params`), which leaves that projection as it was.
+  """
+  shape = spec.magnitude_shape
+  # `_read_projections` checked that every part of a DoRA file has one.
+  magnitudes = [cast(np.ndarray, p.m) for p in parts]
+  if parts[0].ours[2] is None:
+    return magnitudes[0].reshape(shape)
+  m = np.empty(shape, np.float32)
+  missing = set(range(shape[0])) - {p.ours[2] for p in parts}
+  if missing:
+    if params is None:
+      raise fmt.error(directory, f'DoRA adapts {[p.module for p in parts]} '
+                      f'but not the other half of {spec.key!r}, whose '
+                      'magnitude must start at the base kernel\'s norm',
+                      'Pass the base params: load_hf_peft(directory, '
+                      'config, params=params).')
+    kernel = _adapter_tree.module_at(params, spec, 'load_hf_peft').get(
+        spec.weight_name)
+    if kernel is None or tuple(np.shape(kernel)) != spec.weight_shape:
+      raise fmt.error(directory, f'params have no kernel '
+                      f'{spec.weight_shape} at {spec.key!r}',
+                      'Pass the base params of this model.')
+    norm = np.asarray(_dora.column_norm(peft.dequantize(kernel),
+                                        spec.magnitude_axes))
+    for slot in missing:
+      m[slot] = norm[slot]
+  for p, part_m in zip(parts, magnitudes):
+    m[p.ours[2]] = part_m.reshape(shape[1:])
+  return m
+
+
 def load_hf_peft(directory: str | os.PathLike[str],
-                 config: DecoderConfig) -> HFAdapters:
-  """Reads an HF PEFT LoRA adapter for the reference decoder.
+                 config: DecoderConfig, *,
+                 params: Any = None) -> HFAdapters:
+  """Reads an HF PEFT LoRA (or DoRA) adapter for the reference decoder.
 
   The result computes what the adapter computes in torch on the same base
   model: `fuse_params(merge_params(base, lora), specs)` gives the merged
@@ -227,6 +282,10 @@ def load_hf_peft(directory: str | os.PathLike[str],
   or keep training them.
 
   An adapter this module wrote loads as `PeftModel.save_pretrained`'s do.
+  A DoRA adapter (`use_dora: true`, a `lora_magnitude_vector` per
+  projection) loads with each magnitude beside its A and B; when it adapts
+  one half of a stacked kernel (HF's usual q/v choice adapts v but not k),
+  the other half's magnitude is that kernel's norm, read from `params`.
 
   Example:
     >>> import tempfile
@@ -249,6 +308,8 @@ def load_hf_peft(directory: str | os.PathLike[str],
   Args:
     directory: what `PeftModel.save_pretrained` wrote.
     config: the base model's config (the adapter's model).
+    params: the base params; needed only for a DoRA adapter on one half of
+      a stacked kernel (the error says so).
 
   Returns:
     `HFAdapters(lora, specs, rules, hf_config)`.
@@ -277,9 +338,10 @@ def load_hf_peft(directory: str | os.PathLike[str],
       rank = sum(p.a.shape[0] for p in parts)
       alpha, use_rslora = scales[0] * rank, False
     plans[path, weight] = (parts, scales, shared, rank, alpha, use_rslora)
+  dora = bool(hf_config.get('use_dora', False))
   rules = tuple(
       peft.LoRARule(rank=rank, alpha=alpha, use_rslora=use_rslora,
-                    targets=KernelTarget(path, weight))
+                    use_dora=dora, targets=KernelTarget(path, weight))
       for (path, weight), (*_, rank, alpha, use_rslora) in plans.items())
   try:
     specs = _specs_for(config, rules)
@@ -300,6 +362,8 @@ def load_hf_peft(directory: str | os.PathLike[str],
     for key in spec.adapter_path:
       node = node.setdefault(key, {})
     node.update(a=jnp.asarray(a), b=jnp.asarray(b))
+    if dora:
+      node['m'] = jnp.asarray(_magnitude(parts, spec, params, directory))
   return HFAdapters(lora, tuple(specs), rules, hf_config)
 
 

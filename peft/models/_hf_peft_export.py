@@ -6,7 +6,9 @@ kernel's (k and v, gate and up) becomes two. An untouched block form (what
 both projections get the shared A at the full rank, which is the same
 update. The config keeps what the adapters were read with and adds exact
 module names to `rank_pattern`/`alpha_pattern` where a rank or scale
-differs.
+differs. A DoRA adapter's magnitude goes with each projection as HF PEFT's
+`lora_magnitude_vector` (a stacked kernel's split by slot), and the config
+says `use_dora: true`.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _same_scale(x: float, y: float) -> bool:
 
 
 def _hf_parts(spec: peft.AdapterSpec, a: np.ndarray, b: np.ndarray,
-              hf_config: Mapping[str, Any] | None):
-  """HF `(module, A (r, in), B (out, r), scale)` for one of our adapters."""
+              m: np.ndarray | None, hf_config: Mapping[str, Any] | None):
+  """HF `(module, A (r, in), B (out, r), scale, m (out,) or None)` for one
+  of our adapters (`m`: its DoRA magnitude, one slot per part)."""
   layer = _LAYER.match(spec.path[0]) if spec.path else None
   key = ('/'.join(spec.path[1:]), spec.weight_name)
   if layer is None or key not in _OURS_TO_HF or spec.stack_shape:
@@ -55,7 +58,8 @@ def _hf_parts(spec: peft.AdapterSpec, a: np.ndarray, b: np.ndarray,
   names = [f'model.layers.{layer[1]}.{proj}' for _, proj in targets]
   flat_a = a.reshape(-1, rank).T  # (R, in)
   if targets[0][0] is None:
-    return [(names[0], flat_a, b.reshape(rank, -1).T, spec.scale)]
+    return [(names[0], flat_a, b.reshape(rank, -1).T, spec.scale,
+             None if m is None else m.reshape(-1))]
   # A stack: split an untouched block form back into its parts (their
   # ranks as the HF config we came from says), else share A at full rank.
   split = None
@@ -70,13 +74,21 @@ def _hf_parts(spec: peft.AdapterSpec, a: np.ndarray, b: np.ndarray,
   parts = []
   for slot, name in enumerate(names):
     lo, hi = split[slot] if split else (0, rank)
-    parts.append((name, flat_a[lo:hi], b[lo:hi, slot].reshape(hi - lo, -1).T,
-                  spec.scale))
+    part_b, scale = b[lo:hi, slot].reshape(hi - lo, -1).T, spec.scale
+    if split and hf_config is not None:
+      # The block form holds each part's B at the first part's scale
+      # (load_hf_peft's `_block`); give each back its own HF scale.
+      own = fmt.hf_scale(hf_config, name, hi - lo)[1]
+      if not _same_scale(own, scale):
+        part_b, scale = part_b * np.float32(scale / own), own
+    parts.append((name, flat_a[lo:hi], part_b, scale,
+                  None if m is None else m[slot].reshape(-1)))
   return parts
 
 
 def _export_config(parts, hf_config: Mapping[str, Any] | None,
-                   base_model: str | None) -> dict[str, Any]:
+                   base_model: str | None, *, use_dora: bool
+                   ) -> dict[str, Any]:
   """An `adapter_config.json` whose (rank, scale) per module is each
   part's: the config we came from where it agrees, patterns where not."""
   use_rslora = bool((hf_config or {}).get('use_rslora', False))
@@ -84,10 +96,10 @@ def _export_config(parts, hf_config: Mapping[str, Any] | None,
   def alpha_for(rank, scale):
     return scale * (math.sqrt(rank) if use_rslora else rank)
 
-  ranks = [a.shape[0] for _, a, _, _ in parts]
+  ranks = [a.shape[0] for _, a, *_ in parts]
   if hf_config is None:
     r = max(set(ranks), key=ranks.count)
-    alphas = [alpha_for(a.shape[0], s) for _, a, _, s in parts if
+    alphas = [alpha_for(a.shape[0], s) for _, a, _, s, _ in parts if
               a.shape[0] == r]
     config = {'r': r, 'lora_alpha': max(set(alphas), key=alphas.count),
               'rank_pattern': {}, 'alpha_pattern': {}}
@@ -98,7 +110,7 @@ def _export_config(parts, hf_config: Mapping[str, Any] | None,
   # HF takes the first pattern key `k` with `(.*\.)?(k)$` matching a
   # module, so the exact names this adds go before the config's own keys.
   ranks_by_name, alphas_by_name = {}, {}
-  for name, a, _, scale in parts:
+  for name, a, _, scale, _ in parts:
     rank = a.shape[0]
     exact = re.escape(name)
     if fmt.pattern_value(config['rank_pattern'], name, config['r']) != rank:
@@ -107,7 +119,7 @@ def _export_config(parts, hf_config: Mapping[str, Any] | None,
       alphas_by_name[exact] = alpha_for(rank, scale)
   config['rank_pattern'] = {**ranks_by_name, **config['rank_pattern']}
   config['alpha_pattern'] = {**alphas_by_name, **config['alpha_pattern']}
-  names = [name for name, _, _, _ in parts]
+  names = [name for name, *_ in parts]
   target = (hf_config or {}).get('target_modules')
   if not (isinstance(target, str)
           and all(re.fullmatch(target, n) for n in names)):
@@ -118,7 +130,10 @@ def _export_config(parts, hf_config: Mapping[str, Any] | None,
       'modules_to_save': None, 'inference_mode': True,
       'init_lora_weights': True, 'base_model_name_or_path': base_model,
   }
-  return {**defaults, **config, 'target_modules': target}
+  config = {**defaults, **config, 'target_modules': target}
+  if use_dora or 'use_dora' in config:
+    config['use_dora'] = use_dora
+  return config
 
 
 def save_hf_peft(directory: str | os.PathLike[str], lora: Any,
@@ -158,30 +173,37 @@ def save_hf_peft(directory: str | os.PathLike[str], lora: Any,
     The config written.
 
   Raises:
-    ValueError: an adapter is not on a decoder projection, or is DoRA.
+    ValueError: an adapter is not on a decoder projection, or some
+      adapters are DoRA and others not (HF PEFT's `use_dora` is one flag).
   """
   specs = _adapter_tree.check_specs(specs, 'save_hf_peft')
+  dora = [s.key for s in specs if s.use_dora]
+  if dora and len(dora) != len(specs):
+    plain = [s.key for s in specs if not s.use_dora]
+    raise ValueError(
+        f'save_hf_peft: adapters {dora[:3]} are DoRA but {plain[:3]} are '
+        'not; an HF PEFT adapter is DoRA or LoRA as a whole (one use_dora '
+        'in its config). Export them as two adapters, or fuse the DoRA '
+        'ones (peft.fuse_params).'
+    )
   parts = []
   for spec in specs:
-    if spec.use_dora:
-      raise ValueError(
-          f'save_hf_peft: adapter {spec.key!r} is DoRA (use_dora=True); '
-          'writing its magnitude as HF PEFT\'s lora_magnitude_vector is not '
-          'supported, and A and B alone would be a different adapter. Save '
-          'it with peft.save_adapters, or fuse it (peft.fuse_params).'
-      )
-  for spec in specs:
-    a, b = _adapter_tree.get_adapter(lora, spec, 'save_hf_peft')
+    a, b, m, _ = _adapter_tree.adapter_arrays(lora, spec, 'save_hf_peft')
     parts += _hf_parts(spec, np.asarray(a, np.float32),
-                       np.asarray(b, np.float32), hf_config)
-  config = _export_config(parts, hf_config, base_model)
+                       np.asarray(b, np.float32),
+                       None if m is None else np.asarray(m, np.float32),
+                       hf_config)
+  config = _export_config(parts, hf_config, base_model, use_dora=bool(dora))
   tensors = {}
-  for name, a, b, scale in parts:
+  for name, a, b, scale, m in parts:
     _, written = fmt.hf_scale(config, name, a.shape[0])
     if not _same_scale(written, scale):  # can't happen: patterns fixed it
       b = b * np.float32(scale / written)
     tensors[f'{fmt.PREFIX}{name}.lora_A.weight'] = np.ascontiguousarray(a)
     tensors[f'{fmt.PREFIX}{name}.lora_B.weight'] = np.ascontiguousarray(b)
+    if m is not None:  # DoRA's magnitude, named as HF PEFT writes it
+      tensors[f'{fmt.PREFIX}{name}.{fmt.MAGNITUDE_SUFFIX}'] = (
+          np.ascontiguousarray(m))
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   safetensors.numpy.save_file(tensors, directory / fmt.WEIGHTS_FILE,

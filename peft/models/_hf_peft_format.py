@@ -33,19 +33,23 @@ PROJECTIONS = {
     'mlp.up_proj': ('mlp', 'gating_einsum', 1),
     'mlp.down_proj': ('mlp', 'linear', None),
 }
+# Group 3 is 'A' or 'B' for a LoRA factor; None for a DoRA magnitude (HF
+# PEFT writes `lora_magnitude_vector` without the `.weight` it has in torch).
 TENSOR = re.compile(
     r'^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|'
-    r'mlp\.(?:gate|up|down)_proj)\.lora_([AB])\.weight$')
+    r'mlp\.(?:gate|up|down)_proj)\.(?:lora_([AB])\.weight|'
+    r'lora_magnitude_vector(?:\.weight)?)$')
+MAGNITUDE_SUFFIX = 'lora_magnitude_vector'
 # Config fields whose non-default values change what the adapter computes
 # in ways this loader does not reproduce, with the value it handles.
 _UNSUPPORTED = {
-    'use_dora': False, 'lora_bias': False, 'layer_replication': None,
+    'lora_bias': False, 'layer_replication': None,
     'trainable_token_indices': None, 'target_parameters': None,
     'use_qalora': False, 'alora_invocation_tokens': None,
     'use_bdlora': None,
 }
 _SUPPORTED_FIELDS_DOC = (
-    'peft_type LORA, r, lora_alpha, use_rslora, target_modules, '
+    'peft_type LORA, r, lora_alpha, use_rslora, use_dora, target_modules, '
     'rank_pattern, alpha_pattern, bias "none", fan_in_fan_out, '
     'modules_to_save null')
 
@@ -94,6 +98,10 @@ def read_hf_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     raise error(file, f'modules_to_save={config["modules_to_save"]!r} '
                  'replaces whole modules, which an adapter file here cannot '
                  'hold', 'Use an adapter without modules_to_save.')
+  for field in ('use_rslora', 'use_dora'):
+    if not isinstance(config.get(field, False), bool):
+      raise error(file, f'{field}={config[field]!r} is not a bool',
+                  'Fix the config (true or false).')
   for field in ('r', 'lora_alpha'):
     value = config.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (

@@ -103,12 +103,11 @@ def load_adapters(path: str | os.PathLike[str], model: nnx.Module, *,
     return loaded
   values = []
   for (p, layer), spec in zip(layers, expected):
-    a, b, stacked = _adapter_tree.adapter_and_spec(loaded.lora, spec,
-                                                   'load_adapters')
+    a, b, m, _ = _adapter_tree.adapter_arrays(loaded.lora, spec,
+                                              'load_adapters')
     pairs = [(layer.lora.a, a), (layer.lora.b, b)]
     if spec.use_dora:
-      pairs.append((layer.lora.m, _adapter_tree.get_magnitude(
-          loaded.lora, stacked, 'load_adapters')))
+      pairs.append((layer.lora.m, m))
     for var, new in pairs:
       if new.dtype != var.dtype:
         raise ValueError(

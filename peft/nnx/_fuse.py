@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from peft._core import adapter_tree as _adapter_tree
+from peft._core import dora as _dora
 from peft._core import fuse as _fuse
 from peft._core import fuse_ledger as _fuse_ledger
 from peft._core import params as _params
@@ -94,7 +95,7 @@ def lora_tree(layers) -> dict[str, Any]:
     node = _adapter_tree.adapter_node(tree, layer.adapter_spec(path))
     node.update(a=layer.lora.a[...], b=layer.lora.b[...])
     if layer.lora.options.use_dora:
-      node['m'] = layer.lora.m[...]
+      node[_dora.MAGNITUDE] = layer.lora.m[...]
   return tree
 
 
@@ -173,9 +174,7 @@ def attach(model, specs, adapters, *, subtract: bool, name: str,
           'there. Use the model the adapters were made for (fused, or '
           'without LoRA).'
       )
-    a, b, stacked = _adapter_tree.adapter_and_spec(adapters, spec, name)
-    m = (_adapter_tree.get_magnitude(adapters, stacked, name)
-         if spec.use_dora else None)
+    a, b, m, _ = _adapter_tree.adapter_arrays(adapters, spec, name)
     surgery.check_replaceable(refs, module, _params.fmt_path(spec.path))
     # A and B are set below; zeros make no random numbers for them.
     lora_options = spec.options.replace(

@@ -13,9 +13,12 @@ tokenizer=p.tokenizer)"
   python3.11 -m venv /tmp/torchenv
   /tmp/torchenv/bin/pip install torch==2.13.0 transformers==5.23.0 \
       'peft>=0.21,<0.22' safetensors numpy
-  # 3. The fixture: an adapter directory and the logits torch gives.
+  # 3. The fixture: an adapter directory and the logits torch gives; then
+  #    a DoRA adapter (use_dora=True) and its logits.
   /tmp/torchenv/bin/python tests/testdata/hf_peft/make_fixture.py make \
       --base /tmp/smollm2_hf --out tests/testdata/hf_peft
+  /tmp/torchenv/bin/python tests/testdata/hf_peft/make_fixture.py \
+      make-dora --base /tmp/smollm2_hf --out tests/testdata/hf_peft
   # 4. By hand, after exporting with peft (see docs/checkpoints.md): torch's
   #    logits for an exported adapter (or a merged directory) against the
   #    logits peft saved beside it as `peft_logits.npy`.
@@ -78,6 +81,53 @@ def make(args):
         float(np.abs(adapted_logits - base_logits).max()))
 
 
+# The DoRA adapters: all seven projections of two layers (DoRA adds a
+# magnitude per output row), and HF's usual q/v-only choice with rsLoRA,
+# which adapts one half of our stacked kv kernel.
+DORA_TARGETS = (r'.*layers\.(0|29)\.(self_attn\.(q|k|v|o)_proj'
+                r'|mlp\.(gate|up|down)_proj)')
+DORA_QV_TARGETS = r'.*layers\.(0|29)\.self_attn\.(q|v)_proj'
+
+
+def _dora_logits(base, seed, **lora):
+  import peft  # pylint: disable=g-import-not-at-top
+  model = peft.get_peft_model(_load_base(base), peft.LoraConfig(
+      r=4, lora_alpha=8, lora_dropout=0.0, bias='none', use_dora=True,
+      task_type='CAUSAL_LM', **lora))
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if 'lora_B' in name:  # B starts at zero: make the adapter do something
+        torch.nn.init.normal_(param, std=0.05)
+      elif 'lora_magnitude_vector' in name:  # and m starts at ||W||: move it
+        param.mul_(1 + 0.1 * torch.randn_like(param))
+  model.eval()
+  return model, _logits(model)
+
+
+def make_dora(args):
+  out = pathlib.Path(args.out)
+  model, adapted = _dora_logits(args.base, 1, target_modules=DORA_TARGETS,
+                                rank_pattern={'v_proj': 2})
+  model.save_pretrained(out / 'adapter_dora')
+  model, adapted_qv = _dora_logits(args.base, 2,
+                                   target_modules=DORA_QV_TARGETS,
+                                   use_rslora=True)
+  model.save_pretrained(out / 'adapter_dora_qv')
+  np.savez(out / 'logits_dora.npz', prompt=np.array(PROMPT),
+           adapted=adapted[:, :VOCAB_SLICE],
+           adapted_qv=adapted_qv[:, :VOCAB_SLICE])
+  print('saved tensors like:', sorted(
+      k for k in _tensor_names(out / 'adapter_dora') if '.0.' in k)[:4])
+
+
+def _tensor_names(directory):
+  import safetensors  # pylint: disable=g-import-not-at-top
+  with safetensors.safe_open(directory / 'adapter_model.safetensors',
+                             'np') as f:
+    return list(f.keys())
+
+
 def _compare(name, torch_logits, peft_dir):
   ours = np.load(pathlib.Path(peft_dir) / 'peft_logits.npy')
   diff = float(np.abs(torch_logits[:, :ours.shape[-1]] - ours).max())
@@ -111,16 +161,17 @@ def check_merged(args):
 def main():
   parser = argparse.ArgumentParser()
   sub = parser.add_subparsers(dest='command', required=True)
-  p = sub.add_parser('make')
-  p.add_argument('--base', required=True)
-  p.add_argument('--out', required=True)
+  for command in ('make', 'make-dora'):
+    p = sub.add_parser(command)
+    p.add_argument('--base', required=True)
+    p.add_argument('--out', required=True)
   p = sub.add_parser('check-adapter')
   p.add_argument('--base', required=True)
   p.add_argument('--adapter', required=True)
   p = sub.add_parser('check-merged')
   p.add_argument('--merged', required=True)
   args = parser.parse_args()
-  {'make': make, 'check-adapter': check_adapter,
+  {'make': make, 'make-dora': make_dora, 'check-adapter': check_adapter,
    'check-merged': check_merged}[args.command](args)
 
 
