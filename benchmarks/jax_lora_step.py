@@ -37,6 +37,7 @@ from benchmarks import procstats
 import peft
 from peft import models
 from peft._cli import train
+from peft._cli import xla_flags
 
 RANK, ALPHA = 8, 16
 # q_einsum, kv_einsum (k and v stacked) and attn_vec_einsum (o); the mlp's
@@ -163,4 +164,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+  xla_flags.apply()  # The CLI's XLA flags, before any JAX work.
   main()

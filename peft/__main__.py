@@ -10,7 +10,8 @@ non-zero before any long work, and no output is overwritten; `--debug`
 shows the traceback instead. Ctrl-C prints one line and exits 130, leaving
 every output whole (`peft._cli.interrupt`); in training it first finishes
 the step and writes a resumable checkpoint. JAX's persistent compilation
-cache is on (`peft._cli.compile_cache`).
+cache is on (`peft._cli.compile_cache`), and XLA runs with
+`peft._cli.xla_flags`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ if __name__ == '__main__':
   interrupt.install()
   # Only here, not in `main`: in-process callers (tests, notebooks) keep
   # their own JAX configuration.
-  from peft._cli import compile_cache  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from peft._cli import compile_cache
+  from peft._cli import xla_flags
+  # pylint: enable=g-import-not-at-top
+  xla_flags.apply()  # before any JAX work: XLA reads them once
   compile_cache.enable()
   sys.exit(main())

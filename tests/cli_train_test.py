@@ -34,6 +34,7 @@ from peft._cli import base as base_lib
 from peft._cli import checkpoints
 from peft._cli import compile_cache
 from peft._cli import metrics as metrics_lib
+from peft._cli import xla_flags
 from tests.cli_test import DATA
 from tests.cli_test import assert_one_line_error
 from tests.cli_test import run_cli
@@ -452,6 +453,73 @@ def test_a_second_run_compiles_from_the_persistent_cache(tmp_path):
   time.sleep(0.01)
   assert run() == first  # All found: nothing new was compiled.
   assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
+
+
+# Compiles the tiny model's LoRA gradient (8 layers, 512 tokens) with and
+# without remat after `xla_flags.apply()`, as `python -m peft` starts, and
+# prints XLA's temporary bytes of each.
+_TEMPS = """
+import json
+from peft._cli import xla_flags
+xla_flags.apply()
+import dataclasses, jax, jax.numpy as jnp, optax
+import peft
+from peft import models
+config = dataclasses.replace(models.tiny_config(), n_layers=8)
+frozen = models.random_params(config)
+tokens = jnp.zeros((1, 513), jnp.int32)
+temps = {}
+for remat in (False, True):
+  model = models.Decoder(config=config, remat=remat)
+  surgery = peft.lora(4, targets=('.*attn/.*', '.*mlp'))
+  with surgery:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens[:, :1])
+  lora = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                      peft.split_params(shapes['params']).lora)
+  def loss(lora, frozen, t):
+    with surgery:
+      logits = model.apply({'params': peft.merge_params(frozen, lora)},
+                           t[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, t[:, 1:]).mean()
+  compiled = jax.jit(jax.grad(loss)).lower(lora, frozen, tokens).compile()
+  temps[remat] = compiled.memory_analysis().temp_size_in_bytes
+print(json.dumps([temps[False], temps[True]]))
+"""
+
+
+def _temps(xla_flags_env):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(xla_flags_env)
+  proc = subprocess.run([sys.executable, '-c', _TEMPS], env=env, text=True,
+                        capture_output=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_the_cli_xla_flags_let_remat_cut_memory():
+  # XLA:CPU's concurrency-optimized scheduler keeps every block's
+  # activations alive through the backward pass, so remat saved nothing;
+  # the CLI turns it off (peft._cli.xla_flags).
+  plain, remat = _temps({})
+  assert remat < 0.5 * plain, (plain, remat)
+  # A user's own value wins: with the scheduler back on, remat is useless.
+  on = {'XLA_FLAGS': '--xla_cpu_enable_concurrency_optimized_scheduler=true'}
+  plain_on, remat_on = _temps(on)
+  assert remat_on > 0.9 * plain_on and plain_on > plain, (plain_on, remat_on)
+
+
+def test_xla_flags_apply_keeps_the_users_values():
+  environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  xla_flags.apply(environ)
+  assert environ['XLA_FLAGS'] == (
+      '--xla_force_host_platform_device_count=8 '
+      '--xla_cpu_enable_concurrency_optimized_scheduler=false')
+  environ = {}
+  xla_flags.apply(environ)
+  xla_flags.apply(environ)  # idempotent
+  assert environ['XLA_FLAGS'] == (
+      '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 
 
 def test_compile_cache_settings():
