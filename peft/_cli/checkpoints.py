@@ -51,8 +51,8 @@ RUN_FLAGS = ('data', 'eval_data', 'val_fraction', 'skip_bad_rows', 'seq_len',
              'eval_windows', 'max_plays', 'targets', 'rank', 'alpha',
              'dropout', 'quantize', 'use_dora', 'init_adapters', 'steps',
              'epochs', 'batch_size', 'grad_accum', 'learning_rate',
-             'warmup_steps',
-             'lr_schedule', 'weight_decay', 'dtype', 'eval_every', 'seed')
+             'warmup_steps', 'lr_schedule', 'weight_decay', 'dtype',
+             'eval_every', 'seed')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

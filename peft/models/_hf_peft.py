@@ -38,8 +38,8 @@ import numpy as np
 import safetensors.numpy
 
 import peft
-from peft._core import adapter_tree as _adapter_tree
 from peft._core import dora as _dora
+from peft._core import fuse as _fuse
 from peft.models import _hf_peft_format as fmt
 from peft.models._config import DecoderConfig
 from peft.models._decoder import Decoder
@@ -256,14 +256,8 @@ def _magnitude(parts: Sequence[_Projection], spec: peft.AdapterSpec,
                       'magnitude must start at the base kernel\'s norm',
                       'Pass the base params: load_hf_peft(directory, '
                       'config, params=params).')
-    kernel = _adapter_tree.module_at(params, spec, 'load_hf_peft').get(
-        spec.weight_name)
-    if kernel is None or tuple(np.shape(kernel)) != spec.weight_shape:
-      raise fmt.error(directory, f'params have no kernel '
-                      f'{spec.weight_shape} at {spec.key!r}',
-                      'Pass the base params of this model.')
-    norm = np.asarray(_dora.column_norm(peft.dequantize(kernel),
-                                        spec.magnitude_axes))
+    kernel = _fuse.get_kernel(params, spec, 'load_hf_peft', dequantize=True)
+    norm = np.asarray(_dora.column_norm(kernel, spec.magnitude_axes))
     for slot in missing:
       m[slot] = norm[slot]
   for p, part_m in zip(parts, magnitudes):
@@ -363,7 +357,8 @@ def load_hf_peft(directory: str | os.PathLike[str],
       node = node.setdefault(key, {})
     node.update(a=jnp.asarray(a), b=jnp.asarray(b))
     if dora:
-      node['m'] = jnp.asarray(_magnitude(parts, spec, params, directory))
+      node[_dora.MAGNITUDE] = jnp.asarray(
+          _magnitude(parts, spec, params, directory))
   return HFAdapters(lora, tuple(specs), rules, hf_config)
 
 
