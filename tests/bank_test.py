@@ -114,11 +114,12 @@ def test_each_row_gets_its_own_adapter_in_one_jitted_call():
         axis = 1 if layer == 'moved' else 0
         got = np.take(np.asarray(got), row, axis)
         want = np.take(np.asarray(want), row, axis)
-        if i < 0:  # Exactly the base model's row.
-          np.testing.assert_array_equal(got, want, err_msg=layer)
-        else:
-          np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
-                                     err_msg=layer)
+        # A -1 row is the base model's to rounding: the banked program
+        # fuses the base's ops differently from the plain one (1 ulp
+        # apart on some CPUs); `active(None)` is exact (tested below).
+        tolerance = 1e-6 if i < 0 else 1e-5
+        np.testing.assert_allclose(got, want, rtol=tolerance,
+                                   atol=tolerance, err_msg=layer)
   assert _banked._cache_size() == 1  # Other ids, same program.
 
 

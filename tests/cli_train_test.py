@@ -497,16 +497,18 @@ def _temps(xla_flags_env):
   return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_the_cli_xla_flags_let_remat_cut_memory():
-  # XLA:CPU's concurrency-optimized scheduler keeps every block's
-  # activations alive through the backward pass, so remat saved nothing;
+def test_the_cli_xla_flags_cut_memory_and_remat_cuts_it_under_either():
+  # XLA:CPU's concurrency-optimized scheduler keeps more alive at once;
   # the CLI turns it off (peft._cli.xla_flags).
   plain, remat = _temps({})
-  assert remat < 0.5 * plain, (plain, remat)
-  # A user's own value wins: with the scheduler back on, remat is useless.
+  assert remat < 0.4 * plain, (plain, remat)
+  # A user's own value wins. Remat still cuts memory under that scheduler:
+  # each block's recomputation waits for its cotangent by a data
+  # dependency (peft.models._remat), which no scheduler can reorder.
   on = {'XLA_FLAGS': '--xla_cpu_enable_concurrency_optimized_scheduler=true'}
   plain_on, remat_on = _temps(on)
-  assert remat_on > 0.9 * plain_on and plain_on > plain, (plain_on, remat_on)
+  assert plain_on > 1.2 * plain, (plain, plain_on)
+  assert remat_on < 0.4 * plain_on, (plain_on, remat_on)
 
 
 def test_xla_flags_apply_keeps_the_users_values():
@@ -574,11 +576,12 @@ def test_decoder_remat_gives_the_same_gradients():
   remat = jax.jit(jax.grad(lambda p: loss(p, True)))(adapted)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  # Each block is a checkpointed (`remat`) call, so the gradient
-  # recomputes it rather than keeping its activations.
+  # Each block is a checkpointed call (peft.models._remat), so the
+  # gradient recomputes it rather than keeping its activations.
   jaxpr = str(jax.make_jaxpr(lambda p: loss(p, True))(adapted))
-  assert jaxpr.count('remat') == config.n_layers
-  assert 'remat' not in str(jax.make_jaxpr(lambda p: loss(p, False))(adapted))
+  assert jaxpr.count('custom_vjp_call') == config.n_layers
+  plain_jaxpr = str(jax.make_jaxpr(lambda p: loss(p, False))(adapted))
+  assert 'custom_vjp_call' not in plain_jaxpr
 
 
 def test_the_finetune_guide_commands_run_as_written(tmp_path, monkeypatch):

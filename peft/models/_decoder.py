@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peft.models import _remat
 from peft.models._config import DecoderConfig
 
 Array = jax.Array
@@ -384,6 +385,9 @@ class Decoder(nn.Module):
     remat: recompute each block's activations in the backward pass instead
       of keeping them (gradient checkpointing): less memory for training,
       one more forward pass of compute. Outputs and gradients are the same.
+      Blocks are recomputed one at a time, in the backward's order
+      (`peft.models._remat`), not all up front as `nn.remat`'s may be; the
+      model then supports reverse-mode differentiation, not `jax.jvp`.
 
   Example:
     >>> from peft.models import tiny_config
@@ -410,7 +414,7 @@ class Decoder(nn.Module):
     self.embedder = nn.Embed(**embed)
     if not c.tie_embeddings:
       self.unembedder = nn.Embed(**embed)
-    block = nn.remat(Block) if self.remat else Block
+    block = _remat.remat(Block) if self.remat else Block
     self.layers = [
       block(config=c, layer=i, dtype=self.dtype, param_dtype=self.param_dtype)
       for i in range(c.n_layers)
