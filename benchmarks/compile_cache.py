@@ -44,7 +44,6 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
   xla_flags.apply()  # Before any JAX work, as `python -m peft` does.
   import jax
   import jax.numpy as jnp
-  import optax
 
   from benchmarks import jax_lora_step
   import peft
@@ -63,15 +62,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
   frozen = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, dtype),
       jax.eval_shape(lambda: model.init(jax.random.key(0), one)['params']))
-
-  def init(frozen):
-    _, variables = model.apply({'params': frozen}, one, mutable=['params'],
-                               rngs={'params': jax.random.key(1)})
-    return peft.split_params(variables['params']).lora
-
-  with surgery:
-    lora = jax.eval_shape(init, frozen)
-  tx = peft.train_only_adapters(optax.adamw(jax_lora_step.LEARNING_RATE))
+  lora = jax.eval_shape(
+      lambda frozen: jax_lora_step.init_adapters(model, surgery, frozen),
+      frozen)
+  tx = jax_lora_step.optimizer()
   opt_state = jax.eval_shape(tx.init, lora)
   tokens = jax.ShapeDtypeStruct((args.batch, args.seq + 1), jnp.int32)
   step = jax_lora_step.make_step(model, surgery, tx)

@@ -82,6 +82,12 @@ def make_step(model: models.Decoder, surgery: peft.LoRASurgery,
   return jax.jit(step)
 
 
+def optimizer() -> optax.GradientTransformation:
+  """AdamW on the adapters alone, as the CLI builds it (and the torch side)."""
+  return peft.train_only_adapters(
+      optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY))
+
+
 def init_adapters(model: models.Decoder, surgery: peft.LoRASurgery,
                   frozen: Any) -> Any:
   """Fresh adapters (B = 0) on `frozen`, as the CLI makes them: one call
@@ -105,8 +111,7 @@ def measure(*, quick: bool, seq: int, batch: int, dtype: str, remat: bool,
   model = models.Decoder(config=config, dtype=DTYPES[dtype], remat=remat)
   surgery = peft.lora(RANK, alpha=ALPHA, targets=TARGETS)
   lora = init_adapters(model, surgery, frozen)  # float32, like the CLI's.
-  tx = peft.train_only_adapters(
-      optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY))
+  tx = optimizer()
   opt_state = jax.jit(tx.init)(lora)
   rows = procstats.token_rows(config.vocab_size, batch=batch,
                               length=seq + 1, seed=seed)

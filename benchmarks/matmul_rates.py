@@ -19,7 +19,6 @@ import argparse
 from collections.abc import Callable
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -90,19 +89,18 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.side:
     rates = (_jax_rates if args.side == 'jax' else _torch_rates)(args.reps)
-    print(json.dumps(rates))
+    print(json.dumps({'rates': rates}))
     return
-  sides = {'xla': [sys.executable]}
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks import procstats
+  sides = {'xla': (sys.executable, 'jax')}
   if args.torch_python:
-    sides['torch'] = [args.torch_python]
-  results = {}
-  for name, python in sides.items():
-    side = 'jax' if name == 'xla' else 'torch'
-    out = subprocess.run(
-        [*python, '-m', 'benchmarks.matmul_rates', '--side', side,
-         '--reps', str(args.reps)], check=True, capture_output=True,
-        text=True).stdout
-    results[name] = json.loads(out.splitlines()[-1])
+    sides['torch'] = (args.torch_python, 'torch')
+  results = {
+      name: procstats.run_child(
+          [python, '-m', 'benchmarks.matmul_rates', '--side', side,
+           '--reps', str(args.reps)])['rates']
+      for name, (python, side) in sides.items()}
   print('shape (m x k x n)     ' + ''.join(f'{n:>10}' for n in results)
         + '  GFLOP/s')
   for i, (m, k, n) in enumerate(SHAPES):

@@ -154,9 +154,9 @@ def checkpoint_in_order(fun: Callable[..., Any],
   return wrapped
 
 
-def _lifted(fn: Callable[..., Any], variables: Any = True,
-            rngs: Any = True) -> Callable[..., Any]:
-  """`checkpoint_in_order` for a Flax core scope function (cf. lift.remat)."""
+def _lifted(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`checkpoint_in_order` for a Flax core scope function (cf. lift.remat),
+  over all variable collections and rng streams."""
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args,
             **kwargs):
@@ -169,7 +169,7 @@ def _lifted(fn: Callable[..., Any], variables: Any = True,
     return checkpoint_in_order(rematted, n_tied=len(args))(
       variable_groups, rng_groups, *args)
 
-  return lift.pack(inner, (variables,), (variables,), (rngs,), name='remat',
+  return lift.pack(inner, (True,), (True,), (True,), name='remat',
                    enable_kwargs=True)
 
 
