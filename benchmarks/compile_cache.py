@@ -10,7 +10,7 @@ loads from it. The figure the own-data issue bounds (<= 2 s) is the
 second process's compile.
 
   python -m benchmarks.compile_cache [--seq 128] [--batch 4]
-      [--dtype float32] [--remat] [--layers N] [--quick]
+      [--dtype float32] [--remat] [--scan-layers] [--layers N] [--quick]
 
 `--layers` cuts SmolLM2-135M's 30 blocks to N (load time against program
 size); `--quick` uses the tiny model.
@@ -48,6 +48,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
   from benchmarks import jax_lora_step
   import peft
   from peft import models
+  from peft._cli import train
   # pylint: enable=g-import-not-at-top
 
   compile_cache.enable()  # As `python -m peft` does.
@@ -65,6 +66,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
   lora = jax.eval_shape(
       lambda frozen: jax_lora_step.init_adapters(model, surgery, frozen),
       frozen)
+  if args.scan_layers:  # As `finetune --scan-layers` runs.
+    frozen = jax.eval_shape(
+        lambda frozen: train.scan_layout(config, frozen, lora), frozen)
+    model = model.clone(scan_layers=True)
   tx = jax_lora_step.optimizer()
   opt_state = jax.eval_shape(tx.init, lora)
   tokens = jax.ShapeDtypeStruct((args.batch, args.seq + 1), jnp.int32)
@@ -77,10 +82,12 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
   lowered = traced.lower()
   times['lower_s'] = time.perf_counter() - start
   start = time.perf_counter()
-  lowered.compile()
+  compiled = lowered.compile()
   times['compile_s'] = time.perf_counter() - start
-  return {**times, 'layers': config.n_layers,
-          'stablehlo_lines': lowered.as_text().count('\n')}
+  return {**times, 'layers': config.n_layers, 'scan_layers': args.scan_layers,
+          'stablehlo_lines': lowered.as_text().count('\n'),
+          # XLA's optimized program, where every call is inlined.
+          'compiled_hlo_lines': compiled.as_text().count('\n')}
 
 
 def _settings(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +97,8 @@ def _settings(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
                       default='float32')
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--scan-layers', action='store_true',
+                      help='the blocks as one loop, as finetune runs them')
   parser.add_argument('--layers', type=int, default=0,
                       help='blocks of the model (0: all of them)')
   parser.add_argument('--quick', action='store_true',

@@ -11,7 +11,7 @@ time; its trace and compile count toward the first step. It prints one
 JSON line (`procstats.run_steps`'s fields, plus XLA's memory analysis).
 
   python -m benchmarks.jax_lora_step --seq 128 --batch 4 [--remat]
-      [--dtype bfloat16] [--steps 5] [--quick]
+      [--scan-layers] [--dtype bfloat16] [--steps 5] [--quick]
   python -m benchmarks.jax_lora_step --write-hf DIR [--quick]
 
 `--write-hf` writes the same weights as a Hugging Face checkpoint
@@ -70,7 +70,7 @@ def make_step(model: models.Decoder, surgery: peft.LoRASurgery,
   """
   def loss_fn(lora, frozen, tokens):
     with surgery:
-      logits = model.apply({'params': peft.merge_params(frozen, lora)},
+      logits = model.apply({'params': train.model_params(model, frozen, lora)},
                            tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), tokens[:, 1:]).mean()
@@ -102,7 +102,8 @@ def init_adapters(model: models.Decoder, surgery: peft.LoRASurgery,
 
 
 def measure(*, quick: bool, seq: int, batch: int, dtype: str, remat: bool,
-            steps: int, seed: int = 0) -> dict[str, Any]:
+            steps: int, seed: int = 0,
+            scan_layers: bool = False) -> dict[str, Any]:
   """Loads the model, compiles the step, runs `1 + steps` steps."""
   pre = pretrained(quick)
   config = pre.config
@@ -111,6 +112,9 @@ def measure(*, quick: bool, seq: int, batch: int, dtype: str, remat: bool,
   model = models.Decoder(config=config, dtype=DTYPES[dtype], remat=remat)
   surgery = peft.lora(RANK, alpha=ALPHA, targets=TARGETS)
   lora = init_adapters(model, surgery, frozen)  # float32, like the CLI's.
+  if scan_layers:  # The CLI's stacked base; the unrolled copy goes.
+    frozen = train.scan_layout(config, frozen, lora)
+    model = model.clone(scan_layers=True)
   tx = optimizer()
   opt_state = jax.jit(tx.init)(lora)
   rows = procstats.token_rows(config.vocab_size, batch=batch,
@@ -134,6 +138,7 @@ def measure(*, quick: bool, seq: int, batch: int, dtype: str, remat: bool,
   result = procstats.run_steps(one_step, steps, compile_s=compile_s)
   return {
       'side': 'jax', 'dtype': dtype, 'remat': remat, 'seq': seq,
+      'scan_layers': scan_layers,
       'batch': batch, 'steps': steps, 'quick': quick,
       'compile_s': compile_s, **result,
       'xla': memory.xla_bytes(compiled),
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--scan-layers', action='store_true')
   parser.add_argument('--steps', type=int, default=5,
                       help='timed steps after the first')
   args = parser.parse_args(argv)
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     return
   procstats.emit(measure(quick=args.quick, seq=args.seq, batch=args.batch,
                          dtype=args.dtype, remat=args.remat,
-                         steps=args.steps))
+                         steps=args.steps, scan_layers=args.scan_layers))
 
 
 if __name__ == '__main__':

@@ -71,6 +71,7 @@ class Variant:
     every_round: part of the head-to-head, measured in every round;
       otherwise only in the first `--sweep-rounds` rounds.
     threads: torch's intra-op threads; None is torch's default.
+    scan: `--scan-layers`, the blocks as one loop (ours only).
   """
 
   side: str
@@ -80,13 +81,14 @@ class Variant:
   batch: int
   every_round: bool = False
   threads: int | None = None
+  scan: bool = False
 
   @property
   def name(self) -> str:
     threads = f' t{self.threads}' if self.threads else ''
     return (f'{self.side} {SHORT[self.dtype]} '
             f'{"remat" if self.remat else "plain"} s{self.seq} b{self.batch}'
-            f'{threads}')
+            f'{threads}{" scan" if self.scan else ""}')
 
   def argv(self, *, hf_dir: str | None, steps: int,
            quick: bool) -> list[str]:
@@ -97,7 +99,8 @@ class Variant:
       return [str(ROOT / TORCH_VENV / 'bin' / 'python'), '-m',
               'benchmarks.torch_lora_step', f'--hf-dir={hf_dir}', *sizes,
               *threads]
-    extra = ['--remat'] * self.remat + ['--quick'] * quick
+    extra = (['--remat'] * self.remat + ['--scan-layers'] * self.scan +
+             ['--quick'] * quick)
     return [sys.executable, '-m', 'benchmarks.jax_lora_step',
             f'--dtype={self.dtype}', *sizes, *extra]
 
@@ -119,6 +122,8 @@ def variants(*, quick: bool, torch: bool, long_batch: int = LONG_BATCH,
          for t in (None, *torch_threads)] if torch else []
   out.append(Variant(side='jax', seq=base_seq, batch=BASE_BATCH,
                      every_round=True))
+  out.append(Variant(side='jax', seq=base_seq, batch=BASE_BATCH,
+                     every_round=True, scan=True))
   for seq in seqs:
     batch = long_batch if seq == 1024 else BASE_BATCH
     for dtype in ('float32', 'bfloat16'):
@@ -195,10 +200,11 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     >>> r['name'], r['value'], r['met']
     ('ours/torch step time (f32 s128)', 0.5, True)
   """
-  def find(side, dtype, remat, seq, threads=None):
+  def find(side, dtype, remat, seq, threads=None, scan=False):
     for row in rows:
       if (row['side'], row['dtype'], row['remat'], row['seq'],
-          row.get('threads')) == (side, dtype, remat, seq, threads):
+          row.get('threads'), row.get('scan', False)) == (
+              side, dtype, remat, seq, threads, scan):
         return row
     return None
 
@@ -233,6 +239,13 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       add(f'remat/plain XLA peak bytes {tag}', on, off, 'xla_peak_bytes')
       add(f'remat/plain step time {tag}', on, off, 'median_step_s',
           REMAT_STEP if long else None)
+  for seq in seqs:
+    scan, plain = (find('jax', 'float32', False, seq, scan=True),
+                   find('jax', 'float32', False, seq))
+    for figure, key in (('step time', 'median_step_s'),
+                        ('first step', 'first_step_s'),
+                        ('peak RSS', 'peak_rss_bytes')):
+      add(f'scan/plain {figure} (f32 s{seq})', scan, plain, key)
   for remat in (False, True):
     for seq in seqs:
       bf16, f32 = find('jax', 'bfloat16', remat, seq), find(

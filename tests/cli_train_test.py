@@ -246,21 +246,69 @@ def batch4(tmp_path_factory):
   return workdir
 
 
+def assert_trains_like(workdir, expected, tol):
+  """`workdir`'s run has `expected`'s losses and adapters, to `tol`."""
+  np.testing.assert_allclose(losses(workdir), losses(expected), rtol=tol)
+  assert_close(tensors(workdir / 'adapters.safetensors'),
+               tensors(expected / 'adapters.safetensors'), tol)
+
+
 def test_grad_accum_equals_one_bigger_batch(batch4, tmp_path):
   finetune(tmp_path, '--steps', '3', '--batch-size', '2', '--grad-accum', '2',
            '--eval-every', '0')
-  np.testing.assert_allclose(losses(tmp_path), losses(batch4), rtol=1e-5)
-  assert_close(tensors(tmp_path / 'adapters.safetensors'),
-               tensors(batch4 / 'adapters.safetensors'), 1e-5)
+  assert_trains_like(tmp_path, batch4, 1e-5)
   assert all(m['target_tokens'] == 4 * 32 for m in step_lines(tmp_path))
 
 
 def test_remat_changes_no_number(batch4, tmp_path):
   finetune(tmp_path, '--steps', '3', '--batch-size', '4', '--eval-every', '0',
            '--remat')
-  np.testing.assert_allclose(losses(tmp_path), losses(batch4), rtol=1e-6)
-  assert_close(tensors(tmp_path / 'adapters.safetensors'),
-               tensors(batch4 / 'adapters.safetensors'), 1e-6)
+  assert_trains_like(tmp_path, batch4, 1e-6)
+
+
+def test_scan_layers_trains_like_the_unrolled_blocks(batch4, tmp_path):
+  # Same losses and adapters (float rounding apart), written unrolled.
+  finetune(tmp_path, '--steps', '3', '--batch-size', '4', '--eval-every', '0',
+           '--scan-layers', '--remat')
+  assert_trains_like(tmp_path, batch4, 1e-5)
+  evals = [m['eval_perplexity'] for m in metrics(tmp_path)
+           if 'eval_perplexity' in m]
+  expected = [m['eval_perplexity'] for m in metrics(batch4)
+              if 'eval_perplexity' in m]
+  assert len(evals) == 2  # Before the first step and after the last.
+  np.testing.assert_allclose(evals, expected, rtol=1e-5)
+
+
+def test_scan_layers_with_qlora_and_dropout_resumes_bit_identically(tmp_path):
+  argv = ('--steps', '4', '--batch-size', '2', '--eval-every', '0',
+          '--quantize', 'int8', '--dropout', '0.1')
+  whole = tmp_path / 'whole'
+  finetune(whole, *argv, '--scan-layers', '--save-every', '2')
+  checkpoint = whole / 'checkpoints' / 'step_00000002'
+  resumed = tmp_path / 'resumed'
+  out = finetune(resumed, *argv, '--scan-layers', '--resume', checkpoint)
+  assert 'resumed at step 2 of 4' in out
+  assert_bitwise_equal(tensors(resumed / 'adapters.safetensors'),
+                       tensors(whole / 'adapters.safetensors'))
+  # Scanned dropout draws other masks than the unrolled model's, so an
+  # unrolled run may not continue a scanned one.
+  status, out, err = run_cli('finetune', *TINY, '--workdir', tmp_path / 'x',
+                             *argv, '--resume', checkpoint)
+  assert_one_line_error(status, out, err, 1,
+                        'scan_layers: True there, False now')
+
+
+@pytest.mark.parametrize('argv, match', [
+    (('--targets', r'layers_0/attn/.*'),
+     r"--scan-layers runs one block per loop step.*lack \['layers_1'\].*"
+     'Drop --scan-layers, or pass --targets'),
+    (('--mesh', 'data=2'), r"--mesh does not shard --scan-layers' stacked "
+     'weights yet'),
+])
+def test_scan_layers_errors(tmp_path, argv, match):
+  status, out, err = run_cli('finetune', *TINY, '--workdir', tmp_path,
+                             '--steps', '1', '--scan-layers', *argv)
+  assert_one_line_error(status, out, err, 1, match)
 
 
 def _first_batch(n_rows):

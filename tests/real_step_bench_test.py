@@ -91,10 +91,13 @@ def test_summarize_takes_medians_over_rounds():
 def test_variants_cover_the_sweep_once_each():
   vs = real_step.variants(quick=False, torch=True, torch_threads=[1])
   names = [v.name for v in vs]
-  assert len(names) == len(set(names)) == 2 + 12
+  assert len(names) == len(set(names)) == 2 + 13
   assert [v.name for v in vs if v.every_round] == [
       'torch f32 plain s128 b4', 'torch f32 plain s128 b4 t1',
-      'jax f32 plain s128 b4']
+      'jax f32 plain s128 b4', 'jax f32 plain s128 b4 scan']
+  scan = [v for v in vs if v.scan]
+  assert len(scan) == 1 and '--scan-layers' in scan[0].argv(
+      hf_dir=None, steps=1, quick=False)
   assert {v.batch for v in vs if v.seq == 1024} == {real_step.LONG_BATCH}
 
 
@@ -119,5 +122,19 @@ def test_failing_child_names_its_command_and_stderr():
 def test_seqs_choose_the_sweeps_lengths():
   vs = real_step.variants(quick=False, torch=False, seqs=[128])
   assert [v.name for v in vs] == [
-      'jax f32 plain s128 b4', 'jax f32 remat s128 b4',
-      'jax bf16 plain s128 b4', 'jax bf16 remat s128 b4']
+      'jax f32 plain s128 b4', 'jax f32 plain s128 b4 scan',
+      'jax f32 remat s128 b4', 'jax bf16 plain s128 b4',
+      'jax bf16 remat s128 b4']
+
+
+def test_scan_rows_are_compared_with_the_plain_row_only():
+  def row(side, step, scan=False):
+    return {'side': side, 'dtype': 'float32', 'remat': False, 'seq': 128,
+            'scan': scan, 'median_step_s': step, 'peak_rss_bytes': 100,
+            'first_step_s': step * 5}
+  rats = {r['name']: r['value'] for r in real_step.ratios(
+      [row('torch', 2.0), row('jax', 2.5), row('jax', 3.0, scan=True)])}
+  assert rats['ours/torch step time (f32 s128)'] == 1.25  # Not the scan's.
+  assert rats['scan/plain step time (f32 s128)'] == 1.2
+  assert rats['scan/plain first step (f32 s128)'] == 1.2
+  assert rats['scan/plain peak RSS (f32 s128)'] == 1.0

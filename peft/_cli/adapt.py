@@ -383,12 +383,15 @@ def without_adapters(lora: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def logits_fn(config: models.DecoderConfig, settings: Settings | None):
+def logits_fn(config: models.DecoderConfig, settings: Settings | None,
+              scan_layers: bool = False):
   """A compiled `(params, tokens) -> logits`, under the surgery if given.
 
-  Cached per (config, settings), so repeated evaluations reuse one compile.
+  Cached per (config, settings, scan_layers), so repeated evaluations reuse
+  one compile. With `scan_layers`, `params` are in `models.stack_layers`'
+  layout.
   """
-  model = models.Decoder(config=config)
+  model = models.Decoder(config=config, scan_layers=scan_layers)
 
   def logits(params, tokens):
     with (settings.applied() if settings else contextlib.nullcontext()):
@@ -423,7 +426,8 @@ EVAL_CHUNK = 8
 
 def perplexity(config: models.DecoderConfig, settings: Settings | None,
                params: Any, held: np.ndarray,
-               weights: np.ndarray | None = None) -> float:
+               weights: np.ndarray | None = None, *,
+               scan_layers: bool = False) -> float:
   """Held-out perplexity `exp(mean NLL)` over the weighted targets.
 
   `held` is `(n, length)` token rows, `weights` `(n, length - 1)` (default
@@ -442,7 +446,8 @@ def perplexity(config: models.DecoderConfig, settings: Settings | None,
       pad = EVAL_CHUNK - len(tokens)
       tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
       w = np.concatenate([w, np.zeros((pad, w.shape[1]), w.dtype)])
-    logits = logits_fn(config, settings)(params, jnp.asarray(tokens[:, :-1]))
+    logits = logits_fn(config, settings, scan_layers)(
+        params, jnp.asarray(tokens[:, :-1]))
     nll, n = _jit_nll_sums(logits, jnp.asarray(tokens[:, 1:]),
                            jnp.asarray(w))
     total, count = total + float(nll), count + float(n)

@@ -163,6 +163,13 @@ def load_base(source: str) -> Base:
   return base
 
 
+def release(source: str) -> None:
+  """Drops `load_base`'s copy of `source`, so a run that keeps its own
+  (cast, stacked or quantized) frees the float original. The next
+  `load_base` of it reads it again."""
+  _BASES.pop(source, None)
+
+
 _WINDOWS: dict[tuple[Any, ...], np.ndarray] = {}
 
 

@@ -54,6 +54,12 @@ RUN_FLAGS = ('data', 'eval_data', 'val_fraction', 'skip_bad_rows', 'seq_len',
              'warmup_steps', 'lr_schedule', 'weight_decay', 'dtype',
              'eval_every', 'seed')
 
+# Flags that change what a run computes, added since checkpoints were first
+# written: a signature records one only when it is not its default, so older
+# checkpoints (which lack it) still fit runs that leave it so.
+# --scan-layers draws other dropout masks than the unrolled blocks.
+OPTIONAL_FLAGS = {'scan_layers': False}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Progress:
@@ -98,6 +104,9 @@ def signature(args: Any, base: base_lib.Base, train: Any,
   optimizer steps in all)."""
   flags = {name: getattr(args, name) for name in RUN_FLAGS}
   flags['steps'] = steps
+  for name, default in OPTIONAL_FLAGS.items():
+    if getattr(args, name) != default:
+      flags[name] = getattr(args, name)
   flags = json.loads(json.dumps(flags))  # Tuples as lists, as read back.
   return {'base': base.source, 'fingerprint': base.fingerprint,
           'data_digest': data_digest(train), **flags}
@@ -203,7 +212,8 @@ def load(path: pathlib.Path, adapted: adapt.Adapted, opt_state_shapes: Any,
   """
   where = f'--resume {str(path)!r}'
   state = _read_state(path)
-  theirs = state.get('signature', {})
+  theirs = {**OPTIONAL_FLAGS, **state.get('signature', {})}
+  run = {**OPTIONAL_FLAGS, **run}
   differ = sorted(k for k in {*run, *theirs} if run.get(k) != theirs.get(k))
   if differ:
     shown = ', '.join(f'{k}: {theirs.get(k)!r} there, {run.get(k)!r} now'

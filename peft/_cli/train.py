@@ -105,6 +105,32 @@ def in_dtype(frozen: Any, dtype: Any) -> Any:
   return jax.tree.map(cast, frozen)
 
 
+def scan_layout(config: models.DecoderConfig, frozen: Any,
+                lora: Any) -> Any:
+  """`frozen` stacked for `--scan-layers`, once `lora` is known to stack.
+
+  The adapters stay in the unrolled layout (checkpoints and the adapter
+  file keep it); `model_params` stacks them inside the step, so their
+  gradients come back unrolled.
+  """
+  try:
+    jax.eval_shape(lambda lora: models.stack_layers(lora, config), lora)
+  except ValueError as e:
+    raise CliError(
+        f'--scan-layers runs one block per loop step, so every block must '
+        f'carry the same adapters: {e} Drop --scan-layers, or pass --targets '
+        'that select the same layers in every block.') from e
+  return models.stack_layers(frozen, config)
+
+
+def model_params(model: models.Decoder, frozen: Any, lora: Any) -> Any:
+  """What `model` runs on: `frozen` with `lora` merged in (stacked, as
+  `frozen` then is, for a scanning model)."""
+  if model.scan_layers:
+    lora = models.stack_layers(lora, model.config)
+  return peft.merge_params(frozen, lora)
+
+
 def step_fn(model: models.Decoder, settings: adapt.Settings,
             tx: optax.GradientTransformation, seed: int):
   """A compiled optimizer step on the adapters alone.
@@ -123,8 +149,8 @@ def step_fn(model: models.Decoder, settings: adapt.Settings,
     rngs = {'dropout': dropout_key} if settings.dropout else {}
     with settings.applied():
       logits = forward_lib.forward(
-          model, {'params': peft.merge_params(frozen, lora)}, tokens[:, :-1],
-          rngs=rngs)
+          model, {'params': model_params(model, frozen, lora)},
+          tokens[:, :-1], rngs=rngs)
     return adapt.nll_sums(logits, tokens[:, 1:], weights)[0]
 
   grad_fn = jax.value_and_grad(nll_sum)
@@ -245,6 +271,10 @@ def run(args: Any) -> dict[str, Any]:
 
 def _run(args: Any) -> dict[str, Any]:
   paths = _outputs(args)
+  if args.mesh and args.scan_layers:
+    raise CliError('--mesh does not shard --scan-layers\' stacked weights '
+                   'yet (their placement is made for the unrolled blocks). '
+                   'Drop --mesh or --scan-layers.')
   if args.mesh and args.quantize:
     raise CliError(f'--mesh does not shard a --quantize {args.quantize} base '
                    'yet (its int kernels and scales have no axis names). '
@@ -265,8 +295,8 @@ def _run(args: Any) -> dict[str, Any]:
     print(base_lib.describe_data(train, held))
   adapted = adapt.initial(base, args)
   report = peft.LoRAReport(adapters={s.key: s for s in adapted.specs})
-  counted = peft.merge_params(base.params, adapted.lora)  # Float base.
-  summary = report.summary(counted).splitlines()[-2:]
+  summary = report.summary(  # Counted on the float base.
+      peft.merge_params(base.params, adapted.lora)).splitlines()[-2:]
   print(f'base {base.source}: ' + '; '.join(summary))
 
   dtype = compute_dtype(args)
@@ -279,11 +309,22 @@ def _run(args: Any) -> dict[str, Any]:
     _check_batch(args, placement)
     frozen = mesh_lib.put(frozen, placement.frozen)
     adapted = adapted.with_lora(mesh_lib.put(adapted.lora, placement.lora))
+  model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat,
+                         scan_layers=args.scan_layers)
+  if args.scan_layers:
+    frozen = scan_layout(base.config, frozen, adapted.lora)
+  signature = checkpoints.signature(args, base, train, steps)
+  # From here the run holds the base once, as `frozen`: where that is a
+  # copy (cast, stacked or quantized), the float, unrolled original goes.
+  if any(a is not b for a, b in zip(jax.tree.leaves(frozen),
+                                    jax.tree.leaves(base.params))):
+    base_lib.release(base.source)
+  base = dataclasses.replace(base, params={})
+  adapted = dataclasses.replace(adapted, base=base, frozen={})
   run = _Run(args=args, paths=paths, base=base, adapted=adapted,
              frozen=frozen, train=train, held=held, steps=steps,
              schedule=schedule, tx=tx, placement=placement,
-             signature=checkpoints.signature(args, base, train, steps))
-  model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat)
+             signature=signature)
   step = step_fn(model, adapted.settings, tx, args.seed)
   # From here a first Ctrl-C stops after the next step, with a checkpoint.
   with interrupt.stop_requests() as stop_requested:
@@ -311,7 +352,7 @@ class _Run:
   paths: dict[str, pathlib.Path]
   base: base_lib.Base
   adapted: adapt.Adapted
-  frozen: Any  # The frozen base in the compute dtype.
+  frozen: Any  # The frozen base in the compute dtype (stacked: scan_layout).
   train: models.Examples
   held: models.Examples
   steps: int
@@ -321,9 +362,12 @@ class _Run:
   signature: dict[str, Any]  # See `checkpoints.signature`.
 
   def perplexity(self, lora: Any) -> float:
+    model = models.Decoder(config=self.base.config,
+                           scan_layers=self.args.scan_layers)
     return adapt.perplexity(self.base.config, self.adapted.settings,
-                            peft.merge_params(self.frozen, lora),
-                            self.held.tokens, self.held.weights)
+                            model_params(model, self.frozen, lora),
+                            self.held.tokens, self.held.weights,
+                            scan_layers=self.args.scan_layers)
 
   def host(self, tree: Any) -> Any:
     """`tree` whole on the host (a collective on a mesh)."""

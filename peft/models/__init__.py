@@ -74,8 +74,10 @@ from peft.models._hf_peft_export import save_hf_peft
 # Sharding.
 from peft.models._partition import partition_names
 
-# Sampling and tokenization.
+# Sampling and tokenization; the stacked layout of a scanning Decoder.
 from peft.models._sampling import Sampler
+from peft.models._scan import stack_layers
+from peft.models._scan import unstack_layers
 from peft.models._sentencepiece import SentencePieceModel
 from peft.models._sentencepiece import read_sentencepiece_model
 from peft.models._sentencepiece import sentencepiece_tokenizer
@@ -149,4 +151,7 @@ __all__ = [
   'token_windows',
   # Sharding.
   'partition_names',
+  # The stacked layout of a scanning Decoder.
+  'stack_layers',
+  'unstack_layers',
 ]

@@ -13,13 +13,14 @@ against a key/value cache made by `init_cache`, which is what sampling uses.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from peft.models import _remat
+from peft.models import _scan
 from peft.models._config import DecoderConfig
 
 Array = jax.Array
@@ -388,6 +389,16 @@ class Decoder(nn.Module):
       Blocks are recomputed one at a time, in the backward's order
       (`peft.models._remat`), not all up front as `nn.remat`'s may be; the
       model then supports reverse-mode differentiation, not `jax.jvp`.
+    scan_layers: run the blocks as one `jax.lax.scan` (a period of the
+      sliding-window pattern per step) on params in `stack_layers`' layout:
+      a program with one block in it, so about a quarter of the trace and
+      cache-load time of SmolLM2's training step, for about 5% more step
+      time (docs/benchmarks.md). With `remat`, each step of the loop is
+      checkpointed (a loop's backward runs in order by itself). Outputs
+      and gradients are the unrolled model's (to float rounding); dropout
+      draws other masks. A surgery inside sees each block's layers under
+      the paths of the first period's (`layers_0/...`), so it must treat
+      all blocks alike. `init` and `decode` need the unrolled model.
 
   Example:
     >>> from peft.models import tiny_config
@@ -398,6 +409,13 @@ class Decoder(nn.Module):
     ['gating_einsum', 'linear']
     >>> model.apply({'params': params}, tokens).shape
     (1, 3, 320)
+    >>> from peft.models import stack_layers
+    >>> scanning = Decoder(config=tiny_config(), scan_layers=True)
+    >>> stacked = stack_layers(params, tiny_config())
+    >>> logits = scanning.apply({'params': stacked}, tokens)
+    >>> bool(jnp.allclose(logits, model.apply({'params': params}, tokens),
+    ...                   atol=1e-5))
+    True
   """
 
   _: dataclasses.KW_ONLY
@@ -405,6 +423,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config
@@ -415,9 +434,10 @@ class Decoder(nn.Module):
     if not c.tie_embeddings:
       self.unembedder = nn.Embed(**embed)
     block = _remat.remat(Block) if self.remat else Block
+    count = 0 if self.scan_layers else c.n_layers  # Scanned: `_scanned`'s.
     self.layers = [
       block(config=c, layer=i, dtype=self.dtype, param_dtype=self.param_dtype)
-      for i in range(c.n_layers)
+      for i in range(count)
     ]
     self.final_norm = RMSNorm(eps=c.norm_eps, add_one=c.norm_add_one,
                               dtype=self.dtype, param_dtype=self.param_dtype)
@@ -439,6 +459,11 @@ class Decoder(nn.Module):
     Returns:
       Logits (B, T, vocab) and the cache with these tokens' keys/values.
     """
+    if self.scan_layers:
+      raise ValueError(
+          'Decoder.decode: a scan_layers=True Decoder runs whole sequences '
+          'only. Decode with Decoder(scan_layers=False) on '
+          'unstack_layers(params, config).')
     positions = start_index + jnp.arange(tokens.shape[1])
     positions = jnp.broadcast_to(positions, tokens.shape)
     return self._run(tokens, positions, cache, start_index)
@@ -451,6 +476,8 @@ class Decoder(nn.Module):
     if c.scale_embeddings:
       x = x * jnp.sqrt(jnp.asarray(c.d_model, self.dtype))
     new_cache: Cache = {}
+    if self.scan_layers:
+      x = self._scanned(x, positions)
     for i, layer in enumerate(self.layers):
       name = f'layers_{i}'
       x, layer_cache = layer(x, positions,
@@ -462,6 +489,61 @@ class Decoder(nn.Module):
     unembed = self.embedder if c.tie_embeddings else self.unembedder
     logits = unembed.attend(x).astype(jnp.float32)
     return soft_cap(logits, c.final_logit_softcap), new_cache
+
+  def _scanned(self, x: Array, positions: Array) -> Array:
+    """`x` through all blocks, as a scan over `stack_layers`' params."""
+    c = self.config
+    period = _scan.layer_period(c)
+    if self.is_initializing() or _scan.SCANNED not in self.variables.get(
+        'params', {}):
+      raise ValueError(
+          'Decoder(scan_layers=True) runs on stacked block params '
+          f'(params[{_scan.SCANNED!r}]), which these params lack. Init the '
+          'unrolled Decoder (scan_layers=False) and pass '
+          'stack_layers(params, config).')
+    stacked = self.variables['params'][_scan.SCANNED]
+    groups = jax.tree.leaves(stacked)[0].shape[0]
+    if groups * period != c.n_layers:
+      raise ValueError(
+          f'Decoder(scan_layers=True): the stacked params hold {groups} x '
+          f'{period} blocks, the config {c.n_layers}. Stack the params with '
+          'stack_layers(params, config) of this config.')
+    # A separate root module, applied per step: the scan's body must be a
+    # pure function of that step's params, which a bound submodule is not.
+    body_model = _Period(config=c, period=period, dtype=self.dtype,
+                         param_dtype=self.param_dtype, parent=None)
+    key = self.make_rng('dropout') if self.has_rng('dropout') else None
+
+    def body(x, step):
+      params, g = step
+      rngs = {} if key is None else {'dropout': jax.random.fold_in(key, g)}
+      out = body_model.apply({'params': params}, x, positions, rngs=rngs)
+      return cast(Array, out), None  # No `mutable`: the output alone.
+    if self.remat:
+      # A scan's backward is a loop, one step at a time, so plain
+      # checkpointing already recomputes blocks in order (`_remat`'s
+      # reason to exist is XLA reordering an unrolled program).
+      body = jax.checkpoint(body, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(groups)))
+    return x
+
+
+class _Period(nn.Module):
+  """One step of a scanning Decoder: blocks `layers_0 ... layers_{P-1}`."""
+
+  _: dataclasses.KW_ONLY
+  config: DecoderConfig
+  period: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    for j in range(self.period):
+      x, _ = Block(config=self.config, layer=j, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=f'layers_{j}')(
+                       x, positions)
+    return x
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_len: int,
