@@ -694,3 +694,17 @@ def test_custom_metrics_and_checkpoint_paths(tmp_path):
                  '--eval-every', '0', '--checkpoint-dir', tmp_path / 'ck',
                  '--resume', '--metrics', tmp_path / 'logs/run.jsonl')
   assert 'resumed at step 2 of 2' in out
+
+
+@pytest.mark.parametrize('argv, kept', [
+    ((), True),  # float32: the run's frozen base is the loaded one.
+    (('--dtype', 'bfloat16'), False),  # A cast copy: the original goes.
+    (('--scan-layers',), False),  # A stacked copy.
+])
+def test_a_run_holding_a_copy_of_the_base_frees_the_loaded_one(
+    tmp_path, argv, kept):
+  base_lib.load_base(base_lib.TINY)
+  finetune(tmp_path, '--steps', '1', '--batch-size', '2', '--eval-every',
+           '0', *argv)
+  loaded = base_lib._BASES  # pylint: disable=protected-access
+  assert (base_lib.TINY in loaded) is kept
