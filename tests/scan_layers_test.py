@@ -196,3 +196,7 @@ def test_a_scanning_decoder_names_what_it_cannot_do():
   with pytest.raises(ValueError, match=r'scanned_layers/layers_1 is no block '
                      'of a period of 1'):
     models.unstack_layers({'scanned_layers': {'layers_1': {}}}, config)
+  gemma3 = models.tiny_gemma3_config()  # A period of 3.
+  with pytest.raises(ValueError, match=r"scanned_layers lacks \['layers_1', "
+                     r"'layers_2'\] of a period of 3"):
+    models.unstack_layers({'scanned_layers': {'layers_0': {}}}, gemma3)

@@ -322,8 +322,8 @@ def _run(args: Any) -> dict[str, Any]:
   base = dataclasses.replace(base, params={})
   adapted = dataclasses.replace(adapted, base=base, frozen={})
   run = _Run(args=args, paths=paths, base=base, adapted=adapted,
-             frozen=frozen, train=train, held=held, steps=steps,
-             schedule=schedule, tx=tx, placement=placement,
+             model=model, frozen=frozen, train=train, held=held,
+             steps=steps, schedule=schedule, tx=tx, placement=placement,
              signature=signature)
   step = step_fn(model, adapted.settings, tx, args.seed)
   # From here a first Ctrl-C stops after the next step, with a checkpoint.
@@ -352,6 +352,7 @@ class _Run:
   paths: dict[str, pathlib.Path]
   base: base_lib.Base
   adapted: adapt.Adapted
+  model: models.Decoder  # The trained model (`frozen` is in its layout).
   frozen: Any  # The frozen base in the compute dtype (stacked: scan_layout).
   train: models.Examples
   held: models.Examples
@@ -362,12 +363,10 @@ class _Run:
   signature: dict[str, Any]  # See `checkpoints.signature`.
 
   def perplexity(self, lora: Any) -> float:
-    model = models.Decoder(config=self.base.config,
-                           scan_layers=self.args.scan_layers)
     return adapt.perplexity(self.base.config, self.adapted.settings,
-                            model_params(model, self.frozen, lora),
+                            model_params(self.model, self.frozen, lora),
                             self.held.tokens, self.held.weights,
-                            scan_layers=self.args.scan_layers)
+                            scan_layers=self.model.scan_layers)
 
   def host(self, tree: Any) -> Any:
     """`tree` whole on the host (a collective on a mesh)."""

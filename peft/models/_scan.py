@@ -122,19 +122,26 @@ def unstack_layers(params: Mapping[str, Any],
 
   Raises:
     ValueError: `params[SCANNED]` holds an entry that is no block of a
-      period (another config's stacking).
+      period, or lacks one (another config's stacking).
   """
   period, groups = _check_period(config)
   out = {k: v for k, v in params.items() if k != SCANNED}
-  for j, (name, stacked) in enumerate(
-      sorted(params.get(SCANNED, {}).items(), key=lambda kv: _index(kv[0]))):
-    if name != f'layers_{j}' or j >= period:
+  scanned = params.get(SCANNED, {})
+  wanted = [f'layers_{j}' for j in range(period)]
+  for name in scanned:
+    if name not in wanted:
       raise ValueError(
           f'unstack_layers: {SCANNED}/{name} is no block of a period of '
           f'{period}. Pass params made by stack_layers with this config.')
+  if scanned and len(scanned) < period:
+    raise ValueError(
+        f'unstack_layers: {SCANNED} lacks '
+        f'{[n for n in wanted if n not in scanned]} of a period of {period}. '
+        'Pass params made by stack_layers with this config.')
+  for j, name in enumerate(wanted if scanned else []):
     for g in range(groups):
       out[f'layers_{g * period + j}'] = jax.tree.map(
-          lambda leaf, g=g: leaf[g], stacked)
+          lambda leaf, g=g: leaf[g], scanned[name])
   return out
 
 
