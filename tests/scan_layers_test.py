@@ -35,8 +35,9 @@ def _random_adapted(config, surgery, seed=0):
 
 
 def _loss_and_grads(config, surgery, frozen, lora, *, scan, remat=False,
-                    rngs=None):
-  model = models.Decoder(config=config, scan_layers=scan, remat=remat)
+                    rngs=None, dtype=jnp.float32):
+  model = models.Decoder(config=config, scan_layers=scan, remat=remat,
+                         dtype=dtype)
   stack = (lambda t: models.stack_layers(t, config)) if scan else (
       lambda t: t)
 
@@ -45,7 +46,7 @@ def _loss_and_grads(config, surgery, frozen, lora, *, scan, remat=False,
       logits = model.apply(
           {'params': peft.merge_params(stack(frozen), stack(lora))}, TOKENS,
           rngs=rngs or {})
-    return jnp.mean(logits ** 2)
+    return jnp.mean(logits.astype(jnp.float32) ** 2)
   return jax.jit(jax.value_and_grad(loss))(lora)
 
 
@@ -65,6 +66,24 @@ def test_the_scan_gives_the_unrolled_models_loss_and_gradients(config):
   # differentiated through.
   helpers.assert_trees_close(scan_grads, grads, rtol=1e-4, atol=1e-6)
   assert set(grads) == {f'layers_{i}' for i in range(config.n_layers)}
+
+
+@pytest.mark.parametrize('remat', [False, True], ids=['stored', 'remat'])
+def test_a_bfloat16_scan_gives_the_unrolled_models_loss_and_gradients(remat):
+  # bfloat16 weights and activations cross the loop as bits
+  # (`_scan_loop`); the gradients must still be the unrolled model's.
+  config = models.tiny_config(n_layers=3)
+  surgery = peft.lora(4, alpha=8, targets=TARGETS)
+  frozen, lora = _random_adapted(config, surgery)
+  frozen = jax.tree.map(lambda a: a.astype(jnp.bfloat16), frozen)
+  loss, grads = _loss_and_grads(config, surgery, frozen, lora, scan=False,
+                                dtype=jnp.bfloat16)
+  scan_loss, scan_grads = _loss_and_grads(
+      config, surgery, frozen, lora, scan=True, remat=remat,
+      dtype=jnp.bfloat16)
+  np.testing.assert_allclose(scan_loss, loss, rtol=1e-2)
+  helpers.assert_trees_close(scan_grads, grads, rtol=5e-2, atol=5e-3)
+  assert jax.tree.leaves(grads)[0].dtype == jnp.float32
 
 
 def test_global_blocks_of_a_period_attend_globally():

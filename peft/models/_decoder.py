@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from peft.models import _remat
 from peft.models import _scan
+from peft.models import _scan_loop
 from peft.models._config import DecoderConfig
 
 Array = jax.Array
@@ -389,16 +390,19 @@ class Decoder(nn.Module):
       Blocks are recomputed one at a time, in the backward's order
       (`peft.models._remat`), not all up front as `nn.remat`'s may be; the
       model then supports reverse-mode differentiation, not `jax.jvp`.
-    scan_layers: run the blocks as one `jax.lax.scan` (a period of the
-      sliding-window pattern per step) on params in `stack_layers`' layout:
-      a program with one block in it, so about a quarter of the trace and
-      cache-load time of SmolLM2's training step, for about 5% more step
-      time (docs/benchmarks.md). With `remat`, each step of the loop is
-      checkpointed (a loop's backward runs in order by itself). Outputs
-      and gradients are the unrolled model's (to float rounding); dropout
-      draws other masks. A surgery inside sees each block's layers under
-      the paths of the first period's (`layers_0/...`), so it must treat
-      all blocks alike. `init` and `decode` need the unrolled model.
+    scan_layers: run the blocks as one loop (`peft.models._scan_loop`, a
+      period of the sliding-window pattern per step) on params in
+      `stack_layers`' layout: a program with one block in it, so about a
+      quarter of the trace and cache-load time of SmolLM2's training step,
+      for 1.03-1.09x the unrolled step's time (docs/benchmarks.md). 16-bit
+      params and residuals cross the loop bitwise, since XLA:CPU would
+      convert whole stacks to float32 each step. With `remat`, each step
+      of the loop is recomputed in the backward loop. In 16-bit dtypes,
+      reverse-mode differentiation only (no `jax.jvp`). Outputs and
+      gradients are the unrolled model's (to float rounding); dropout draws
+      other masks. A surgery inside sees each block's layers under the
+      paths of the first period's (`layers_0/...`), so it must treat all
+      blocks alike. `init` and `decode` need the unrolled model.
 
   Example:
     >>> from peft.models import tiny_config
@@ -514,18 +518,13 @@ class Decoder(nn.Module):
                          param_dtype=self.param_dtype, parent=None)
     key = self.make_rng('dropout') if self.has_rng('dropout') else None
 
-    def body(x, step):
-      params, g = step
+    def step(x, params, g, consts):
+      positions, key = consts
       rngs = {} if key is None else {'dropout': jax.random.fold_in(key, g)}
       out = body_model.apply({'params': params}, x, positions, rngs=rngs)
-      return cast(Array, out), None  # No `mutable`: the output alone.
-    if self.remat:
-      # A scan's backward is a loop, one step at a time, so plain
-      # checkpointing already recomputes blocks in order (`_remat`'s
-      # reason to exist is XLA reordering an unrolled program).
-      body = jax.checkpoint(body, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(groups)))
-    return x
+      return cast(Array, out)  # No `mutable`: the output alone.
+    return _scan_loop.scan(step, x, stacked, (positions, key),
+                           remat=self.remat)
 
 
 class _Period(nn.Module):
