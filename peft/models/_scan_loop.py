@@ -79,8 +79,9 @@ def scan(step: Step, x: Array, stacked: Any, consts: Any = None, *,
 
   Equal to a `jax.lax.scan` of `step` over the leading axis of `stacked`,
   in value and in reverse-mode gradient (in `x` and in `stacked`; `consts`
-  are not differentiated). `step` must be traceable once per call; its
-  param slices arrive in their own dtypes.
+  are not differentiated). `step` must be a pure function of its
+  arguments, as any scanned body is; its param slices arrive in their own
+  dtypes.
 
   Args:
     step: one step, `(x, params, index, consts) -> x` of `x`'s shape.
