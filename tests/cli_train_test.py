@@ -302,8 +302,6 @@ def test_scan_layers_with_qlora_and_dropout_resumes_bit_identically(tmp_path):
     (('--targets', r'layers_0/attn/.*'),
      r"--scan-layers runs one block per loop step.*lack \['layers_1'\].*"
      'Drop --scan-layers, or pass --targets'),
-    (('--mesh', 'data=2'), r"--mesh does not shard --scan-layers' stacked "
-     'weights yet'),
 ])
 def test_scan_layers_errors(tmp_path, argv, match):
   status, out, err = run_cli('finetune', *TINY, '--workdir', tmp_path,

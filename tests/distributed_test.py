@@ -308,6 +308,38 @@ def test_tensor_parallel_run_trains_as_one_device(tmp_path, one_process):
                        **TOL)
 
 
+@pytest.mark.parametrize('axes', ['data=2,fsdp=4', 'fsdp=2,model=4'])
+def test_scanning_run_on_a_mesh_trains_as_on_one_device(tmp_path, axes):
+  status, _, err = run_cli('finetune', *RUN, '--scan-layers', '--mesh', axes,
+                           '--workdir', tmp_path / 'mesh')
+  assert status == 0, err
+  status, _, err = run_cli('finetune', *RUN, '--scan-layers', '--workdir',
+                           tmp_path / 'single')
+  assert status == 0, err
+  np.testing.assert_allclose(step_losses(tmp_path / 'mesh/metrics.jsonl'),
+                             step_losses(tmp_path / 'single/metrics.jsonl'),
+                             **TOL)
+  assert_trees_close(load_file(tmp_path / 'mesh/adapters.safetensors'),
+                     load_file(tmp_path / 'single/adapters.safetensors'),
+                     **TOL)
+
+
+def test_stacked_blocks_split_each_block_as_unrolled():
+  from peft import models  # pylint: disable=g-import-not-at-top
+
+  config = models.tiny_config()
+  base = models.random_params(config)
+  placement = mesh_lib.build((('fsdp', 2), ('model', 4)), base, [], {})
+  stacked = placement.with_frozen(models.stack_layers(base, config))
+  unrolled_mlp = placement.frozen['layers_1']['mlp']
+  stacked_mlp = stacked.frozen['scanned_layers']['layers_0']['mlp']
+  for name in ('gating_einsum', 'linear'):
+    # The block's index leads, whole; each block's axes split as unrolled.
+    assert tuple(stacked_mlp[name].spec) == (None, *unrolled_mlp[name].spec)
+  assert tuple(unrolled_mlp['linear'].spec) == ('model', 'fsdp')
+  assert stacked.frozen['embedder'] == placement.frozen['embedder']
+
+
 def test_dora_magnitudes_take_their_kernels_names_and_train_on_a_mesh(
     tmp_path):
   from peft import models  # pylint: disable=g-import-not-at-top

@@ -127,6 +127,13 @@ class Placement:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
+  def with_frozen(self, frozen: Any) -> Placement:
+    """This placement for `frozen` in another layout of the same base
+    (stacked for `--scan-layers`: each block's axes split as unrolled)."""
+    return dataclasses.replace(
+        self, frozen=_shardings(self.mesh, models.partition_names(frozen),
+                                frozen))
+
   def put_batch(self, rows: Callable[[Any], np.ndarray],
                 shape: Sequence[int]) -> jax.Array:
     """The global batch of `shape`, of which this process builds only its
@@ -137,7 +144,8 @@ class Placement:
 
 def build(axes: Sequence[tuple[str, int]], frozen: Any,
           specs: Sequence[peft.AdapterSpec], lora: Any) -> Placement:
-  """The mesh `--mesh` asks for and the shardings of `frozen` and `lora`.
+  """The mesh `--mesh` asks for and the shardings of `frozen` (its blocks
+  unrolled, as the adapters' paths name them) and `lora`.
 
   Raises:
     CliError: the axis sizes do not multiply to the device count.
@@ -156,13 +164,14 @@ def build(axes: Sequence[tuple[str, int]], frozen: Any,
   mesh = jax.make_mesh(tuple(sizes.values()), tuple(sizes),
                        axis_types=(AxisType.Auto,) * len(sizes))
   frozen_names = models.partition_names(frozen)
-  lora_names = adapter_names(specs, frozen_names)
-
-  def shard(names, leaf):
-    return sharding(mesh, names, leaf.shape)
   return Placement(
-      mesh=mesh, frozen=_map_names(shard, frozen_names, frozen),
-      lora=_map_names(shard, lora_names, lora))
+      mesh=mesh, frozen=_shardings(mesh, frozen_names, frozen),
+      lora=_shardings(mesh, adapter_names(specs, frozen_names), lora))
+
+
+def _shardings(mesh: Mesh, names: Any, tree: Any) -> Any:
+  return _map_names(lambda n, leaf: sharding(mesh, n, leaf.shape), names,
+                    tree)
 
 
 def sharding(mesh: Mesh, names: Sequence[str | None],

@@ -271,10 +271,6 @@ def run(args: Any) -> dict[str, Any]:
 
 def _run(args: Any) -> dict[str, Any]:
   paths = _outputs(args)
-  if args.mesh and args.scan_layers:
-    raise CliError('--mesh does not shard --scan-layers\' stacked weights '
-                   'yet (their placement is made for the unrolled blocks). '
-                   'Drop --mesh or --scan-layers.')
   if args.mesh and args.quantize:
     raise CliError(f'--mesh does not shard a --quantize {args.quantize} base '
                    'yet (its int kernels and scales have no axis names). '
@@ -307,12 +303,14 @@ def _run(args: Any) -> dict[str, Any]:
     placement = mesh_lib.build(args.mesh, frozen, adapted.specs,
                                adapted.lora)
     _check_batch(args, placement)
-    frozen = mesh_lib.put(frozen, placement.frozen)
     adapted = adapted.with_lora(mesh_lib.put(adapted.lora, placement.lora))
   model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat,
                          scan_layers=args.scan_layers)
   if args.scan_layers:
     frozen = scan_layout(base.config, frozen, adapted.lora)
+  if placement:
+    placement = placement.with_frozen(frozen)
+    frozen = mesh_lib.put(frozen, placement.frozen)
   signature = checkpoints.signature(args, base, train, steps)
   # From here the run holds the base once, as `frozen`: where that is a
   # copy (cast, stacked or quantized), the float, unrolled original goes.

@@ -6,6 +6,9 @@ is (`'vocab'`, `'embed'`, `'heads'`, `'kv_heads'`, `'kv'`, `'mlp'`, or
 `None` for a small axis that stays whole), keyed by the weight's name in
 the param tree. A mesh's rules then map names to mesh axes, as flax's
 `nn.logical_to_mesh_axes` does for boxed params (see docs/sharding.md).
+A scanning Decoder's stacked blocks (`stack_layers`) have one more axis in
+front, the block's index, named `None`: each device holds its slice of
+every block, as it does unrolled.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+
+from peft.models import _scan
 
 AxisNames = tuple[str | None, ...]
 
@@ -50,9 +55,15 @@ def partition_names(params: Any) -> Any:
     ('heads', 'embed', 'kv')
     >>> names['embedder']['embedding'], names['final_norm']['scale']
     (('vocab', 'embed'), (None,))
+    >>> config = models.tiny_config()
+    >>> stacked = models.stack_layers(params, config)
+    >>> models.partition_names(stacked)[
+    ...     'scanned_layers']['layers_0']['attn']['q_einsum']['w']
+    (None, 'heads', 'embed', 'kv')
 
   Args:
-    params: the decoder's params (arrays or `jax.ShapeDtypeStruct`s).
+    params: the decoder's params (arrays or `jax.ShapeDtypeStruct`s), with
+      the blocks unrolled or stacked.
 
   Returns:
     A tree like `params` with a tuple of names (one per axis) per leaf.
@@ -62,5 +73,8 @@ def partition_names(params: Any) -> Any:
   """
   def names(path, leaf):
     keys = tuple(str(getattr(k, 'key', k)) for k in path)
-    return _names(keys, tuple(leaf.shape))
+    shape = tuple(leaf.shape)
+    if keys[0] == _scan.SCANNED:  # The block's index leads; it stays whole.
+      return (None, *_names(keys, shape[1:]))
+    return _names(keys, shape)
   return jax.tree_util.tree_map_with_path(names, params)
