@@ -308,12 +308,18 @@ def test_tensor_parallel_run_trains_as_one_device(tmp_path, one_process):
                        **TOL)
 
 
-@pytest.mark.parametrize('axes', ['data=2,fsdp=4', 'fsdp=2,model=4'])
-def test_scanning_run_on_a_mesh_trains_as_on_one_device(tmp_path, axes):
-  status, _, err = run_cli('finetune', *RUN, '--scan-layers', '--mesh', axes,
+@pytest.mark.parametrize('argv, axes', [
+    (('--scan-layers',), 'data=2,fsdp=4'),
+    (('--scan-layers',), 'fsdp=2,model=4'),
+    (('--quantize', 'int4'), 'fsdp=2,model=4'),
+    (('--quantize', 'nf4', '--scan-layers'), 'data=2,fsdp=4'),
+])
+def test_scanning_or_qlora_run_on_a_mesh_trains_as_on_one_device(
+    tmp_path, argv, axes):
+  status, _, err = run_cli('finetune', *RUN, *argv, '--mesh', axes,
                            '--workdir', tmp_path / 'mesh')
   assert status == 0, err
-  status, _, err = run_cli('finetune', *RUN, '--scan-layers', '--workdir',
+  status, _, err = run_cli('finetune', *RUN, *argv, '--workdir',
                            tmp_path / 'single')
   assert status == 0, err
   np.testing.assert_allclose(step_losses(tmp_path / 'mesh/metrics.jsonl'),
@@ -338,6 +344,33 @@ def test_stacked_blocks_split_each_block_as_unrolled():
     assert tuple(stacked_mlp[name].spec) == (None, *unrolled_mlp[name].spec)
   assert tuple(unrolled_mlp['linear'].spec) == ('model', 'fsdp')
   assert stacked.frozen['embedder'] == placement.frozen['embedder']
+
+
+@pytest.mark.parametrize('method', ['int8', 'int4', 'nf4'])
+def test_quantized_kernels_split_as_their_float_kernels(method):
+  from peft import models  # pylint: disable=g-import-not-at-top
+
+  config = models.tiny_config()
+  base = models.random_params(config)
+  axes = (('fsdp', 2), ('model', 4))
+  floats = mesh_lib.build(axes, base, [], {}).frozen['layers_1']['mlp']
+  placement = mesh_lib.build(axes, peft.quantize(base, method=method), [], {})
+  quantized = placement.frozen['layers_1']['mlp']
+  # Per-channel scales keep the kernel's axes (the reduced ones of size 1,
+  # whole); NF4's are (kept axes, blocks), the blocks whole.
+  scales = {'int8': {'gating_einsum': (None, None, 'model'),
+                     'linear': (None, 'fsdp')},
+            'nf4': {'gating_einsum': ('model', None),
+                    'linear': ('fsdp', None)}}
+  scales['int4'] = scales['int8']
+  for name in ('gating_einsum', 'linear'):
+    assert quantized[name].values.spec == floats[name].spec, name
+    assert tuple(quantized[name].scales.spec) == scales[method][name], name
+  stacked = placement.with_frozen(
+      models.stack_layers(peft.quantize(base, method=method), config))
+  linear = stacked.frozen['scanned_layers']['layers_0']['mlp']['linear']
+  assert tuple(linear.values.spec) == (None, 'model', 'fsdp')
+  assert tuple(linear.scales.spec) == (None, *scales[method]['linear'])
 
 
 def test_dora_magnitudes_take_their_kernels_names_and_train_on_a_mesh(
@@ -387,8 +420,6 @@ def test_dora_magnitudes_take_their_kernels_names_and_train_on_a_mesh(
     (('--mesh', 'data=2,fsdp=4', '--batch-size', '4'), 1,
      r"--batch-size 4 does not split over the 8 devices of --mesh's data and "
      r'fsdp axes\. Pass a multiple of 8\.'),
-    (('--mesh', 'data=8', '--batch-size', '8', '--quantize', 'int8'), 1,
-     r'--mesh does not shard a --quantize int8 base yet'),
     (('--coordinator', '127.0.0.1:1'), 1,
      r'--num-processes, --process-id missing: a multi-process run needs '
      r'--coordinator, --num-processes and --process-id together'),

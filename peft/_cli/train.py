@@ -271,10 +271,6 @@ def run(args: Any) -> dict[str, Any]:
 
 def _run(args: Any) -> dict[str, Any]:
   paths = _outputs(args)
-  if args.mesh and args.quantize:
-    raise CliError(f'--mesh does not shard a --quantize {args.quantize} base '
-                   'yet (its int kernels and scales have no axis names). '
-                   'Drop --mesh or --quantize.')
   base = base_lib.load_base(base_lib.source_of(args))
   base_lib.check_seq_len(base, args.seq_len)
   train, held = base_lib.training_data(base, args)

@@ -460,6 +460,23 @@ class QuantizedArray:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                for a in (self.values, self.scales))
 
+  def scale_axes(self) -> tuple[int | None, ...]:
+    """Per axis of `scales`, the axis of `shape` it runs along, or None
+    for the blocks axis of a block method (what a sharding of the float
+    array says of the scales: docs/sharding.md).
+
+    Example:
+      >>> w = jnp.ones((64, 8))  # (in, out)
+      >>> quantize_array(w, 'int8').scale_axes()  # scales (1, 8)
+      (0, 1)
+      >>> quantize_array(w, 'nf4').scale_axes()  # scales (8, 1): out, blocks
+      (1, None)
+    """
+    if _SCHEMES[self.method].block_size is None:
+      return tuple(range(self.ndim))  # Reduced axes kept, of size 1.
+    kept = [i for i in range(self.ndim) if i not in self.axes]
+    return (*kept, None)
+
   def dequantize(self, dtype=None) -> jax.Array:
     """The float array (in `dtype`, default the original dtype)."""
     codes = self.values

@@ -8,7 +8,9 @@ the param tree. A mesh's rules then map names to mesh axes, as flax's
 `nn.logical_to_mesh_axes` does for boxed params (see docs/sharding.md).
 A scanning Decoder's stacked blocks (`stack_layers`) have one more axis in
 front, the block's index, named `None`: each device holds its slice of
-every block, as it does unrolled.
+every block, as it does unrolled. A quantized kernel (`peft.QuantizedArray`,
+a QLoRA base) is one leaf here, named as its float kernel; the mesh then
+places its codes and scales by those names (`peft/_cli/mesh.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import jax
 
+import peft
 from peft.models import _scan
 
 AxisNames = tuple[str | None, ...]
@@ -60,13 +63,18 @@ def partition_names(params: Any) -> Any:
     >>> models.partition_names(stacked)[
     ...     'scanned_layers']['layers_0']['attn']['q_einsum']['w']
     (None, 'heads', 'embed', 'kv')
+    >>> import peft
+    >>> qlora_base = peft.quantize(params, method='int4')
+    >>> models.partition_names(qlora_base)['layers_0']['mlp']['linear']
+    ('mlp', 'embed')
 
   Args:
     params: the decoder's params (arrays or `jax.ShapeDtypeStruct`s), with
-      the blocks unrolled or stacked.
+      the blocks unrolled or stacked, float or quantized.
 
   Returns:
-    A tree like `params` with a tuple of names (one per axis) per leaf.
+    A tree like `params` with a tuple of names (one per axis) per leaf, and
+    per `QuantizedArray` (a prefix of `params` there).
 
   Raises:
     ValueError: a param that is no weight of the decoder.
@@ -74,7 +82,13 @@ def partition_names(params: Any) -> Any:
   def names(path, leaf):
     keys = tuple(str(getattr(k, 'key', k)) for k in path)
     shape = tuple(leaf.shape)
-    if keys[0] == _scan.SCANNED:  # The block's index leads; it stays whole.
-      return (None, *_names(keys, shape[1:]))
-    return _names(keys, shape)
-  return jax.tree_util.tree_map_with_path(names, params)
+    if keys[0] != _scan.SCANNED:
+      return _names(keys, shape)
+    # The block's index leads, whole. A stacked QuantizedArray's `shape`
+    # is still one block's (only its codes and scales are stacked).
+    return (None, *_names(keys, shape if _quantized(leaf) else shape[1:]))
+  return jax.tree_util.tree_map_with_path(names, params, is_leaf=_quantized)
+
+
+def _quantized(x: Any) -> bool:
+  return isinstance(x, peft.QuantizedArray)
