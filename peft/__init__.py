@@ -100,6 +100,7 @@ from peft._quant.numerics import dequantize
 from peft._quant.numerics import get_axis_to_reduce_from_einsum_str
 from peft._quant.numerics import quantize_array
 from peft._quant.numerics import simulate_quantize
+from peft._quant.sharding import quantized_shardings
 from peft._quant.surgery import QuantizationSurgery
 from peft._quant.surgery import quantization_axes
 from peft._quant.surgery import quantized
@@ -201,6 +202,7 @@ __all__ = [
     'quantize',
     'quantize_array',
     'quantized',
+    'quantized_shardings',
     'recording_adapters',
     'register_einsum_layer',
     'render_params',

@@ -309,7 +309,6 @@ def test_tensor_parallel_run_trains_as_one_device(tmp_path, one_process):
 
 
 @pytest.mark.parametrize('argv, axes', [
-    (('--scan-layers',), 'data=2,fsdp=4'),
     (('--scan-layers',), 'fsdp=2,model=4'),
     (('--quantize', 'int4'), 'fsdp=2,model=4'),
     (('--quantize', 'nf4', '--scan-layers'), 'data=2,fsdp=4'),

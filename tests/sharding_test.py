@@ -261,3 +261,79 @@ def test_fuse_params_keeps_kernel_sharding(setup, one_device):
         kernel.sharding, kernel.ndim), (
             layer, fused[layer][weight].sharding, kernel.sharding)
   assert_trees_close(fused, one_device['fused'], rtol=1e-6, atol=1e-6)
+
+
+def _qlora_step(model, method):
+  tx = optax.adam(1e-2)
+
+  def step(adapters, opt_state, base, tokens):
+    def loss_fn(adapters):
+      with peft.quantized(method), _surgery():
+        logits = model.apply(
+            {'params': peft.merge_params(base, adapters)}, tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits[:, :-1], tokens[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(adapters)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+  return tx, step
+
+
+@pytest.mark.parametrize('method', ['int8', 'int4', 'nf4'])
+def test_qlora_step_on_mesh_matches_one_device(setup, one_device, method):
+  float_base, adapters = peft.split_params(one_device['values'])
+  # The kernels; `peft.quantized()` keeps nn.Embed float.
+  base = peft.quantize(float_base, method=method, targets=r'.*/kernel')
+  tx, step = _qlora_step(setup['model'], method)
+  opt_state = tx.init(adapters)
+  want = jax.jit(step)(adapters, opt_state, base, setup['tokens'])
+
+  base_shardings, adapter_shardings = peft.split_params(setup['shardings'])
+  placed = jax.device_put(
+      base, peft.quantized_shardings(base_shardings, base))
+  got = jax.jit(step)(jax.device_put(adapters, adapter_shardings),
+                      opt_state, placed,
+                      jax.device_put(setup['tokens'], setup['batch_sharding']))
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
+  assert_trees_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+  # The adapters moved, so the comparison is not vacuous.
+  assert np.abs(want[0]['up']['lora']['b'] - adapters['up']['lora']['b']
+                ).max() > 1e-3
+  # Each device holds a slice of the codes, as of the float kernel: 'up'
+  # (embed, mlp) splits embed over 8 devices (fsdp) or mlp over 4 (tp).
+  up = placed['up']['kernel']
+  assert isinstance(up, peft.QuantizedArray)
+  packed = 2 if method in ('int4', 'nf4') else 1
+  shard = up.values.addressable_shards[0].data.shape
+  # Its scales split along mlp where the kernel does: per-channel (1, mlp),
+  # NF4's (mlp, blocks).
+  mlp_shard = MLP if setup['case'].name == 'fsdp' else MLP // 4
+  scales = (mlp_shard, 1) if method == 'nf4' else (1, mlp_shard)
+  if setup['case'].name == 'fsdp':
+    assert shard == (EMBED // 8, MLP // packed)
+  else:
+    assert shard == (EMBED, MLP // 4 // packed)
+  assert up.scales.addressable_shards[0].data.shape == scales
+
+
+def test_quantized_shardings_keep_whole_what_the_mesh_does_not_divide():
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ('model',))
+  split = NamedSharding(mesh, P(None, 'model'))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = {'odd': {'kernel': jnp.ones((4, 6))},  # int4 codes (4, 3)
+            'alone': {'kernel': jnp.ones((4, 8))}, 'bias': jnp.ones(6)}
+  quantized = peft.quantize(params, method='int4', targets=r'.*/kernel')
+  got = peft.quantized_shardings(
+      {'odd': {'kernel': split}, 'alone': {'kernel': one},
+       'bias': NamedSharding(mesh, P('model'))},
+      quantized)
+  odd = got['odd']['kernel']
+  # 3 packed columns do not split in 2: the codes stay whole; the 6 scales
+  # split as the float kernel's columns.
+  assert tuple(odd.values.spec) == (None, None)
+  assert tuple(odd.scales.spec) == (None, 'model')
+  assert got['alone']['kernel'].values is one
+  assert got['alone']['kernel'].scales is one
+  assert tuple(got['bias'].spec) == ('model',)  # Not quantized: as given.
+  placed = jax.device_put(quantized, got)
+  assert_trees_close(peft.dequantize(placed), peft.dequantize(quantized))

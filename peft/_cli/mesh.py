@@ -171,28 +171,13 @@ def build(axes: Sequence[tuple[str, int]], frozen: Any,
 
 def _shardings(mesh: Mesh, names: Any, tree: Any) -> Any:
   def one(names, leaf):
-    if isinstance(leaf, peft.QuantizedArray):
-      return _quantized_sharding(mesh, names, leaf)
-    return sharding(mesh, names, leaf.shape)
+    if not isinstance(leaf, peft.QuantizedArray):
+      return sharding(mesh, names, leaf.shape)
+    # A QLoRA kernel: its codes and scales placed as its float kernel is.
+    stacked = leaf.values.shape[:len(names) - leaf.ndim]
+    floats = sharding(mesh, names, (*stacked, *leaf.shape))
+    return peft.quantized_shardings(floats, leaf)
   return _map_names(one, names, tree)
-
-
-def _quantized_sharding(mesh: Mesh, names: Sequence[str | None],
-                        q: peft.QuantizedArray) -> Any:
-  """A QLoRA kernel's codes split as its float kernel would be, and its
-  scales along the kernel axes they run along (the blocks axis whole).
-
-  4-bit codes pack pairs along the last axis: a split of the packed axis
-  keeps each pair whole and splits the unpacked axis alike.
-  """
-  lead = tuple(names[:len(names) - q.ndim])  # A stacked block's index.
-  kernel = names[len(lead):]
-  scales = (*lead, *(None if i is None else kernel[i]
-                     for i in q.scale_axes()))
-  # The same pytree node with shardings for leaves, as `put` maps them.
-  return jax.tree.unflatten(jax.tree.structure(q), [
-      sharding(mesh, names, q.values.shape),
-      sharding(mesh, scales, q.scales.shape)])
 
 
 def sharding(mesh: Mesh, names: Sequence[str | None],
