@@ -204,6 +204,47 @@ def test_qlora_on_gemma(base, method, tolerance):
   assert float(error) < tolerance
 
 
+def test_qlora_on_a_mesh_on_gemma(base):
+  # Fully sharded data parallel as a gemma user would write it (gemma's
+  # params carry no axis names): each weight's embed axis over 8 devices.
+  # NF4: packed codes and block scales (tests/sharding_test.py has int8
+  # and int4 too).
+  method = 'nf4'
+  mesh = jax.make_mesh((8,), ('fsdp',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def fsdp(leaf):
+    spec = [None] * leaf.ndim
+    if TINY.embed_dim in leaf.shape:
+      spec[list(leaf.shape).index(TINY.embed_dim)] = 'fsdp'
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  qbase = peft.quantize(base, method=method,
+                        axes=peft.quantization_axes(_model(), TOKENS))
+  with peft.quantized(method), peft.lora(rank=4, targets=gm.nn.Einsum):
+    fresh = _model().init(_key(1), TOKENS)['params']
+  lora = fixtures.randomize_adapters(peft.split_params(fresh).lora,
+                                     scale=0.05)
+
+  @jax.jit
+  def logits_and_grads(lora, qbase):
+    def total(lora):
+      with peft.quantized(method), peft.lora(rank=4, targets=gm.nn.Einsum):
+        logits = _model().apply({'params': peft.merge_params(qbase, lora)},
+                                TOKENS).logits
+      return jnp.sum(logits ** 2), logits
+    return jax.grad(total, has_aux=True)(lora)[::-1]
+
+  want = logits_and_grads(lora, qbase)
+  placed = jax.device_put(
+      qbase, peft.quantized_shardings(jax.tree.map(fsdp, base), qbase))
+  got = logits_and_grads(lora, placed)
+  assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
+  # Each device holds an eighth of the codes: q_einsum (N, D, H) splits D.
+  q = placed['layer_0']['attn']['q_einsum']['w']
+  assert isinstance(q, peft.QuantizedArray)
+  assert q.values.addressable_shards[0].data.shape[1] == TINY.embed_dim // 8
+
+
 # The kernel axes each DoRA norm keeps, by hand from gemma's equations
 # (kept: the axes the output names), not asked of peft.
 DORA_KEPT = {
