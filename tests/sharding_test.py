@@ -337,3 +337,15 @@ def test_quantized_shardings_keep_whole_what_the_mesh_does_not_divide():
   assert tuple(got['bias'].spec) == ('model',)  # Not quantized: as given.
   placed = jax.device_put(quantized, got)
   assert_trees_close(peft.dequantize(placed), peft.dequantize(quantized))
+
+
+def test_quantized_shardings_name_where_the_trees_differ():
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ('model',))
+  quantized = peft.quantize({'up': {'kernel': jnp.ones((8, 4))},
+                             'down': {'kernel': jnp.ones((4, 8))}},
+                            method='int8')
+  with pytest.raises(ValueError, match=(
+      r"(?s)quantized_shardings: `shardings` is not a tree like `params`.*"
+      r"down.*Pass the float params' shardings, one per leaf")):
+    peft.quantized_shardings({'up': {'kernel': NamedSharding(mesh, P())}},
+                             quantized)

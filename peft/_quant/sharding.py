@@ -59,12 +59,23 @@ def quantized_shardings(shardings: Any, params: Any) -> Any:
     A tree like `params`: per `QuantizedArray`, one with the shardings of
     its codes and scales for leaves (what `jax.device_put` and `jax.jit`'s
     shardings take).
+
+  Raises:
+    ValueError: `shardings` is not a tree like `params` (naming the path
+      where they differ).
   """
   def one(leaf, sharding):
     if not numerics.is_quantized(leaf):
       return sharding
     return _of_quantized(sharding, leaf)
-  return jax.tree.map(one, params, shardings, is_leaf=numerics.is_quantized)
+  try:
+    return jax.tree.map(one, params, shardings,
+                        is_leaf=numerics.is_quantized)
+  except ValueError as e:
+    raise ValueError(
+        f'quantized_shardings: `shardings` is not a tree like `params`: {e}'
+        '\nPass the float params\' shardings, one per leaf of the params '
+        'as they were before peft.quantize.') from None
 
 
 def _of_quantized(sharding: Any, q: numerics.QuantizedArray) -> Any:
