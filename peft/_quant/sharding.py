@@ -85,10 +85,10 @@ def _of_quantized(sharding: Any, q: numerics.QuantizedArray) -> Any:
                                              len(sharding.spec))
     lead = spec[:len(values_shape) - q.ndim]  # A stacked block's index.
     kernel = spec[len(lead):]
-    scales = (*lead, *(None if i is None else kernel[i]
-                       for i in q.scale_axes()))
+    scale_spec = (*lead, *(None if i is None else kernel[i]
+                           for i in q.scale_axes()))
     values = _fitted(sharding, spec, values_shape)
-    scales = _fitted(sharding, scales, tuple(q.scales.shape))
+    scales = _fitted(sharding, scale_spec, tuple(q.scales.shape))
   else:
     values = scales = sharding
   # The same pytree node with shardings for leaves.

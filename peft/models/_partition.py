@@ -9,8 +9,8 @@ the param tree. A mesh's rules then map names to mesh axes, as flax's
 A scanning Decoder's stacked blocks (`stack_layers`) have one more axis in
 front, the block's index, named `None`: each device holds its slice of
 every block, as it does unrolled. A quantized kernel (`peft.QuantizedArray`,
-a QLoRA base) is one leaf here, named as its float kernel; the mesh then
-places its codes and scales by those names (`peft/_cli/mesh.py`).
+a QLoRA base) is one leaf here, named as its float kernel; its codes and
+scales then follow that kernel's sharding (`peft.quantized_shardings`).
 """
 
 from __future__ import annotations
