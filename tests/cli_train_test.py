@@ -279,6 +279,19 @@ def test_scan_layers_trains_like_the_unrolled_blocks(batch4, tmp_path):
   np.testing.assert_allclose(evals, expected, rtol=1e-5)
 
 
+def test_scan_layers_trains_adapters_of_some_blocks_like_unrolled(tmp_path):
+  # Attention adapted in block 1 only, the MLP in block 0 only: the loop
+  # runs zero adapters where a block has none, and saves only the real ones.
+  argv = ('--steps', '3', '--batch-size', '4', '--eval-every', '0',
+          '--targets', 'layers_1/attn/.*', 'layers_0/mlp')
+  finetune(tmp_path / 'unrolled', *argv)
+  finetune(tmp_path / 'scan', *argv, '--scan-layers')
+  assert_trains_like(tmp_path / 'scan', tmp_path / 'unrolled', 1e-5)
+  blocks = {k.split('/')[0] + '/' + k.split('/')[1]
+            for k in tensors(tmp_path / 'scan/adapters.safetensors')}
+  assert blocks == {'layers_1/attn', 'layers_0/mlp'}
+
+
 def test_scan_layers_with_qlora_and_dropout_resumes_bit_identically(tmp_path):
   argv = ('--steps', '4', '--batch-size', '2', '--eval-every', '0',
           '--quantize', 'int8', '--dropout', '0.1')
@@ -299,9 +312,10 @@ def test_scan_layers_with_qlora_and_dropout_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.parametrize('argv, match', [
-    (('--targets', r'layers_0/attn/.*'),
-     r"--scan-layers runs one block per loop step.*lack \['layers_1'\].*"
-     'Drop --scan-layers, or pass --targets'),
+    (('--targets', r'layers_0/attn/.*', '--use-dora'),
+     r'--scan-layers with --use-dora needs every block adapted alike, but '
+     r'layers_1 lacks attn/attn_vec_einsum/lora_w/a .*Pass --targets that '
+     'select the same layers in every block, or drop --scan-layers'),
 ])
 def test_scan_layers_errors(tmp_path, argv, match):
   status, out, err = run_cli('finetune', *TINY, '--workdir', tmp_path,

@@ -201,8 +201,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
   group.add_argument('--scan-layers', action='store_true', help='run the '
                      'blocks as one loop over stacked weights: a quarter of '
                      "the trace and cache-load time (so a second run's "
-                     'compile), for 3-9%% more step time; every block '
-                     'must be adapted alike')
+                     'compile), for 3-9%% more step time; with '
+                     '--use-dora every block must be adapted alike')
   group.add_argument('--eval-every', type=non_negative_int, default=10,
                      help='held-out evaluation period in steps; 0: only at '
                      'the start and end (default: %(default)s)')

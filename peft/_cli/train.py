@@ -41,6 +41,7 @@ from peft._cli import interrupt
 from peft._cli import mesh as mesh_lib
 from peft._cli import metrics as metrics_lib
 from peft._cli import parser as parser_lib
+from peft._cli import scanning
 
 CliError = base_lib.CliError
 
@@ -105,29 +106,36 @@ def in_dtype(frozen: Any, dtype: Any) -> Any:
   return jax.tree.map(cast, frozen)
 
 
-def scan_layout(config: models.DecoderConfig, frozen: Any,
-                lora: Any) -> Any:
+def scan_layout(config: models.DecoderConfig, frozen: Any, lora: Any,
+                use_dora: bool = False) -> Any:
   """`frozen` stacked for `--scan-layers`, once `lora` is known to stack.
 
   The adapters stay in the unrolled layout (checkpoints and the adapter
-  file keep it); `model_params` stacks them inside the step, so their
-  gradients come back unrolled.
+  file keep it); `model_params` stacks them inside the step, padded where
+  a block lacks some (`scanning.every_block`), so their gradients come
+  back unrolled.
+
+  Raises:
+    CliError: adapters that cannot stack (DoRA in some blocks only, or
+      ranks that differ between blocks).
   """
+  padded = scanning.every_block(lora, config, use_dora)
   try:
-    jax.eval_shape(lambda lora: models.stack_layers(lora, config), lora)
+    jax.eval_shape(lambda lora: models.stack_layers(lora, config), padded)
   except ValueError as e:
     raise CliError(
-        f'--scan-layers runs one block per loop step, so every block must '
-        f'carry the same adapters: {e} Drop --scan-layers, or pass --targets '
-        'that select the same layers in every block.') from e
+        f'--scan-layers runs one block per loop step, so the blocks it runs '
+        f'alike must carry adapters of the same shapes: {e} Drop '
+        '--scan-layers, or adapt the blocks alike.') from e
   return models.stack_layers(frozen, config)
 
 
 def model_params(model: models.Decoder, frozen: Any, lora: Any) -> Any:
-  """What `model` runs on: `frozen` with `lora` merged in (stacked, as
-  `frozen` then is, for a scanning model)."""
+  """What `model` runs on: `frozen` with `lora` merged in (padded and
+  stacked, as `frozen` then is, for a scanning model)."""
   if model.scan_layers:
-    lora = models.stack_layers(lora, model.config)
+    lora = models.stack_layers(scanning.every_block(lora, model.config),
+                               model.config)
   return peft.merge_params(frozen, lora)
 
 
@@ -302,8 +310,12 @@ def _run(args: Any) -> dict[str, Any]:
     adapted = adapted.with_lora(mesh_lib.put(adapted.lora, placement.lora))
   model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat,
                          scan_layers=args.scan_layers)
+  surgery = adapted.settings
   if args.scan_layers:
-    frozen = scan_layout(base.config, frozen, adapted.lora)
+    frozen = scan_layout(base.config, frozen, adapted.lora,
+                         adapted.settings.use_dora)
+    surgery = scanning.body_settings(adapted.settings, adapted.specs,
+                                     base.config)
   if placement:
     placement = placement.with_frozen(frozen)
     frozen = mesh_lib.put(frozen, placement.frozen)
@@ -318,8 +330,8 @@ def _run(args: Any) -> dict[str, Any]:
   run = _Run(args=args, paths=paths, base=base, adapted=adapted,
              model=model, frozen=frozen, train=train, held=held,
              steps=steps, schedule=schedule, tx=tx, placement=placement,
-             signature=signature)
-  step = step_fn(model, adapted.settings, tx, args.seed)
+             signature=signature, surgery=surgery)
+  step = step_fn(model, surgery, tx, args.seed)
   # From here a first Ctrl-C stops after the next step, with a checkpoint.
   with interrupt.stop_requests() as stop_requested:
     progress = _start(run)
@@ -355,9 +367,12 @@ class _Run:
   tx: optax.GradientTransformation
   placement: mesh_lib.Placement | None  # With --mesh.
   signature: dict[str, Any]  # See `checkpoints.signature`.
+  # The surgery `model` runs: `adapted.settings` (which files record), or
+  # for a scanning model the same at the loop body's paths.
+  surgery: adapt.Settings
 
   def perplexity(self, lora: Any) -> float:
-    return adapt.perplexity(self.base.config, self.adapted.settings,
+    return adapt.perplexity(self.base.config, self.surgery,
                             model_params(self.model, self.frozen, lora),
                             self.held.tokens, self.held.weights,
                             scan_layers=self.model.scan_layers)
