@@ -20,10 +20,9 @@ import argparse
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-import peft
 from peft import models
+from peft._cli import adapt
 from peft._cli import base as base_lib
 from peft._cli import mesh as mesh_lib
 from peft._cli import parser as parser_lib
@@ -45,10 +44,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--quick', action='store_true')
   args = p.parse_args(argv)
   base = base_lib.load_base(base_lib.TINY if args.quick else base_lib.SMOLLM2)
-  params = base.params
-  if args.quantize:  # As `finetune --quantize` does (`adapt.frozen_params`).
-    axes = peft.quantization_axes(base.model, jnp.zeros((1, 1), jnp.int32))
-    params = peft.quantize(params, method=args.quantize, axes=axes)
+  # The base `finetune --quantize` trains over (only `quantize` matters).
+  params = adapt.frozen_params(
+      base, adapt.Settings(targets=(), rank=1, quantize=args.quantize))
   placement = mesh_lib.build(args.mesh, params, [], {})
   stacked = models.stack_layers(params, base.config)
   shown = ','.join(f'{k}={v}' for k, v in args.mesh)

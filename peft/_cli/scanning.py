@@ -37,7 +37,7 @@ from peft._cli import base as base_lib
 from peft.models import _scan
 
 CliError = base_lib.CliError
-_BLOCK = re.compile(r'layers_(\d+)')
+_BLOCK = _scan._LAYER  # `layers_<index>`, as stack_layers reads it.
 
 
 def _body_path(path: str, period: int) -> str:

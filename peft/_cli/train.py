@@ -310,12 +310,9 @@ def _run(args: Any) -> dict[str, Any]:
     adapted = adapted.with_lora(mesh_lib.put(adapted.lora, placement.lora))
   model = models.Decoder(config=base.config, dtype=dtype, remat=args.remat,
                          scan_layers=args.scan_layers)
-  surgery = adapted.settings
   if args.scan_layers:
     frozen = scan_layout(base.config, frozen, adapted.lora,
                          adapted.settings.use_dora)
-    surgery = scanning.body_settings(adapted.settings, adapted.specs,
-                                     base.config)
   if placement:
     placement = placement.with_frozen(frozen)
     frozen = mesh_lib.put(frozen, placement.frozen)
@@ -330,8 +327,8 @@ def _run(args: Any) -> dict[str, Any]:
   run = _Run(args=args, paths=paths, base=base, adapted=adapted,
              model=model, frozen=frozen, train=train, held=held,
              steps=steps, schedule=schedule, tx=tx, placement=placement,
-             signature=signature, surgery=surgery)
-  step = step_fn(model, surgery, tx, args.seed)
+             signature=signature)
+  step = step_fn(model, run.surgery, tx, args.seed)
   # From here a first Ctrl-C stops after the next step, with a checkpoint.
   with interrupt.stop_requests() as stop_requested:
     progress = _start(run)
@@ -367,9 +364,15 @@ class _Run:
   tx: optax.GradientTransformation
   placement: mesh_lib.Placement | None  # With --mesh.
   signature: dict[str, Any]  # See `checkpoints.signature`.
-  # The surgery `model` runs: `adapted.settings` (which files record), or
-  # for a scanning model the same at the loop body's paths.
-  surgery: adapt.Settings
+
+  @property
+  def surgery(self) -> adapt.Settings:
+    """The surgery `model` runs: `adapted.settings` (which files record),
+    or for a scanning model the same at the loop body's paths."""
+    if not self.model.scan_layers:
+      return self.adapted.settings
+    return scanning.body_settings(self.adapted.settings, self.adapted.specs,
+                                  self.base.config)
 
   def perplexity(self, lora: Any) -> float:
     return adapt.perplexity(self.base.config, self.surgery,

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-import peft
+from peft._quant import numerics as _numerics
 from peft.models import _scan
 
 AxisNames = tuple[str | None, ...]
@@ -86,9 +86,7 @@ def partition_names(params: Any) -> Any:
       return _names(keys, shape)
     # The block's index leads, whole. A stacked QuantizedArray's `shape`
     # is still one block's (only its codes and scales are stacked).
-    return (None, *_names(keys, shape if _quantized(leaf) else shape[1:]))
-  return jax.tree_util.tree_map_with_path(names, params, is_leaf=_quantized)
-
-
-def _quantized(x: Any) -> bool:
-  return isinstance(x, peft.QuantizedArray)
+    block = shape if _numerics.is_quantized(leaf) else shape[1:]
+    return (None, *_names(keys, block))
+  return jax.tree_util.tree_map_with_path(names, params,
+                                          is_leaf=_numerics.is_quantized)
